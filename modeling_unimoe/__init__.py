@@ -1,0 +1,43 @@
+"""Uni-MoE for transformers: the configuration and model classes, registered with the Auto factories.
+
+Checkpoints saved by these classes carry the same files as remote code (`trust_remote_code=True`), so Hub users do
+not need this package; installing it registers the classes for users who do.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_unimoe import UniMoEConfig, UniMoETextConfig
+from .modeling_unimoe import (
+    UniMoECausalLMOutputWithPast,
+    UniMoEExperts,
+    UniMoEForCausalLM,
+    UniMoEModel,
+    UniMoEPreTrainedModel,
+    UniMoESparseMoeBlock,
+    UniMoETextModel,
+    UniMoETopKRouter,
+    router_balance_loss,
+    router_z_loss,
+)
+
+
+AutoConfig.register(UniMoEConfig.model_type, UniMoEConfig, exist_ok=True)
+AutoConfig.register(UniMoETextConfig.model_type, UniMoETextConfig, exist_ok=True)
+AutoModel.register(UniMoEConfig, UniMoEModel, exist_ok=True)
+AutoModel.register(UniMoETextConfig, UniMoETextModel, exist_ok=True)
+AutoModelForCausalLM.register(UniMoEConfig, UniMoEForCausalLM, exist_ok=True)
+
+__all__ = [
+    "UniMoECausalLMOutputWithPast",
+    "UniMoEConfig",
+    "UniMoEExperts",
+    "UniMoEForCausalLM",
+    "UniMoEModel",
+    "UniMoEPreTrainedModel",
+    "UniMoESparseMoeBlock",
+    "UniMoETextConfig",
+    "UniMoETextModel",
+    "UniMoETopKRouter",
+    "router_balance_loss",
+    "router_z_loss",
+]

@@ -1,0 +1,628 @@
+"""Uni-MoE: a LLaMA decoder with sparse Mixture-of-Experts feed-forward layers, as a transformers model.
+
+The experts class lives in this file on purpose: transformers only honours `@use_experts_implementation` when the
+decorator appears in the same module as the model class.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
+from transformers.generation import GenerationMixin
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_unimoe import UniMoEConfig, UniMoETextConfig
+
+
+class UniMoERMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)  # normalise in fp32 for bf16/fp16 stability
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class UniMoERotaryEmbedding(nn.Module):
+    def __init__(self, config: UniMoETextConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: UniMoETextConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # [B, S, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, D]
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    # q: [B, heads, S, D], cos/sin: [B, S, D]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, kv_heads, S, D] -> [B, kv_heads * n_rep, S, D] (grouped-query attention)."""
+    if n_rep == 1:
+        return hidden_states
+    batch, kv_heads, seq_len, head_dim = hidden_states.shape
+    expanded = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, seq_len, head_dim)
+    return expanded.reshape(batch, kv_heads * n_rep, seq_len, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [B, heads, S_q, S_k]
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()  # [B, S_q, heads, D]
+    return output, probs
+
+
+class UniMoEAttention(nn.Module):
+    """LLaMA multi-head (or grouped-query) self-attention through transformers' attention interface."""
+
+    def __init__(self, config: UniMoETextConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, heads, S, D]
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, kv_heads, S, D]
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        output = self.o_proj(output.reshape(*input_shape, -1).contiguous())
+        return output, weights
+
+
+class UniMoEMLP(nn.Module):
+    """Dense SwiGLU feed-forward (the LLaMA FFN); used by dense layers and as the shared experts."""
+
+    def __init__(self, config: UniMoETextConfig, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@use_experts_implementation
+class UniMoEExperts(nn.Module):
+    """All routed experts of one layer as fused 3-D weights: `gate_up_proj [E, 2I, H]` ([gate; up]), `down_proj [E, H, I]`."""
+
+    def __init__(self, config: UniMoETextConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        # hidden_states [T, H], top_k_index / top_k_weights [T, k]
+        top_k = top_k_index.shape[-1]
+        flat_experts = top_k_index.reshape(-1)  # [T*k]
+        # Group the (token, slot) pairs by expert. Under expert parallelism off-rank experts carry ids
+        # >= num_experts (the local count): they sort last and are never computed here.
+        order = torch.argsort(flat_experts, stable=True)
+        counts = torch.bincount(flat_experts, minlength=self.num_experts)[: self.num_experts].tolist()
+        output = torch.zeros_like(hidden_states)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            pairs = order[start : start + count]
+            start += count
+            tokens = pairs // top_k
+            gate, up = F.linear(hidden_states[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])  # [count, H]
+            weights = top_k_weights.reshape(-1)[pairs].unsqueeze(-1)
+            output.index_add_(0, tokens, (expert_out * weights).to(output.dtype))
+        return output
+
+
+class UniMoETopKRouter(nn.Module):
+    """The router (`mlp.gate`): a bias-free linear map to expert logits, then top-k selection."""
+
+    def __init__(self, config: UniMoETextConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_experts
+        self.router_type = config.router_type
+        self.norm_topk_prob = config.norm_topk_prob
+        self.hidden_dim = config.hidden_size
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states, self.weight)  # [T, E]
+        if self.router_type == "topk_softmax":
+            top_logits, top_index = torch.topk(router_logits, self.top_k, dim=-1)  # [T, k]
+            top_weights = F.softmax(top_logits, dim=-1, dtype=torch.float32)
+        else:  # softmax_topk
+            probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+            top_weights, top_index = torch.topk(probs, self.top_k, dim=-1)
+            if self.norm_topk_prob:
+                top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        return router_logits, top_weights.to(router_logits.dtype), top_index
+
+
+class UniMoESparseMoeBlock(nn.Module):
+    def __init__(self, config: UniMoETextConfig):
+        super().__init__()
+        self.gate = UniMoETopKRouter(config)
+        self.experts = UniMoEExperts(config)
+        self.shared_experts = (
+            UniMoEMLP(config, config.num_shared_experts * config.moe_intermediate_size)
+            if config.num_shared_experts > 0
+            else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, seq_len, hidden_dim = hidden_states.shape
+        flat = hidden_states.reshape(-1, hidden_dim)  # [T, H]
+        _, top_weights, top_index = self.gate(flat)
+        output = self.experts(flat, top_index, top_weights)
+        if self.shared_experts is not None:
+            output = output + self.shared_experts(flat)
+        return output.reshape(batch_size, seq_len, hidden_dim)
+
+
+class UniMoEDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: UniMoETextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = UniMoEAttention(config, layer_idx)
+        if layer_idx in config.sparse_layer_indices:
+            self.mlp = UniMoESparseMoeBlock(config)
+        else:
+            self.mlp = UniMoEMLP(config, config.intermediate_size)
+        self.input_layernorm = UniMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = UniMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+@dataclass
+class UniMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    r"""
+    loss (`torch.FloatTensor`, *optional*):
+        `ce_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` (when labels are given).
+    ce_loss (`torch.FloatTensor`, *optional*):
+        The language-modelling cross-entropy alone.
+    aux_loss (`torch.FloatTensor`, *optional*):
+        The unweighted load-balancing loss (only with `output_router_logits=True`).
+    z_loss (`torch.FloatTensor`, *optional*):
+        The unweighted router z-loss (only with `output_router_logits=True`).
+    """
+
+    ce_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+
+
+def _token_mask(attention_mask: torch.Tensor | None, num_rows: int) -> torch.Tensor | None:
+    """Flatten a 2-D padding mask to one weight per router row ([B*S]); only the last S columns are current tokens."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    batch_size = attention_mask.shape[0]
+    seq_len = num_rows // batch_size
+    return attention_mask[:, -seq_len:].reshape(-1).float()
+
+
+def router_balance_loss(
+    router_logits: tuple[torch.Tensor, ...], top_k: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch/GShard load-balancing loss, averaged over the sparse layers.
+
+    Per layer: `E * sum_e f_e * P_e`, where `f_e` is the share of all top-k assignments that go to expert e (every
+    one of the k selections counts) and `P_e` the mean router probability of e. Padding tokens (attention_mask 0) are
+    left out. Perfectly uniform routing gives 1.0, the minimum.
+    """
+    losses = []
+    for logits in router_logits:  # each [T, E]
+        num_experts = logits.shape[-1]
+        probs = F.softmax(logits.float(), dim=-1)
+        selected = torch.topk(logits, top_k, dim=-1).indices  # [T, k]
+        assignments = F.one_hot(selected, num_experts).sum(dim=1).float()  # [T, E], k ones per row
+        mask = _token_mask(attention_mask, logits.shape[0])
+        if mask is None:
+            mask = torch.ones(logits.shape[0], device=logits.device)
+        mask = mask.to(logits.device)
+        num_tokens = mask.sum().clamp(min=1.0)
+        fraction = (assignments * mask[:, None]).sum(0) / (num_tokens * top_k)  # [E], sums to 1
+        mean_prob = (probs * mask[:, None]).sum(0) / num_tokens  # [E], sums to 1
+        losses.append(num_experts * torch.sum(fraction * mean_prob))
+    return torch.stack(losses).mean()
+
+
+def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over (non-padding) tokens of logsumexp(logits)^2, averaged over sparse layers."""
+    losses = []
+    for logits in router_logits:
+        z = torch.logsumexp(logits.float(), dim=-1).pow(2)  # [T]
+        mask = _token_mask(attention_mask, logits.shape[0])
+        if mask is None:
+            losses.append(z.mean())
+        else:
+            mask = mask.to(z.device)
+            losses.append((z * mask).sum() / mask.sum().clamp(min=1.0))
+    return torch.stack(losses).mean()
+
+
+class UniMoEPreTrainedModel(PreTrainedModel):
+    config: UniMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["UniMoEDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the eager experts loop reads expert counts on the host
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(UniMoETopKRouter, index=0),
+        "hidden_states": UniMoEDecoderLayer,
+        "attentions": UniMoEAttention,
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.get_text_config().initializer_range
+        if isinstance(module, UniMoEExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, UniMoETopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, except that missing, unexpected or mis-shaped weights are an error.
+
+        transformers only warns about them and initialises missing weights at random; a Uni-MoE checkpoint with a
+        missing expert or router would then silently produce garbage.
+        """
+        return_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {name: sorted(map(str, keys)) for name, keys in info.items() if name != "error_msgs" and keys}
+        if problems:
+            listing = "; ".join(f"{name}: {', '.join(keys)}" for name, keys in problems.items())
+            raise ValueError(f"Checkpoint does not match {cls.__name__}: {listing}")
+        return (model, info) if return_info else model
+
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """Saves the fused expert layout (`save_original_format=True` writes the original per-expert keys)."""
+        module = type(self).__module__.rsplit(".", 1)[-1]
+        # `register_for_auto_class` records one Auto class per class; list the whole family.
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoModel": f"{module}.UniMoEModel",
+            "AutoModelForCausalLM": f"{module}.UniMoEForCausalLM",
+        }
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
+
+class UniMoETextModel(UniMoEPreTrainedModel):
+    config: UniMoETextConfig
+
+    def __init__(self, config: UniMoETextConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([UniMoEDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = UniMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = UniMoERotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+
+class UniMoEModel(UniMoEPreTrainedModel):
+    """The Uni-MoE backbone without the LM head: the MoE language model (and, in multimodal checkpoints, the towers)."""
+
+    def __init__(self, config: UniMoEConfig):
+        super().__init__(config)
+        self.language_model = UniMoETextModel._from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.language_model.set_input_embeddings(value)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        return self.language_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+
+class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: UniMoEConfig):
+        super().__init__(config)
+        text_config = config.text_config
+        self.model = UniMoEModel(config)
+        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> UniMoECausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Token ids to predict (-100 = ignored). The loss adds the weighted router losses when
+            `output_router_logits` is on (it must be for training: without router logits there is no balance term).
+        """
+        text_config = self.config.text_config
+        if output_router_logits is None:
+            output_router_logits = text_config.output_router_logits
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        ce_loss = aux_loss = z_loss = loss = None
+        if labels is not None:
+            ce_loss = self.loss_function(logits, labels, text_config.vocab_size, **kwargs)
+            loss = ce_loss
+        if output_router_logits and outputs.router_logits:
+            aux_loss = router_balance_loss(outputs.router_logits, text_config.num_experts_per_tok, attention_mask)
+            z_loss = router_z_loss(outputs.router_logits, attention_mask)
+            if loss is not None:
+                loss = loss + text_config.router_aux_loss_coef * aux_loss.to(loss.device)
+                loss = loss + text_config.router_z_loss_coef * z_loss.to(loss.device)
+
+        return UniMoECausalLMOutputWithPast(
+            loss=loss,
+            ce_loss=ce_loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
+def _original_checkpoint_mapping() -> list:
+    """Original Uni-MoE (LlavaLlamaForCausalLM) keys -> ours: the LM under `model.language_model`, experts fused."""
+    return [
+        *(
+            WeightRenaming(source_patterns=f"^model.{name}", target_patterns=f"model.language_model.{name}")
+            for name in ("embed_tokens", "layers", "norm")
+        ),
+        WeightConverter(
+            source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
+            target_patterns="mlp.experts.gate_up_proj",
+            operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
+        ),
+        WeightConverter(
+            source_patterns="mlp.experts.*.down_proj.weight",
+            target_patterns="mlp.experts.down_proj",
+            operations=[MergeModulelist(dim=0)],
+        ),
+    ]
+
+
+# overwrite=True: remote code re-executes this module whenever its hash changes.
+register_checkpoint_conversion_mapping("unimoe", _original_checkpoint_mapping(), overwrite=True)
+
+UniMoEModel.register_for_auto_class("AutoModel")
+UniMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "UniMoECausalLMOutputWithPast",
+    "UniMoEExperts",
+    "UniMoEForCausalLM",
+    "UniMoEModel",
+    "UniMoEPreTrainedModel",
+    "UniMoESparseMoeBlock",
+    "UniMoETextModel",
+    "UniMoETopKRouter",
+    "router_balance_loss",
+    "router_z_loss",
+]

@@ -1,0 +1,178 @@
+"""Upcycling: a dense LLaMA-architecture causal LM becomes a sparse Uni-MoE model.
+
+Every expert of a sparse layer starts as a copy of a dense FFN: either the dense model's own FFN (sparse upcycling),
+or, in Uni-MoE's stage 2 -> 3 path, one separately trained FFN per expert (one per modality), given as state dicts in
+the original layout `model.layers.{L}.mlp.{gate,up,down}_proj.weight`.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, HfArgumentParser, PreTrainedModel
+
+from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM
+
+
+logger = logging.getLogger(__name__)
+
+# LLaMA config fields carried over unchanged into the text config.
+_LLAMA_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "rope_parameters",
+    "attention_bias",
+    "attention_dropout",
+    "tie_word_embeddings",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
+_FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _load_dense(dense: PreTrainedModel | str | Path) -> PreTrainedModel:
+    if isinstance(dense, (str, Path)):
+        dense = AutoModelForCausalLM.from_pretrained(dense)
+    config = dense.config
+    if getattr(config, "mlp_bias", False):
+        raise ValueError(f"{type(dense).__name__} has FFN biases (`mlp_bias=True`); Uni-MoE experts have none")
+    state = dense.state_dict()
+    missing = [f"model.layers.0.mlp.{proj}.weight" for proj in _FFN_PROJECTIONS if f"model.layers.0.mlp.{proj}.weight" not in state]
+    if missing:
+        raise ValueError(
+            f"{type(dense).__name__} is not a LLaMA-architecture causal LM: no SwiGLU FFN weights {missing}"
+        )
+    return dense
+
+
+def _expert_ffns(
+    dense_state: dict[str, torch.Tensor],
+    num_experts: int,
+    expert_ffn_state_dicts: list[dict[str, torch.Tensor]] | None,
+) -> list[dict[str, torch.Tensor]]:
+    if expert_ffn_state_dicts is None:
+        return [dense_state] * num_experts
+    if len(expert_ffn_state_dicts) != num_experts:
+        raise ValueError(f"{len(expert_ffn_state_dicts)} expert FFN state dicts given for num_experts={num_experts}")
+    return expert_ffn_state_dicts
+
+
+def upcycle_llama(
+    dense: PreTrainedModel | str | Path,
+    *,
+    num_experts: int = 4,
+    num_experts_per_tok: int = 2,
+    moe_layers: str | list[int] = "all",
+    router_type: str = "topk_softmax",
+    norm_topk_prob: bool = True,
+    expert_ffn_state_dicts: list[dict[str, torch.Tensor]] | None = None,
+    **text_config_overrides,
+) -> UniMoEForCausalLM:
+    """Turn a dense LLaMA-architecture causal LM (a model or a path to one) into a `UniMoEForCausalLM`.
+
+    Attention, embeddings, norms and the LM head are copied. In each sparse layer, expert `e` is the dense FFN of
+    that layer, or, when `expert_ffn_state_dicts` is given, layer L's FFN from the e-th state dict (keys
+    `model.layers.{L}.mlp.{gate,up,down}_proj.weight`; other keys are ignored). Routers start from the usual random
+    init. With identical experts and normalised top-k weights the upcycled model computes exactly the dense function.
+    """
+    dense = _load_dense(dense)
+    dense_config = dense.config
+    text_config = {name: getattr(dense_config, name) for name in _LLAMA_FIELDS if hasattr(dense_config, name)}
+    text_config.update(
+        num_experts=num_experts,
+        num_experts_per_tok=num_experts_per_tok,
+        moe_intermediate_size=dense_config.intermediate_size,
+        moe_layers=moe_layers,
+        router_type=router_type,
+        norm_topk_prob=norm_topk_prob,
+        **text_config_overrides,
+    )
+    config = UniMoEConfig(text_config=text_config)
+    dtype = next(dense.parameters()).dtype
+    model = UniMoEForCausalLM(config).to(dtype)
+
+    dense_state = dense.state_dict()
+    experts = _expert_ffns(dense_state, num_experts, expert_ffn_state_dicts)
+    sparse_layers = set(config.text_config.sparse_layer_indices)
+    state = {}
+    for key, value in model.state_dict().items():
+        if ".mlp.gate.weight" in key:
+            state[key] = value  # router: fresh init
+            continue
+        if ".mlp.experts." in key:
+            continue
+        source = key.replace("model.language_model.", "model.", 1)
+        if source not in dense_state:
+            raise KeyError(f"Dense checkpoint has no weight {source!r} for {key!r}")
+        state[key] = dense_state[source]
+
+    for layer in sorted(sparse_layers):
+        gate_up, down = [], []
+        for expert, ffn in enumerate(experts):
+            keys = {proj: f"model.layers.{layer}.mlp.{proj}.weight" for proj in _FFN_PROJECTIONS}
+            absent = [key for key in keys.values() if key not in ffn]
+            if absent:
+                raise KeyError(f"FFN state dict of expert {expert} lacks {absent}")
+            gate_up.append(torch.cat([ffn[keys["gate_proj"]], ffn[keys["up_proj"]]], dim=0))  # [2I, H]
+            down.append(ffn[keys["down_proj"]])  # [H, I]
+        prefix = f"model.language_model.layers.{layer}.mlp.experts"
+        state[f"{prefix}.gate_up_proj"] = torch.stack(gate_up).to(dtype)  # [E, 2I, H]
+        state[f"{prefix}.down_proj"] = torch.stack(down).to(dtype)  # [E, H, I]
+
+    model.load_state_dict(state, strict=True)
+    logger.info(
+        "Upcycled %s: %d experts (top-%d) in layers %s", type(dense).__name__, num_experts, num_experts_per_tok,
+        sorted(sparse_layers),
+    )
+    return model.eval()
+
+
+@dataclass
+class UpcycleArguments:
+    dense: str = field(metadata={"help": "Path to a dense LLaMA-architecture causal LM (HF format)."})
+    output_dir: str = field(metadata={"help": "Where to save the Uni-MoE checkpoint (with remote code)."})
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    moe_layers: str = field(default="all", metadata={"help": "all, even, odd, or comma-separated layer indices."})
+    router_type: str = "topk_softmax"
+    expert_ffns: list[str] = field(
+        default_factory=list,
+        metadata={"help": "One FFN state-dict file (.safetensors or .bin) per expert (stage-2 FFNs), in expert order."},
+    )
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    (args,) = HfArgumentParser(UpcycleArguments).parse_args_into_dataclasses(args=argv)
+    moe_layers = args.moe_layers if args.moe_layers in ("all", "even", "odd") else [int(i) for i in args.moe_layers.split(",")]
+    model = upcycle_llama(
+        args.dense,
+        num_experts=args.num_experts,
+        num_experts_per_tok=args.num_experts_per_tok,
+        moe_layers=moe_layers,
+        router_type=args.router_type,
+        expert_ffn_state_dicts=[_read_state_dict(path) for path in args.expert_ffns] or None,
+    )
+    model.save_pretrained(args.output_dir)
+
+
+if __name__ == "__main__":
+    main()
