@@ -161,6 +161,8 @@ class UniMoEConfig(PreTrainedConfig):
     """
 
     model_type = "unimoe"
+    # The language model's own plans (text config) apply under `model.language_model`; nothing at this level.
+    base_model_fsdp_plan = {}
     sub_configs_defaults = {"text_config": SubConfigSpec(config_class=UniMoETextConfig)}
 
     text_config: dict | UniMoETextConfig | None = None

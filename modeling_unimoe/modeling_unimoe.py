@@ -4,6 +4,7 @@ The experts class lives in this file on purpose: transformers only honours `@use
 decorator appears in the same module as the model class.
 """
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -481,6 +482,9 @@ class UniMoETextModel(UniMoEPreTrainedModel):
 class UniMoEModel(UniMoEPreTrainedModel):
     """The Uni-MoE backbone without the LM head: the MoE language model (and, in multimodal checkpoints, the towers)."""
 
+    # Loading the backbone from a full `UniMoEForCausalLM` checkpoint leaves the head out on purpose.
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
     def __init__(self, config: UniMoEConfig):
         super().__init__(config)
         self.language_model = UniMoETextModel._from_config(config.text_config)
@@ -588,6 +592,30 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         )
 
 
+_PER_EXPERT_KEY = re.compile(r"^(.*\.experts\.)(\d+)\.(.+)$")
+
+
+class ExpertsWeightConverter(WeightConverter):
+    """Fuses per-expert weights (`mlp.experts.{e}.*`) into one stacked parameter, refusing an incomplete expert set.
+
+    transformers would otherwise stack whatever experts it found and report only a shape mismatch; this names the
+    missing source keys.
+    """
+
+    def convert(self, layer_name: str, model=None, config=None, **kwargs):
+        present = {key for keys in self.layer_targets.values() for key in keys}
+        per_expert = [_PER_EXPERT_KEY.match(key) for key in present]
+        if model is not None and present and all(per_expert):  # loading direction (saving has fused sources)
+            experts = model.get_submodule(layer_name.rsplit(".", 1)[0])
+            # Under expert parallelism each rank only gathers its own experts.
+            if not experts._is_expert_parallel:
+                expected = {f"{m[1]}{e}.{m[3]}" for m in per_expert for e in range(experts.num_experts)}
+                missing = sorted(expected - present)
+                if missing:
+                    raise ValueError(f"Checkpoint lacks expert weights for {layer_name}: {', '.join(missing)}")
+        return super().convert(layer_name, model=model, config=config, **kwargs)
+
+
 def _original_checkpoint_mapping() -> list:
     """Original Uni-MoE (LlavaLlamaForCausalLM) keys -> ours: the LM under `model.language_model`, experts fused."""
     return [
@@ -595,12 +623,12 @@ def _original_checkpoint_mapping() -> list:
             WeightRenaming(source_patterns=f"^model.{name}", target_patterns=f"model.language_model.{name}")
             for name in ("embed_tokens", "layers", "norm")
         ),
-        WeightConverter(
+        ExpertsWeightConverter(
             source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
             target_patterns="mlp.experts.gate_up_proj",
             operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
         ),
-        WeightConverter(
+        ExpertsWeightConverter(
             source_patterns="mlp.experts.*.down_proj.weight",
             target_patterns="mlp.experts.down_proj",
             operations=[MergeModulelist(dim=0)],

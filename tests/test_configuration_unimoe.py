@@ -1,0 +1,106 @@
+import json
+
+import pytest
+import torch
+
+from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, UniMoETextConfig
+from trl_scripts import load_preset
+from trl_scripts.presets import available_presets
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(num_experts=0), "num_experts"),
+        (dict(num_experts=4, num_experts_per_tok=5), "num_experts_per_tok"),
+        (dict(num_experts_per_tok=0), "num_experts_per_tok"),
+        (dict(router_type="sinkhorn"), "router_type"),
+        (dict(num_hidden_layers=4, moe_layers=[0, 4]), "moe_layers"),
+        (dict(num_hidden_layers=4, moe_layers=[1, 1]), "moe_layers"),
+        (dict(moe_layers="every_third"), "moe_layers"),
+        (dict(num_shared_experts=-1), "num_shared_experts"),
+        (dict(router_aux_loss_coef=-0.1), "router_aux_loss_coef"),
+        (dict(num_attention_heads=8, num_key_value_heads=3), "num_key_value_heads"),
+    ],
+)
+def test_invalid_values_name_field_and_value(overrides, field):
+    with pytest.raises(ValueError, match=rf"`{field}`=") as error:
+        UniMoETextConfig(**overrides)
+    bad_value = overrides[field]
+    assert repr(bad_value) in str(error.value)
+
+
+def test_invalid_text_config_fails_inside_composite():
+    with pytest.raises(ValueError, match="`num_experts`=0"):
+        UniMoEConfig(text_config={"num_experts": 0})
+
+
+@pytest.mark.parametrize(
+    "moe_layers, expected", [("all", [0, 1, 2, 3, 4]), ("even", [0, 2, 4]), ("odd", [1, 3]), ([3, 1], [1, 3])]
+)
+def test_sparse_layer_selection(moe_layers, expected):
+    config = UniMoETextConfig(num_hidden_layers=5, hidden_size=32, num_attention_heads=4, moe_layers=moe_layers)
+    assert config.sparse_layer_indices == expected
+    model = UniMoEForCausalLM(UniMoEConfig(text_config=config.to_dict() | {"vocab_size": 16, "intermediate_size": 8}))
+    kinds = [type(layer.mlp).__name__ for layer in model.model.language_model.layers]
+    assert [i for i, kind in enumerate(kinds) if kind == "UniMoESparseMoeBlock"] == expected
+    assert all(kind in ("UniMoESparseMoeBlock", "UniMoEMLP") for kind in kinds)
+
+
+def test_defaults_and_composite_roundtrip(tmp_path):
+    config = load_preset("tiny", router_type="softmax_topk", num_shared_experts=1)
+    assert config.get_text_config() is config.text_config
+    assert config.text_config.moe_intermediate_size == config.text_config.intermediate_size
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["auto_map"]["AutoConfig"] == "configuration_unimoe.UniMoEConfig"
+    reloaded = UniMoEConfig.from_pretrained(tmp_path)
+    assert reloaded.text_config.to_dict() == config.text_config.to_dict()
+
+
+def test_tie_word_embeddings_follows_text_config():
+    assert UniMoEConfig(text_config={"tie_word_embeddings": True}).tie_word_embeddings is True
+    assert UniMoEConfig(text_config={"tie_word_embeddings": False}).tie_word_embeddings is False
+
+
+def _param_counts(preset: str) -> tuple[int, int]:
+    """(total, active per token) parameters of a preset, counted on the meta device."""
+    config = load_preset(preset)
+    with torch.device("meta"):
+        model = UniMoEForCausalLM(config)
+    text = config.text_config
+    total = sum(p.numel() for p in model.parameters())
+    per_expert = 3 * text.hidden_size * text.moe_intermediate_size
+    inactive = len(text.sparse_layer_indices) * (text.num_experts - text.num_experts_per_tok) * per_expert
+    return total, total - inactive
+
+
+def test_presets_exist():
+    assert {"tiny", "small", "unimoe-v1-speech-4e", "unimoe-v1-audio-4e", "unimoe-v1-8e"} <= set(available_presets())
+
+
+def test_tiny_is_tiny():
+    total, _ = _param_counts("tiny")
+    assert total < 5_000_000
+
+
+@pytest.mark.parametrize(
+    "preset, total_billions, active_billions",
+    [
+        # Vicuna-7B (6.74 B) with one 135.3 M FFN per expert, figures from the Uni-MoE v1 release.
+        ("unimoe-v1-speech-4e", 19.7, 11.1),  # 4 experts, top-2, all 32 layers
+        ("unimoe-v1-audio-4e", 13.2, 8.9),  # even layers only
+        ("unimoe-v1-8e", 37.0, 11.1),  # 8 experts, top-2
+    ],
+)
+def test_paper_presets_parameter_counts(preset, total_billions, active_billions):
+    total, active = _param_counts(preset)
+    assert total / 1e9 == pytest.approx(total_billions, abs=0.1)
+    assert active / 1e9 == pytest.approx(active_billions, abs=0.1)
+
+
+def test_paper_presets_moe_fields():
+    speech, audio, eight = (load_preset(name).text_config for name in ("unimoe-v1-speech-4e", "unimoe-v1-audio-4e", "unimoe-v1-8e"))
+    assert (speech.num_experts, speech.num_experts_per_tok, len(speech.sparse_layer_indices)) == (4, 2, 32)
+    assert audio.sparse_layer_indices == list(range(0, 32, 2))
+    assert (eight.num_experts, eight.num_experts_per_tok, eight.router_aux_loss_coef) == (8, 2, 0.01)

@@ -1,0 +1,214 @@
+import math
+
+import pytest
+import torch
+
+from modeling_unimoe import UniMoEForCausalLM, router_balance_loss, router_z_loss
+from conftest import make_tiny_model, random_ids
+
+
+def _grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_forward_shapes_and_router_logits(tiny_model):
+    ids = random_ids(2, 7)
+    out = tiny_model(ids, output_router_logits=True)
+    text = tiny_model.config.text_config
+    assert out.logits.shape == (2, 7, text.vocab_size)
+    assert len(out.router_logits) == len(text.sparse_layer_indices)
+    assert all(logits.shape == (14, text.num_experts) for logits in out.router_logits)
+    assert tiny_model(ids).router_logits is None
+
+
+def test_output_router_logits_from_config():
+    model = make_tiny_model(output_router_logits=True)
+    ids = random_ids(1, 5)
+    out = model(ids, labels=ids)
+    assert out.router_logits is not None and out.aux_loss is not None
+
+
+@pytest.mark.parametrize("router_type", ["topk_softmax", "softmax_topk"])
+def test_eager_and_grouped_mm_experts_agree(router_type):
+    model = make_tiny_model(router_type=router_type, num_shared_experts=1).train()
+    ids = random_ids(3, 11)
+    results = {}
+    for implementation in ("eager", "grouped_mm"):
+        model.set_experts_implementation(implementation)
+        model.zero_grad()
+        out = model(ids, labels=ids, output_router_logits=True)
+        out.loss.backward()
+        results[implementation] = (out.logits.detach(), _grads(model))
+    (eager_logits, eager_grads), (grouped_logits, grouped_grads) = results["eager"], results["grouped_mm"]
+    torch.testing.assert_close(grouped_logits, eager_logits, atol=1e-5, rtol=0)
+    assert eager_grads.keys() == grouped_grads.keys()
+    assert any(".experts.gate_up_proj" in name for name in eager_grads)
+    for name in eager_grads:
+        torch.testing.assert_close(grouped_grads[name], eager_grads[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_grouped_mm_is_really_used(monkeypatch):
+    from transformers.integrations import moe
+
+    calls = []
+    original = moe.ALL_EXPERTS_FUNCTIONS["grouped_mm"]
+    monkeypatch.setitem(moe.ALL_EXPERTS_FUNCTIONS._global_mapping, "grouped_mm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = make_tiny_model()
+    model.set_experts_implementation("grouped_mm")
+    model(random_ids(1, 4))
+    assert len(calls) == len(model.config.text_config.sparse_layer_indices)
+
+
+def test_sdpa_and_eager_attention_agree():
+    ids = random_ids(2, 9)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :3] = 0
+    model = make_tiny_model()
+    sdpa = model(ids, attention_mask=attention_mask).logits
+    model.set_attn_implementation("eager")
+    eager = model(ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(sdpa[1], eager[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sdpa[0, 3:], eager[0, 3:], atol=1e-5, rtol=0)
+
+
+def test_greedy_generate_with_cache_equals_without(tiny_model):
+    prompt = random_ids(1, 6)
+    cached = tiny_model.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, use_cache=True)
+    uncached = tiny_model.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, use_cache=False)
+    # and against a hand-written loop re-running the full sequence at every step
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(20):
+            next_token = tiny_model(sequence).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, next_token], dim=1)
+    assert cached.shape[1] == prompt.shape[1] + 20
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, sequence)
+
+
+def test_left_padded_batch_matches_single_prompts(tiny_model):
+    pad = tiny_model.config.text_config.pad_token_id
+    prompts = [random_ids(1, n, seed=n)[0] for n in (3, 8, 5)]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((3, width), pad)
+    attention_mask = torch.zeros((3, width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = prompt
+        attention_mask[row, width - len(prompt) :] = 1
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=pad)
+    batch = tiny_model.generate(input_ids, attention_mask=attention_mask, **kwargs)
+    for row, prompt in enumerate(prompts):
+        alone = tiny_model.generate(prompt[None], **kwargs)
+        assert torch.equal(batch[row, width:], alone[0, len(prompt) :]), f"prompt {row} differs in a batch"
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    ids = random_ids(2, 8)
+    reference = make_tiny_model().train()
+    reference(ids, labels=ids, output_router_logits=True).loss.backward()
+    checkpointed = make_tiny_model().train()
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed(ids, labels=ids, output_router_logits=True).loss.backward()
+    expected = _grads(reference)
+    got = _grads(checkpointed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_shared_experts_are_always_added():
+    model = make_tiny_model(num_shared_experts=2)
+    block = model.model.language_model.layers[0].mlp
+    assert block.shared_experts.gate_proj.out_features == 2 * model.config.text_config.moe_intermediate_size
+    hidden = torch.randn(1, 5, model.config.text_config.hidden_size)
+    with torch.no_grad():
+        full = block(hidden)
+        block.shared_experts.down_proj.weight.zero_()
+        routed_only = block(hidden)
+    assert not torch.allclose(full, routed_only)
+
+
+def test_loss_parts():
+    model = make_tiny_model(router_aux_loss_coef=0.3, router_z_loss_coef=0.05)
+    ids = random_ids(2, 6)
+    plain = model(ids, labels=ids)
+    assert plain.aux_loss is None and plain.z_loss is None
+    torch.testing.assert_close(plain.loss, plain.ce_loss)
+    with_router = model(ids, labels=ids, output_router_logits=True)
+    torch.testing.assert_close(with_router.ce_loss, plain.ce_loss)
+    expected = with_router.ce_loss + 0.3 * with_router.aux_loss + 0.05 * with_router.z_loss
+    torch.testing.assert_close(with_router.loss, expected)
+
+
+# ---- router losses -------------------------------------------------------------------------------------------------
+
+
+def _softmax(row):
+    exps = [math.exp(v) for v in row]
+    return [e / sum(exps) for e in exps]
+
+
+def test_balance_loss_hand_computed():
+    logits = [[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.2, 3.0], [1.0, 0.9, -2.0]]
+    top_k, num_experts = 2, 3
+    # by hand: every token's two largest logits count as assignments
+    selected = [sorted(range(3), key=lambda e: -row[e])[:top_k] for row in logits]
+    fraction = [sum(e in chosen for chosen in selected) / (len(logits) * top_k) for e in range(num_experts)]
+    mean_prob = [sum(_softmax(row)[e] for row in logits) / len(logits) for e in range(num_experts)]
+    expected = num_experts * sum(f * p for f, p in zip(fraction, mean_prob))
+    got = router_balance_loss((torch.tensor(logits),), top_k)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    # two layers: the mean of the per-layer losses
+    flipped = torch.tensor(logits).flip(-1)
+    two_layers = router_balance_loss((torch.tensor(logits), flipped), top_k)
+    assert two_layers.item() == pytest.approx((expected + router_balance_loss((flipped,), top_k).item()) / 2, abs=1e-6)
+
+
+def test_balance_loss_is_minimal_for_uniform_routing():
+    # 4 experts, top-1, each expert chosen by exactly one token with equal mean probability
+    balanced = torch.eye(4) * 3.0
+    assert router_balance_loss((balanced,), 1).item() == pytest.approx(1.0, abs=1e-6)
+    collapsed = torch.tensor([[3.0, 0.0, 0.0, 0.0]] * 4)
+    assert router_balance_loss((collapsed,), 1).item() > 1.5
+    # Identical tokens with router distribution p: the loss is E * max(p) (top-1), >= 1, equal only for uniform p.
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        row = torch.randn(4, generator=generator)
+        loss = router_balance_loss((row.repeat(8, 1),), 1).item()
+        assert loss == pytest.approx(4 * torch.softmax(row, -1).max().item(), abs=1e-6)
+        assert loss > 1.0
+    assert router_balance_loss((torch.zeros(8, 4),), 1).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_balance_and_z_loss_ignore_padding():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2 * 5, 4, generator=generator)  # batch 2, seq 5
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    garbage = logits.clone()
+    garbage[0] = torch.tensor([50.0, -50.0, 0.0, 0.0])
+    garbage[1] = torch.tensor([40.0, 30.0, -9.0, 0.0])
+    kept = logits[mask.reshape(-1).bool()]
+    for loss_fn in (lambda l, m: router_balance_loss((l,), 2, m), lambda l, m: router_z_loss((l,), m)):
+        reference = loss_fn(kept, None)
+        torch.testing.assert_close(loss_fn(logits, mask), reference)
+        torch.testing.assert_close(loss_fn(garbage, mask), reference)
+    assert not torch.isclose(router_balance_loss((garbage,), 2), router_balance_loss((logits,), 2))
+
+
+def test_z_loss_hand_computed():
+    logits = [[1.0, 2.0], [0.0, -1.0], [3.0, 3.0]]
+    expected = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits) / 3
+    assert router_z_loss((torch.tensor(logits),)).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_model_balance_loss_uses_attention_mask():
+    model = make_tiny_model()
+    ids = random_ids(2, 6)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    other_ids = ids.clone()
+    other_ids[0, :2] = 7  # padding content must not matter
+    a = model(ids, attention_mask=mask, labels=ids, output_router_logits=True)
+    b = model(other_ids, attention_mask=mask, labels=ids, output_router_logits=True)
+    torch.testing.assert_close(a.aux_loss, b.aux_loss)
+    torch.testing.assert_close(a.z_loss, b.z_loss)
