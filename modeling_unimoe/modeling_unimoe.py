@@ -186,6 +186,76 @@ class UniMoEMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class GroupedExpertsFunction(torch.autograd.Function):
+    """Weighted SwiGLU experts over token rows grouped by expert (`counts[e]` consecutive rows for expert e).
+
+    Row r computes `w_r * down_e(act(gate_e(x_r)) * up_e(x_r))`. The backward is written by hand so that each
+    expert's weight gradient lands directly in one `[E, ...]` buffer: autograd over per-expert slices builds E
+    separate gradients and then copies them into a stacked tensor, doubling the gradient memory traffic. The routing
+    weight is applied to the [rows, I] activations in place rather than to a separate [rows, H] output copy.
+    """
+
+    @staticmethod
+    def forward(ctx, grouped_states, row_weights, gate_up_proj, down_proj, counts, act_fn):
+        # grouped_states [S, H]; row_weights [S]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]
+        num_rows = grouped_states.shape[0]
+        gate_up = grouped_states.new_empty(num_rows, gate_up_proj.shape[1])  # [S, 2I]
+        output = grouped_states.new_empty(num_rows, down_proj.shape[1])  # [S, H]
+        start = 0
+        for expert, count in enumerate(counts):
+            rows = slice(start, start + count)
+            start += count
+            if count == 0:
+                continue
+            torch.mm(grouped_states[rows], gate_up_proj[expert].t(), out=gate_up[rows])
+            gate, up = gate_up[rows].chunk(2, dim=-1)
+            hidden = (act_fn(gate) * up).mul_(row_weights[rows, None])  # [c, I]
+            torch.mm(hidden, down_proj[expert].t(), out=output[rows])
+        ctx.save_for_backward(grouped_states, row_weights, gate_up_proj, down_proj, gate_up)
+        ctx.counts, ctx.act_fn = counts, act_fn
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        grouped_states, row_weights, gate_up_proj, down_proj, gate_up = ctx.saved_tensors
+        need_states, need_weights, need_gate_up, need_down = ctx.needs_input_grad[:4]
+        intermediate = down_proj.shape[2]
+        grad_states = torch.empty_like(grouped_states) if need_states else None
+        grad_weights = torch.empty_like(row_weights) if need_weights else None
+        grad_gate_up = torch.empty_like(gate_up_proj) if need_gate_up else None
+        grad_down = torch.empty_like(down_proj) if need_down else None
+        start = 0
+        for expert, count in enumerate(ctx.counts):
+            rows = slice(start, start + count)
+            start += count
+            if count == 0:  # an expert that saw no token gets a zero gradient
+                for grad in (grad_gate_up, grad_down):
+                    if grad is not None:
+                        grad[expert].zero_()
+                continue
+            with torch.enable_grad():
+                gate = gate_up[rows, :intermediate].detach().requires_grad_()
+                activated = ctx.act_fn(gate)  # [c, I]
+            up = gate_up[rows, intermediate:]
+            hidden = activated.detach() * up  # [c, I], unweighted
+            weights = row_weights[rows, None]  # [c, 1]
+            grad_rows = grad_output[rows]  # [c, H]
+            if need_down:
+                torch.mm(grad_rows.t(), hidden * weights, out=grad_down[expert])
+            grad_hidden = grad_rows @ down_proj[expert]  # [c, I], d(output)/d(weighted hidden)
+            if need_weights:
+                grad_weights[rows] = (grad_hidden * hidden).sum(dim=-1)
+            grad_hidden = grad_hidden.mul_(weights)
+            (grad_gate,) = torch.autograd.grad(activated, gate, grad_hidden * up)
+            grad_gate_up_rows = torch.cat([grad_gate, grad_hidden.mul_(activated.detach())], dim=-1)  # [c, 2I]
+            if need_gate_up:
+                torch.mm(grad_gate_up_rows.t(), grouped_states[rows], out=grad_gate_up[expert])
+            if need_states:
+                torch.mm(grad_gate_up_rows, gate_up_proj[expert], out=grad_states[rows])
+        return grad_states, grad_weights, grad_gate_up, grad_down, None, None
+
+
 @use_experts_implementation
 class UniMoEExperts(nn.Module):
     """All routed experts of one layer as fused 3-D weights: `gate_up_proj [E, 2I, H]` ([gate; up]), `down_proj [E, H, I]`."""
@@ -204,22 +274,18 @@ class UniMoEExperts(nn.Module):
         top_k = top_k_index.shape[-1]
         flat_experts = top_k_index.reshape(-1)  # [T*k]
         # Group the (token, slot) pairs by expert. Under expert parallelism off-rank experts carry ids
-        # >= num_experts (the local count): they sort last and are never computed here.
+        # >= num_experts (the local count): they sort last and are left out.
         order = torch.argsort(flat_experts, stable=True)
         counts = torch.bincount(flat_experts, minlength=self.num_experts)[: self.num_experts].tolist()
-        output = torch.zeros_like(hidden_states)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            pairs = order[start : start + count]
-            start += count
-            tokens = pairs // top_k
-            gate, up = F.linear(hidden_states[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])  # [count, H]
-            weights = top_k_weights.reshape(-1)[pairs].unsqueeze(-1)
-            output.index_add_(0, tokens, (expert_out * weights).to(output.dtype))
-        return output
+        routed = order[: sum(counts)]
+        tokens = routed // top_k
+        # index_select: its backward is a plain index_add (advanced indexing's sorts the indices first)
+        grouped_states = hidden_states.index_select(0, tokens)  # [S, H], rows grouped by expert
+        row_weights = top_k_weights.reshape(-1)[routed].to(grouped_states.dtype)  # [S]
+        expert_out = GroupedExpertsFunction.apply(
+            grouped_states, row_weights, self.gate_up_proj, self.down_proj, counts, self.act_fn
+        )
+        return torch.zeros_like(hidden_states).index_add_(0, tokens, expert_out)
 
 
 class UniMoETopKRouter(nn.Module):
