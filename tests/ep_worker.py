@@ -26,7 +26,8 @@ def main(checkpoint: str, inputs: str, output: str) -> None:
         "local_gate_up_shape": list(experts[0].gate_up_proj.to_local().shape if hasattr(experts[0].gate_up_proj, "to_local") else experts[0].gate_up_proj.shape),
     }
     torch.save(logits, f"{output}.rank{report['rank']}.pt")
-    print("EP_REPORT", json.dumps(report), flush=True)
+    with open(f"{output}.rank{report['rank']}.json", "w") as handle:
+        json.dump(report, handle)
 
 
 if __name__ == "__main__":
