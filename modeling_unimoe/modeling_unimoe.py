@@ -461,6 +461,12 @@ class UniMoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, UniMoETopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
 
+    def num_active_parameters(self) -> int:
+        """Parameters a token uses: all of them minus the routed experts it is not sent to (`num_parameters()` - idle)."""
+        text = self.config.get_text_config()
+        idle_experts = len(text.sparse_layer_indices) * (text.num_experts - text.num_experts_per_tok)
+        return self.num_parameters() - idle_experts * 3 * text.hidden_size * text.moe_intermediate_size
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, except that missing, unexpected or mis-shaped weights are an error.

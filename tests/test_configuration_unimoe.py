@@ -65,18 +65,21 @@ def test_tie_word_embeddings_follows_text_config():
 
 def _param_counts(preset: str) -> tuple[int, int]:
     """(total, active per token) parameters of a preset, counted on the meta device."""
-    config = load_preset(preset)
     with torch.device("meta"):
-        model = UniMoEForCausalLM(config)
-    text = config.text_config
-    total = sum(p.numel() for p in model.parameters())
-    per_expert = 3 * text.hidden_size * text.moe_intermediate_size
-    inactive = len(text.sparse_layer_indices) * (text.num_experts - text.num_experts_per_tok) * per_expert
-    return total, total - inactive
+        model = UniMoEForCausalLM(load_preset(preset))
+    return sum(p.numel() for p in model.parameters()), model.num_active_parameters()
 
 
 def test_presets_exist():
     assert {"tiny", "small", "unimoe-v1-speech-4e", "unimoe-v1-audio-4e", "unimoe-v1-8e"} <= set(available_presets())
+
+
+def test_active_parameters_by_hand():
+    model = UniMoEForCausalLM(load_preset("tiny", num_experts=4, num_experts_per_tok=1, moe_layers=[1, 3]))
+    text = model.config.text_config
+    one_expert = 3 * text.hidden_size * text.moe_intermediate_size  # gate, up, down
+    total = sum(p.numel() for p in model.parameters())
+    assert model.num_active_parameters() == total - 2 * 3 * one_expert  # 2 sparse layers, 3 idle experts each
 
 
 def test_tiny_is_tiny():

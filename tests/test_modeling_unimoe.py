@@ -19,6 +19,11 @@ def test_forward_shapes_and_router_logits(tiny_model):
     assert len(out.router_logits) == len(text.sparse_layer_indices)
     assert all(logits.shape == (14, text.num_experts) for logits in out.router_logits)
     assert tiny_model(ids).router_logits is None
+    tiny_model.set_attn_implementation("eager")  # sdpa computes no attention weights to return
+    recorded = tiny_model(ids, output_hidden_states=True, output_attentions=True)
+    assert len(recorded.hidden_states) == text.num_hidden_layers + 1
+    assert len(recorded.attentions) == text.num_hidden_layers
+    assert recorded.attentions[0].shape == (2, text.num_attention_heads, 7, 7)
 
 
 def test_output_router_logits_from_config():

@@ -37,15 +37,6 @@ class QuickstartArguments:
     moe_layers: str = field(default="all", metadata={"help": "all, even or odd"})
 
 
-def parameter_counts(model) -> tuple[int, int]:
-    """(total, active per token) parameters of a Uni-MoE model."""
-    text = model.config.text_config
-    total = sum(p.numel() for p in model.parameters())
-    per_expert = 3 * text.hidden_size * text.moe_intermediate_size
-    inactive = len(text.sparse_layer_indices) * (text.num_experts - text.num_experts_per_tok) * per_expert
-    return total, total - inactive
-
-
 def expert_load(model, inputs) -> torch.Tensor:
     """[sparse layers, experts]: share of the prompt's top-k assignments each expert receives."""
     text = model.config.text_config
@@ -123,8 +114,8 @@ def run(args: QuickstartArguments) -> dict:
         raise RuntimeError(f"The fresh process imported our package: {reloaded['our_modules_imported']}")
 
     text = moe.config.text_config
-    total, active = parameter_counts(moe)
-    dense_total = sum(p.numel() for p in dense.parameters())
+    total, active = moe.num_parameters(), moe.num_active_parameters()
+    dense_total = dense.num_parameters()
     print("\nArchitecture")
     rows = [
         ("experts / top-k", f"{text.num_experts} / {text.num_experts_per_tok} ({text.router_type})"),
