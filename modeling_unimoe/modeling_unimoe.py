@@ -280,12 +280,14 @@ class UniMoEExperts(nn.Module):
         routed = order[: sum(counts)]
         tokens = routed // top_k
         # index_select: its backward is a plain index_add (advanced indexing's sorts the indices first)
-        grouped_states = hidden_states.index_select(0, tokens)  # [S, H], rows grouped by expert
-        row_weights = top_k_weights.reshape(-1)[routed].to(grouped_states.dtype)  # [S]
+        # cast to the weights' dtype: a custom autograd function is not covered by autocast
+        weight_dtype = self.gate_up_proj.dtype
+        grouped_states = hidden_states.index_select(0, tokens).to(weight_dtype)  # [S, H], rows grouped by expert
+        row_weights = top_k_weights.reshape(-1)[routed].to(weight_dtype)  # [S]
         expert_out = GroupedExpertsFunction.apply(
             grouped_states, row_weights, self.gate_up_proj, self.down_proj, counts, self.act_fn
         )
-        return torch.zeros_like(hidden_states).index_add_(0, tokens, expert_out)
+        return torch.zeros_like(hidden_states).index_add_(0, tokens, expert_out.to(hidden_states.dtype))
 
 
 class UniMoETopKRouter(nn.Module):

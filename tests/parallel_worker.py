@@ -13,9 +13,11 @@ def local_shape(tensor: torch.Tensor) -> list[int]:
     return list(tensor.to_local().shape if hasattr(tensor, "to_local") else tensor.shape)
 
 
-def main(mode: str, checkpoint: str, inputs: str, output: str) -> None:
+def main(mode: str, implementation: str, checkpoint: str, inputs: str, output: str) -> None:
     config = DistributedConfig(ep_size=2, fsdp_size=2) if mode == "ep" else DistributedConfig(tp_size=2)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, distributed_config=config).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, trust_remote_code=True, distributed_config=config, experts_implementation=implementation
+    ).eval()
     experts = [m for name, m in model.named_modules() if name.endswith("mlp.experts")]
     with torch.no_grad():
         logits = model(torch.load(inputs)).logits
@@ -32,7 +34,9 @@ def main(mode: str, checkpoint: str, inputs: str, output: str) -> None:
     torch.save(logits, f"{output}.rank{rank}.pt")
     with open(f"{output}.rank{rank}.json", "w") as handle:
         json.dump(report, handle)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

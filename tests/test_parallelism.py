@@ -12,28 +12,28 @@ import torch
 from conftest import make_tiny_model, random_ids
 
 
-def run_torchrun(mode: str, checkpoint: Path, ids: torch.Tensor, tmp_path: Path) -> list[dict]:
+def run_torchrun(mode: str, implementation: str, checkpoint: Path, ids: torch.Tensor, tmp_path: Path) -> list[dict]:
     torch.save(ids, tmp_path / "ids.pt")
     worker = Path(__file__).with_name("parallel_worker.py")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(worker), mode, str(checkpoint), str(tmp_path / "ids.pt"), str(tmp_path / "logits")],
+         str(worker), mode, implementation, str(checkpoint), str(tmp_path / "ids.pt"), str(tmp_path / "logits")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
     )
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     return [json.loads((tmp_path / f"logits.rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
-@pytest.mark.parametrize("mode", ["ep", "tp"])
-def test_torchrun_parallel_matches_single_process(mode, tmp_path):
+@pytest.mark.parametrize("mode, implementation", [("ep", "grouped_mm"), ("ep", "eager"), ("tp", "grouped_mm")])
+def test_torchrun_parallel_matches_single_process(mode, implementation, tmp_path):
     model = make_tiny_model(moe_layers="even", num_shared_experts=1)
     model.save_pretrained(tmp_path / "ckpt")
     ids = random_ids(2, 12)
     with torch.no_grad():
         expected = model(ids).logits
 
-    reports = run_torchrun(mode, tmp_path / "ckpt", ids, tmp_path)
+    reports = run_torchrun(mode, implementation, tmp_path / "ckpt", ids, tmp_path)
     text = model.config.text_config
     full_q = [text.num_attention_heads * text.head_dim, text.hidden_size]
     for report in reports:
