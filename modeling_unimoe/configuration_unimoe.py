@@ -1,6 +1,7 @@
 """Configurations of Uni-MoE: the sparse-MoE LLaMA decoder and the composite multimodal model."""
 
 from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.modeling_rope_utils import RopeParameters
 
@@ -153,25 +154,103 @@ class UniMoETextConfig(PreTrainedConfig):
         return list(self.moe_layers)
 
 
+AUDIO_TOWERS = ("whisper", "beats")
+VIDEO_POOLING = ("mean", "none")
+
+
 @strict
 class UniMoEConfig(PreTrainedConfig):
     r"""
-    The composite Uni-MoE configuration: `text_config` (a [`UniMoETextConfig`]) plus the optional modality
-    sub-configs of the multimodal model. A checkpoint without modality sub-configs is a text-only Uni-MoE LM.
+    The composite Uni-MoE configuration: the MoE language model plus any subset of the modality towers.
+
+    text_config ([`UniMoETextConfig`]): the sparse-MoE LLaMA decoder.
+    vision_config (`CLIPVisionConfig`, *optional*): image and video-frame tower (CLIP ViT-L/14-336 in the paper).
+    speech_config (`WhisperConfig`, *optional*): speech tower (the Whisper encoder) and the speech aligner, made of
+        `speech_aligner_layers` Whisper decoder layers over `num_query_tokens` learned queries.
+    image_token_id / video_token_id / audio_token_id (`int`, *optional*): the placeholder token ids that the
+        processor expands to the exact number of soft tokens, which are replaced by the projected features.
+    vision_feature_layer (`int`, defaults to -2): CLIP hidden state used (patch tokens only; CLS dropped).
+    projector_hidden_act (`str`, defaults to `"gelu"`): activation of the `mlp2x_gelu` vision projector.
+    video_pooling (`str`, defaults to `"mean"`): `"mean"` averages the frames' features (the paper: one image's
+        worth of tokens per video, frame order lost); `"none"` keeps every frame's tokens in sequence.
+    num_query_tokens (`int`, defaults to 50): audio tokens per 30 s window and per audio tower.
+    max_audio_windows (`int`, defaults to 20): the most 30 s windows one audio item may use (10 minutes).
+    audio_towers (`list[str]`, *optional*): which towers encode an `<audio>` item, in token order: `["whisper"]`
+        (speech), `["beats"]` (sounds) or both. Defaults to every audio tower the config has.
+    speech_aligner_layers (`int`, *optional*): Whisper decoder layers in the speech aligner (defaults to all of
+        `speech_config.decoder_layers`, as in the paper).
     """
 
     model_type = "unimoe"
     # The language model's own plans (text config) apply under `model.language_model`; nothing at this level.
     base_model_fsdp_plan = {}
-    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=UniMoETextConfig)}
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=UniMoETextConfig),
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model", optional=True),
+        "speech_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper", optional=True),
+    }
 
     text_config: dict | UniMoETextConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    speech_config: dict | PreTrainedConfig | None = None
+    image_token_id: int | None = None
+    video_token_id: int | None = None
+    audio_token_id: int | None = None
+    vision_feature_layer: int = -2
+    projector_hidden_act: str = "gelu"
+    video_pooling: str = "mean"
+    num_query_tokens: int = 50
+    max_audio_windows: int = 20
+    audio_towers: list[str] | None = None
+    speech_aligner_layers: int | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         # Tying is a property of the language model: follow the text config (as LLaVA does).
         self.tie_word_embeddings = self.text_config.tie_word_embeddings
+        present = {"whisper": self.speech_config, "beats": getattr(self, "audio_config", None)}
+        if self.audio_towers is None:
+            self.audio_towers = [name for name in AUDIO_TOWERS if present[name] is not None]
+        if self.speech_config is not None and self.speech_aligner_layers is None:
+            self.speech_aligner_layers = self.speech_config.decoder_layers
+        self._check_multimodal_fields(present)
+
+    def _check_multimodal_fields(self, present: dict):
+        def bad(field, value, expected):
+            raise ValueError(f"UniMoEConfig: invalid `{field}`={value!r}; expected {expected}.")
+
+        for tower in self.audio_towers:
+            if tower not in AUDIO_TOWERS:
+                bad("audio_towers", self.audio_towers, f"names from {AUDIO_TOWERS}")
+            if present[tower] is None:
+                config_name = "speech_config" if tower == "whisper" else "audio_config"
+                bad("audio_towers", self.audio_towers, f"towers whose config is set (`{config_name}` is None)")
+        if len(set(self.audio_towers)) != len(self.audio_towers):
+            bad("audio_towers", self.audio_towers, "distinct tower names")
+        if self.video_pooling not in VIDEO_POOLING:
+            bad("video_pooling", self.video_pooling, f"one of {VIDEO_POOLING}")
+        if self.num_query_tokens < 1:
+            bad("num_query_tokens", self.num_query_tokens, "at least 1")
+        if self.max_audio_windows < 1:
+            bad("max_audio_windows", self.max_audio_windows, "at least 1")
+        if self.speech_config is not None and not 1 <= self.speech_aligner_layers <= self.speech_config.decoder_layers:
+            bad("speech_aligner_layers", self.speech_aligner_layers, f"between 1 and {self.speech_config.decoder_layers}")
+        if self.vision_config is not None:
+            depth = self.vision_config.num_hidden_layers
+            if not -depth <= self.vision_feature_layer <= depth:
+                bad("vision_feature_layer", self.vision_feature_layer, f"a hidden-state index in [-{depth}, {depth}]")
+        token_ids = {
+            "image_token_id": (self.image_token_id, self.vision_config),
+            "video_token_id": (self.video_token_id, self.vision_config),
+            "audio_token_id": (self.audio_token_id, self.audio_towers or None),
+        }
+        vocab_size = self.text_config.vocab_size
+        for field, (token_id, tower) in token_ids.items():
+            if tower is not None and token_id is None:
+                bad(field, token_id, "the placeholder token id, since the matching tower is configured")
+            if token_id is not None and not 0 <= token_id < vocab_size:
+                bad(field, token_id, f"an id below vocab_size={vocab_size}")
 
 
 UniMoEConfig.register_for_auto_class()

@@ -20,7 +20,9 @@ from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPooling, MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.models.auto import AutoModel
+from transformers.models.whisper.modeling_whisper import WhisperDecoderLayer, WhisperEncoder
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
@@ -436,6 +438,57 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch
     return torch.stack(losses).mean()
 
 
+class UniMoEVisionProjector(nn.Module):
+    """`mlp2x_gelu` (LLaVA-1.5): Linear, GELU, Linear from the vision width to the LLM width."""
+
+    def __init__(self, config: UniMoEConfig):
+        super().__init__()
+        text_hidden = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, text_hidden)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(text_hidden, text_hidden)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+class SpeechQueryAligner(nn.Module):
+    """Whisper decoder layers run over learned query tokens that cross-attend to one 30 s window's encoder states,
+    then a Linear to the LLM width: `num_query_tokens` soft tokens per window (Uni-MoE's speech Q-Former).
+
+    As in the original, the queries enter like decoder inputs: learned positions added, causal self-attention among
+    them, a final layer norm. Whisper's token embedding is not needed. Parameter names follow `WhisperDecoder`, so
+    a pretrained decoder initialises it (`load_whisper_decoder`).
+    """
+
+    def __init__(self, config: UniMoEConfig):
+        super().__init__()
+        speech = config.speech_config
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, speech.d_model))
+        self.embed_positions = nn.Embedding(speech.max_target_positions, speech.d_model)
+        self.layers = nn.ModuleList([WhisperDecoderLayer(speech, layer_idx=i) for i in range(config.speech_aligner_layers)])
+        self.layer_norm = nn.LayerNorm(speech.d_model)
+        self.projector = nn.Linear(speech.d_model, config.text_config.hidden_size)
+
+    def forward(self, encoder_states: torch.Tensor) -> torch.Tensor:
+        # encoder_states [N windows, frames, d] -> [N, Q, text hidden]
+        num_queries = self.query_tokens.shape[1]
+        hidden = self.query_tokens.expand(encoder_states.shape[0], -1, -1) + self.embed_positions.weight[:num_queries]
+        causal = torch.full((num_queries, num_queries), torch.finfo(hidden.dtype).min, device=hidden.device).triu(1)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=causal[None, None], encoder_hidden_states=encoder_states, use_cache=False)
+        return self.projector(self.layer_norm(hidden))
+
+    def load_whisper_decoder(self, decoder_state: dict[str, torch.Tensor]):
+        """Initialise from a pretrained `WhisperDecoder` state dict (its first `speech_aligner_layers` layers)."""
+        own = self.state_dict()
+        wanted = {key: value for key, value in decoder_state.items() if key in own}
+        missing = sorted(key for key in own if key not in wanted and not key.startswith(("query_tokens", "projector")))
+        if missing:
+            raise KeyError(f"Whisper decoder state dict lacks {missing}")
+        self.load_state_dict({**own, **wanted}, strict=True)
+
+
 class UniMoEPreTrainedModel(PreTrainedModel):
     config: UniMoEConfig
     base_model_prefix = "model"
@@ -462,6 +515,8 @@ class UniMoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, UniMoETopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, SpeechQueryAligner):
+            init.normal_(module.query_tokens, mean=0.0, std=std)
 
     def num_active_parameters(self) -> int:
         """Parameters a token uses: all of them minus the routed experts it is not sent to (`num_parameters()` - idle)."""
@@ -554,13 +609,22 @@ class UniMoETextModel(UniMoEPreTrainedModel):
 
 
 class UniMoEModel(UniMoEPreTrainedModel):
-    """The Uni-MoE backbone without the LM head: the MoE language model (and, in multimodal checkpoints, the towers)."""
+    """The Uni-MoE backbone without the LM head: the modality towers and connectors the config asks for, and the
+    MoE language model. Media features replace their placeholder tokens' embeddings (`masked_scatter`); a modality
+    absent from a batch costs no encoder compute."""
 
     # Loading the backbone from a full `UniMoEForCausalLM` checkpoint leaves the head out on purpose.
     _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+    input_modalities = ("image", "video", "audio", "text")
 
     def __init__(self, config: UniMoEConfig):
         super().__init__(config)
+        if config.vision_config is not None:
+            self.vision_tower = AutoModel.from_config(config.vision_config)
+            self.multi_modal_projector = UniMoEVisionProjector(config)
+        if "whisper" in config.audio_towers:
+            self.speech_tower = WhisperEncoder._from_config(config.speech_config)
+            self.speech_aligner = SpeechQueryAligner(config)
         self.language_model = UniMoETextModel._from_config(config.text_config)
         self.post_init()
 
@@ -570,9 +634,76 @@ class UniMoEModel(UniMoEPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module):
         self.language_model.set_input_embeddings(value)
 
+    def _require(self, tower: str, modality: str):
+        if not hasattr(self, tower):
+            raise ValueError(f"This Uni-MoE checkpoint has no {modality} tower (`{tower}`), but {modality} inputs were given")
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        """pixel_values [N, 3, H, W] -> `last_hidden_state`: the CLIP patch features of `vision_feature_layer`
+        [N, P, Dv] (CLS dropped); `pooler_output`: projected to the LLM width [N, P, D]."""
+        self._require("vision_tower", "image")
+        tower_output = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        selected = tower_output.hidden_states[self.config.vision_feature_layer][:, 1:]
+        return BaseModelOutputWithPooling(last_hidden_state=selected, pooler_output=self.multi_modal_projector(selected))
+
+    def get_video_features(self, pixel_values_videos: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        """pixel_values_videos [V, F, 3, H, W] -> `last_hidden_state`: per-frame projected features [V, F, P, D];
+        `pooler_output`: [V, P, D] averaged over frames (`video_pooling="mean"`) or [V, F*P, D] (`"none"`)."""
+        num_videos, num_frames = pixel_values_videos.shape[:2]
+        frames = self.get_image_features(pixel_values_videos.flatten(0, 1)).pooler_output
+        frames = frames.view(num_videos, num_frames, *frames.shape[1:])
+        pooled = frames.mean(dim=1) if self.config.video_pooling == "mean" else frames.flatten(1, 2)
+        return BaseModelOutputWithPooling(last_hidden_state=frames, pooler_output=pooled)
+
+    def get_speech_features(self, input_features: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        """input_features [N windows, mel, 3000] (Whisper log-mel) -> `last_hidden_state`: Whisper encoder states
+        [N, 1500, d]; `pooler_output`: aligned query tokens [N, Q, D]."""
+        self._require("speech_tower", "speech")
+        encoder_states = self.speech_tower(input_features, return_dict=True).last_hidden_state
+        return BaseModelOutputWithPooling(last_hidden_state=encoder_states, pooler_output=self.speech_aligner(encoder_states))
+
+    def get_audio_features(
+        self,
+        input_features: torch.FloatTensor | None = None,
+        input_values: torch.FloatTensor | None = None,
+        input_values_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """Every 30 s window of every `<audio>` item through each tower of `config.audio_towers`; per window the
+        towers' tokens are concatenated in that order. `pooler_output` [N windows, towers * Q, D]."""
+        per_tower = []
+        for tower in self.config.audio_towers:
+            if tower == "whisper":
+                if input_features is None:
+                    raise ValueError("audio_towers includes 'whisper' but no `input_features` (Whisper log-mel) were given")
+                per_tower.append(self.get_speech_features(input_features).pooler_output)
+        tokens = torch.cat(per_tower, dim=1)
+        return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=tokens)
+
+    def _scatter(self, input_ids, inputs_embeds, features: torch.Tensor, token_id: int, modality: str) -> torch.Tensor:
+        """Put `features` [items, tokens, D] into the embeddings at the placeholder positions, in order."""
+        if input_ids is not None:
+            mask = input_ids == token_id
+        else:
+            placeholder = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+            mask = (inputs_embeds == placeholder).all(-1)
+        num_placeholders = int(mask.sum())
+        num_features = features.shape[0] * features.shape[1]
+        if num_placeholders != num_features:
+            raise ValueError(
+                f"{modality}: the batch has {num_placeholders} {modality} placeholder tokens but its {modality} inputs "
+                f"give {num_features} feature vectors ({features.shape[0]} items x {features.shape[1]} tokens)"
+            )
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features.to(inputs_embeds.dtype))
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_values: torch.FloatTensor | None = None,
+        input_values_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
@@ -580,18 +711,32 @@ class UniMoEModel(UniMoEPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        config = self.config
+        if pixel_values is not None:
+            features = self.get_image_features(pixel_values).pooler_output
+            inputs_embeds = self._scatter(input_ids, inputs_embeds, features, config.image_token_id, "image")
+        if pixel_values_videos is not None:
+            features = self.get_video_features(pixel_values_videos).pooler_output
+            inputs_embeds = self._scatter(input_ids, inputs_embeds, features, config.video_token_id, "video")
+        if input_features is not None or input_values is not None:
+            features = self.get_audio_features(input_features, input_values, input_values_mask).pooler_output
+            inputs_embeds = self._scatter(input_ids, inputs_embeds, features, config.audio_token_id, "audio")
         return self.language_model(
-            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
         )
 
 
 class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
+    input_modalities = ("image", "video", "audio", "text")
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
@@ -610,6 +755,11 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_values: torch.FloatTensor | None = None,
+        input_values_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
@@ -630,6 +780,11 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
             output_router_logits = text_config.output_router_logits
         outputs = self.model(
             input_ids=input_ids,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            input_features=input_features,
+            input_values=input_values,
+            input_values_mask=input_values_mask,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
@@ -722,7 +877,9 @@ __all__ = [
     "UniMoEForCausalLM",
     "UniMoEModel",
     "UniMoEPreTrainedModel",
+    "SpeechQueryAligner",
     "UniMoESparseMoeBlock",
+    "UniMoEVisionProjector",
     "UniMoETextModel",
     "UniMoETopKRouter",
     "router_balance_loss",

@@ -1,0 +1,111 @@
+"""BEATs input features: the Kaldi log-mel filter bank of `torchaudio.compliance.kaldi.fbank`, without torchaudio.
+
+BEATs (`BEATs.preprocess`) scales the 16 kHz waveform by 2**15, takes a 128-bin Kaldi fbank with torchaudio's defaults
+(25 ms povey-windowed frames every 10 ms, no dither, DC offset removed, pre-emphasis 0.97, 512-point FFT power spectrum,
+mel filters from 20 Hz to Nyquist triangular in Kaldi's mel scale, natural log floored at float32 epsilon,
+`snip_edges=True`) and normalises it with `(fbank - 15.41663) / (2 * 6.55582)`. This module computes the same numbers
+with `transformers.audio_utils`, as `ASTFeatureExtractor` does when torchaudio is missing.
+"""
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
+
+
+BEATS_SAMPLING_RATE = 16000
+BEATS_NUM_MEL_BINS = 128
+BEATS_FBANK_MEAN = 15.41663
+BEATS_FBANK_STD = 6.55582
+
+_FRAME_LENGTH = 400  # 25 ms at 16 kHz
+_FRAME_SHIFT = 160  # 10 ms at 16 kHz
+_FFT_LENGTH = 512  # Kaldi pads each frame to the next power of two
+_LOG_FLOOR = float(np.finfo(np.float32).eps)  # torchaudio floors the mel energies at torch.finfo(float32).eps
+
+
+@lru_cache(maxsize=1)
+def _kaldi_mel_filters() -> np.ndarray:
+    # [fft_length // 2 + 1, mel bins]; the Nyquist row is zero, as Kaldi's banks only cover fft_length // 2 bins
+    return mel_filter_bank(
+        num_frequency_bins=_FFT_LENGTH // 2 + 1,
+        num_mel_filters=BEATS_NUM_MEL_BINS,
+        min_frequency=20.0,
+        max_frequency=BEATS_SAMPLING_RATE / 2,
+        sampling_rate=BEATS_SAMPLING_RATE,
+        norm=None,
+        mel_scale="kaldi",
+        triangularize_in_mel_space=True,
+        dtype=np.float64,
+    )
+
+
+@lru_cache(maxsize=1)
+def _povey_window() -> np.ndarray:
+    return window_function(_FRAME_LENGTH, "povey", periodic=False)
+
+
+def beats_num_frames(num_samples: int) -> int:
+    """Fbank frames of a waveform of `num_samples` samples (Kaldi `snip_edges=True`: whole frames only)."""
+    if num_samples < _FRAME_LENGTH:
+        return 0
+    return 1 + (num_samples - _FRAME_LENGTH) // _FRAME_SHIFT
+
+
+def _fbank_one(waveform: np.ndarray) -> np.ndarray:
+    log_mel = spectrogram(
+        waveform * 2**15,  # Kaldi works on 16-bit integer amplitudes
+        _povey_window(),
+        frame_length=_FRAME_LENGTH,
+        hop_length=_FRAME_SHIFT,
+        fft_length=_FFT_LENGTH,
+        power=2.0,
+        center=False,
+        preemphasis=0.97,
+        remove_dc_offset=True,
+        mel_filters=_kaldi_mel_filters(),
+        mel_floor=_LOG_FLOOR,
+        log_mel="log",
+        dtype=np.float32,
+    ).T  # [frames, mel bins]
+    return (log_mel - BEATS_FBANK_MEAN) / (2 * BEATS_FBANK_STD)
+
+
+def beats_fbank(waveform: np.ndarray | torch.Tensor, sampling_rate: int = BEATS_SAMPLING_RATE) -> torch.Tensor:
+    """Normalised 128-bin Kaldi fbank of a mono waveform in [-1, 1], BEATs' `input_values`.
+
+    `waveform` is `[samples]` (returns `[frames, 128]`) or a batch of equal-length waveforms `[batch, samples]`
+    (returns `[batch, frames, 128]`), with `frames = 1 + (samples - 400) // 160`: 2998 for a 30 s window.
+    """
+    if sampling_rate != BEATS_SAMPLING_RATE:
+        raise ValueError(f"BEATs expects {BEATS_SAMPLING_RATE} Hz audio, got sampling_rate={sampling_rate}; resample first.")
+    if isinstance(waveform, torch.Tensor):
+        waveform = waveform.detach().cpu().numpy()
+    waveform = np.asarray(waveform, dtype=np.float32)
+    if waveform.ndim not in (1, 2):
+        raise ValueError(f"`waveform` must be [samples] or [batch, samples], got shape {waveform.shape}.")
+    if waveform.shape[-1] < _FRAME_LENGTH:
+        raise ValueError(f"`waveform` has {waveform.shape[-1]} samples; one 25 ms frame needs {_FRAME_LENGTH}.")
+    if waveform.ndim == 1:
+        return torch.from_numpy(_fbank_one(waveform))
+    return torch.from_numpy(np.stack([_fbank_one(row) for row in waveform]))
+
+
+def beats_frame_padding_mask(padding_mask: np.ndarray | torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Sample-level padding mask `[batch, samples]` (True = padding) -> fbank-frame mask `[batch, num_frames]`.
+
+    The official rule (`BEATs.forward_padding_mask`): drop the last `samples % num_frames` samples, cut the rest into
+    `num_frames` equal consecutive groups, and call a frame padding when its whole group is padding.
+    """
+    padding_mask = torch.as_tensor(padding_mask, dtype=torch.bool)
+    if padding_mask.ndim != 2:
+        raise ValueError(f"`padding_mask` must be [batch, samples], got shape {tuple(padding_mask.shape)}.")
+    batch, samples = padding_mask.shape
+    if not 0 < num_frames <= samples:
+        raise ValueError(f"`num_frames`={num_frames} must be between 1 and the {samples} samples of `padding_mask`.")
+    usable = samples - samples % num_frames
+    return padding_mask[:, :usable].reshape(batch, num_frames, -1).all(dim=-1)
+
+
+__all__ = ["beats_fbank", "beats_frame_padding_mask", "beats_num_frames"]
