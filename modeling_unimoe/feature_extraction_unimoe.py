@@ -1,0 +1,126 @@
+"""Audio features for Uni-MoE: Whisper log-mel and/or BEATs Kaldi fbank, per 30 s window, in one feature extractor."""
+
+import logging
+import math
+
+import numpy as np
+import torch
+from transformers import WhisperFeatureExtractor
+from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
+from transformers.feature_extraction_utils import BatchFeature
+
+from .feature_extraction_beats import beats_fbank, beats_num_frames
+
+
+logger = logging.getLogger(__name__)
+
+AUDIO_TOWERS = ("whisper", "beats")
+
+
+class UniMoEFeatureExtractor(SequenceFeatureExtractor):
+    r"""
+    Cuts each audio item (mono, 16 kHz) into consecutive 30 s windows and computes, per window, the inputs of every
+    audio tower in `audio_towers`:
+
+    - `"whisper"`: `input_features` [windows, num_mel_bins, 3000], Whisper's log-mel spectrogram (zero-padded to 30 s);
+    - `"beats"`: `input_values` [windows, 2998, 128], BEATs' normalised Kaldi fbank (the last window padded by
+      repeating its last sample, as the original did) and `input_values_mask` [windows, 2998], 1 on real frames.
+
+    `audio_windows` lists the window count of each item: the processor expands each `<audio>` placeholder to
+    `windows * num_query_tokens * len(audio_towers)` tokens. An item longer than `max_audio_windows` windows is an
+    error unless `truncation=True`, which keeps the first windows and logs a warning saying how much was cut.
+    """
+
+    model_input_names = ["input_features", "input_values", "input_values_mask"]
+
+    def __init__(
+        self,
+        audio_towers: list[str] = ("whisper",),
+        num_mel_bins: int = 80,
+        sampling_rate: int = 16000,
+        window_seconds: int = 30,
+        max_audio_windows: int = 20,
+        padding_value: float = 0.0,
+        **kwargs,
+    ):
+        kwargs.pop("feature_size", None)  # derived from num_mel_bins (present when reloading a saved config)
+        super().__init__(feature_size=num_mel_bins, sampling_rate=sampling_rate, padding_value=padding_value, **kwargs)
+        unknown = [tower for tower in audio_towers if tower not in AUDIO_TOWERS]
+        if unknown or not audio_towers:
+            raise ValueError(f"audio_towers={list(audio_towers)!r}: expected a non-empty list from {AUDIO_TOWERS}")
+        self.audio_towers = list(audio_towers)
+        self.num_mel_bins = num_mel_bins
+        self.window_seconds = window_seconds
+        self.max_audio_windows = max_audio_windows
+        self._whisper = WhisperFeatureExtractor(
+            feature_size=num_mel_bins, sampling_rate=sampling_rate, chunk_length=window_seconds
+        )
+
+    def to_dict(self):
+        output = super().to_dict()
+        output.pop("_whisper", None)
+        return output
+
+    @property
+    def window_samples(self) -> int:
+        return self.window_seconds * self.sampling_rate
+
+    def num_windows(self, num_samples: int) -> int:
+        return max(1, math.ceil(num_samples / self.window_samples))
+
+    def _windows(self, waveform: np.ndarray, index: int, truncation: bool) -> list[np.ndarray]:
+        if waveform.ndim != 1:
+            raise ValueError(f"audio item {index}: expected a mono 1-D waveform, got shape {tuple(waveform.shape)}")
+        if waveform.size == 0:
+            raise ValueError(f"audio item {index} is empty (0 samples)")
+        windows = [waveform[start : start + self.window_samples] for start in range(0, waveform.size, self.window_samples)]
+        if len(windows) > self.max_audio_windows:
+            seconds = waveform.size / self.sampling_rate
+            limit = self.max_audio_windows * self.window_seconds
+            if not truncation:
+                raise ValueError(
+                    f"audio item {index} lasts {seconds:.1f} s ({len(windows)} windows of {self.window_seconds} s), "
+                    f"more than max_audio_windows={self.max_audio_windows} ({limit} s); pass truncation=True to keep "
+                    f"only the first {limit} s"
+                )
+            logger.warning("audio item %d: %.1f s truncated to the first %d s (%d windows)", index, seconds, limit, self.max_audio_windows)
+            windows = windows[: self.max_audio_windows]
+        return windows
+
+    def __call__(
+        self,
+        audio: np.ndarray | list[np.ndarray],
+        sampling_rate: int | None = None,
+        truncation: bool = False,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        if sampling_rate is not None and sampling_rate != self.sampling_rate:
+            raise ValueError(
+                f"UniMoEFeatureExtractor expects {self.sampling_rate} Hz audio, got sampling_rate={sampling_rate}; "
+                "resample first (the processor does this for files and arrays it is given with their rate)"
+            )
+        items = [audio] if isinstance(audio, np.ndarray) and audio.ndim == 1 else list(audio)
+        windows, counts, valid = [], [], []
+        for index, item in enumerate(items):
+            item_windows = self._windows(np.asarray(item, dtype=np.float32), index, truncation)
+            windows.extend(item_windows)
+            counts.append(len(item_windows))
+            valid.extend(len(window) for window in item_windows)
+
+        features = {"audio_windows": counts}
+        if "whisper" in self.audio_towers:
+            mel = self._whisper(windows, sampling_rate=self.sampling_rate, return_tensors="np")
+            features["input_features"] = mel["input_features"]  # [windows, mel, 3000]
+        if "beats" in self.audio_towers:
+            frames = beats_num_frames(self.window_samples)
+            padded = [np.pad(w, (0, self.window_samples - len(w)), mode="edge") for w in windows]
+            features["input_values"] = torch.stack([beats_fbank(w, self.sampling_rate) for w in padded]).numpy()
+            mask = np.zeros((len(windows), frames), dtype=np.int64)
+            for row, num_samples in enumerate(valid):
+                mask[row, : beats_num_frames(max(num_samples, 400))] = 1
+            features["input_values_mask"] = mask
+        return BatchFeature(features, tensor_type=return_tensors)
+
+
+UniMoEFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
