@@ -4,9 +4,10 @@ Checkpoints saved by these classes carry the same files as remote code (`trust_r
 not need this package; installing it registers the classes for users who do.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoProcessor
 
 from .configuration_unimoe import UniMoEConfig, UniMoETextConfig
+from .feature_extraction_unimoe import UniMoEFeatureExtractor
 from .modeling_unimoe import (
     UniMoECausalLMOutputWithPast,
     UniMoEExperts,
@@ -19,6 +20,7 @@ from .modeling_unimoe import (
     router_balance_loss,
     router_z_loss,
 )
+from .processing_unimoe import UniMoEProcessor
 
 
 AutoConfig.register(UniMoEConfig.model_type, UniMoEConfig, exist_ok=True)
@@ -26,14 +28,18 @@ AutoConfig.register(UniMoETextConfig.model_type, UniMoETextConfig, exist_ok=True
 AutoModel.register(UniMoEConfig, UniMoEModel, exist_ok=True)
 AutoModel.register(UniMoETextConfig, UniMoETextModel, exist_ok=True)
 AutoModelForCausalLM.register(UniMoEConfig, UniMoEForCausalLM, exist_ok=True)
+AutoFeatureExtractor.register(UniMoEConfig, UniMoEFeatureExtractor, exist_ok=True)
+AutoProcessor.register(UniMoEConfig, UniMoEProcessor, exist_ok=True)
 
 __all__ = [
     "UniMoECausalLMOutputWithPast",
     "UniMoEConfig",
     "UniMoEExperts",
+    "UniMoEFeatureExtractor",
     "UniMoEForCausalLM",
     "UniMoEModel",
     "UniMoEPreTrainedModel",
+    "UniMoEProcessor",
     "UniMoESparseMoeBlock",
     "UniMoETextConfig",
     "UniMoETextModel",

@@ -543,11 +543,15 @@ class UniMoEPreTrainedModel(PreTrainedModel):
         """Saves the fused expert layout (`save_original_format=True` writes the original per-expert keys)."""
         module = type(self).__module__.rsplit(".", 1)[-1]
         # `register_for_auto_class` records one Auto class per class; list the whole family.
-        self.config.auto_map = {
-            **(getattr(self.config, "auto_map", None) or {}),
-            "AutoModel": f"{module}.UniMoEModel",
-            "AutoModelForCausalLM": f"{module}.UniMoEForCausalLM",
-        }
+        auto_map = {"AutoModel": f"{module}.UniMoEModel", "AutoModelForCausalLM": f"{module}.UniMoEForCausalLM"}
+        if self.config.vision_config is not None or self.config.audio_towers:
+            # what the multimodal pipelines ("image-text-to-text", "any-to-any") load
+            auto_map |= {
+                "AutoModelForImageTextToText": f"{module}.UniMoEForCausalLM",
+                "AutoModelForMultimodalLM": f"{module}.UniMoEForCausalLM",
+                "AutoProcessor": "processing_unimoe.UniMoEProcessor",
+            }
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
         return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
 

@@ -87,17 +87,21 @@ def load_audio(audio, sampling_rate: int, index: int, given_rate: int | None = N
 
         try:
             with av.open(str(audio)) as container:
-                stream = container.streams.audio[0]
-                rate = stream.rate
-                chunks = [frame.to_ndarray().astype(np.float32) for frame in container.decode(stream)]
+                # decode to planar float [channels, samples] at the target rate, whatever the file's format
+                resampler = av.AudioResampler(format="fltp", rate=sampling_rate)
+                chunks = []
+                for frame in container.decode(container.streams.audio[0]):
+                    chunks.extend(out.to_ndarray() for out in resampler.resample(frame))
+                chunks.extend(out.to_ndarray() for out in resampler.resample(None))
         except (av.error.FFmpegError, IndexError, OSError) as error:
             raise ValueError(f"audio {index}: cannot decode audio file {str(audio)!r} ({error})") from error
         if not chunks:
             raise ValueError(f"audio {index}: audio file {str(audio)!r} is empty")
-        # planar frames are [channels, samples]; packed ones [1, samples * channels]
-        channels = stream.layout.nb_channels
-        waveform = np.concatenate([c if c.shape[0] == channels else c.reshape(-1, channels).T for c in chunks], axis=1)
-    elif isinstance(audio, dict):
+        waveform = _to_mono(np.concatenate(chunks, axis=1), index)
+        if waveform.size == 0:
+            raise ValueError(f"audio {index}: audio file {str(audio)!r} is empty")
+        return waveform.astype(np.float32)
+    if isinstance(audio, dict):
         waveform, rate = np.asarray(audio["array"], dtype=np.float32), audio["sampling_rate"]
     elif isinstance(audio, tuple):
         waveform, rate = np.asarray(audio[0], dtype=np.float32), audio[1]
@@ -164,6 +168,41 @@ class UniMoEProcessor(ProcessorMixin):
         self.video_token_id = tokenizer.video_token_id
         self.audio_token_id = tokenizer.audio_token_id
         super().__init__(image_processor, feature_extractor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_model_config(cls, config, tokenizer, chat_template: str | None = None, num_frames: int = 8, **kwargs):
+        """A processor matching a `UniMoEConfig`: image size and soft-token counts from the vision config, audio
+        towers, mel bins, query tokens and window limit from the audio side. `tokenizer` must define the
+        `image_token`, `video_token` and `audio_token` whose ids the config uses."""
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        from .feature_extraction_unimoe import UniMoEFeatureExtractor
+
+        for name in ("image", "video", "audio"):
+            expected = getattr(config, f"{name}_token_id")
+            actual = getattr(tokenizer, f"{name}_token_id", None)
+            if expected is not None and actual != expected:
+                raise ValueError(f"tokenizer's {name}_token_id={actual} but the model config expects {expected}")
+        image_size = config.vision_config.image_size if config.vision_config is not None else 336
+        patch_size = config.vision_config.patch_size if config.vision_config is not None else 14
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        )
+        num_mel_bins = config.speech_config.num_mel_bins if config.speech_config is not None else 80
+        feature_extractor = UniMoEFeatureExtractor(
+            audio_towers=config.audio_towers or ["whisper"], num_mel_bins=num_mel_bins, max_audio_windows=config.max_audio_windows
+        )
+        return cls(
+            image_processor,
+            feature_extractor,
+            tokenizer,
+            chat_template=chat_template,
+            image_seq_length=(image_size // patch_size) ** 2,
+            num_frames=num_frames,
+            video_pooling=config.video_pooling,
+            num_query_tokens=config.num_query_tokens,
+            **kwargs,
+        )
 
     @property
     def video_seq_length(self) -> int:

@@ -17,9 +17,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def make_tiny_model(seed: int = 0, **text_overrides) -> UniMoEForCausalLM:
+def make_tiny_model(seed: int = 0, text_only: bool = True, **text_overrides) -> UniMoEForCausalLM:
+    """The `tiny` preset, by default without its towers (the language-model tests need none)."""
     torch.manual_seed(seed)
-    return UniMoEForCausalLM(load_preset("tiny", **text_overrides)).eval()
+    return UniMoEForCausalLM(load_preset("tiny", text_only=text_only, **text_overrides)).eval()
 
 
 @pytest.fixture
@@ -62,3 +63,15 @@ def smollm2():
     from trl_scripts.backbones import load_smollm2
 
     return load_smollm2()
+
+
+@pytest.fixture
+def tiny_processor():
+    from trl_scripts import load_tiny_processor
+
+    return load_tiny_processor()
+
+
+@pytest.fixture
+def tiny_multimodal_model() -> UniMoEForCausalLM:
+    return make_tiny_model(text_only=False)

@@ -1,0 +1,170 @@
+"""UniMoEProcessor: placeholder expansion, media decoding, chat template, labels and every bad-input error."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from media import tone, write_audio, write_image, write_video
+
+
+def user(*content):
+    return [{"role": "user", "content": list(content)}]
+
+
+def test_placeholders_expand_to_the_soft_token_counts(tiny_processor, tmp_path):
+    processor = tiny_processor
+    image = write_image(tmp_path / "red.png")
+    video = write_video(tmp_path / "move.mp4")
+    audio = write_audio(tmp_path / "beep.wav", seconds=40.0)  # two 30 s windows
+    inputs = processor(
+        text="<image>\n<video>\n<audio>\nWhat is it?", images=[image], videos=[video], audio=[audio]
+    )
+    ids = inputs["input_ids"][0]
+    assert (ids == processor.image_token_id).sum() == processor.image_seq_length == 16  # (28 / 7) ** 2
+    assert (ids == processor.video_token_id).sum() == 16  # mean pooling: one image's worth
+    assert (ids == processor.audio_token_id).sum() == 2 * 4  # 2 windows x 4 query tokens x 1 tower
+    assert inputs["pixel_values"].shape == (1, 3, 28, 28)
+    assert inputs["pixel_values_videos"].shape == (1, processor.num_frames, 3, 28, 28)
+    assert inputs["input_features"].shape == (2, 80, 3000)
+
+
+def test_video_tokens_without_pooling(tiny_processor):
+    processor = tiny_processor
+    processor.video_pooling = "none"
+    frames = [np.full((20, 20, 3), i * 20, dtype=np.uint8) for i in range(6)]
+    inputs = processor(text="<video> go", videos=[frames])
+    assert (inputs["input_ids"][0] == processor.video_token_id).sum() == 16 * processor.num_frames
+
+
+def test_chat_template_is_vicuna_v1(tiny_processor):
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        {"role": "user", "content": "And the shape?"},
+    ]
+    prompt = tiny_processor.apply_chat_template(messages, add_generation_prompt=True)
+    system = (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions."
+    )
+    assert prompt == f"{system} USER: <image>\nWhat colour? ASSISTANT: red</s>USER: And the shape? ASSISTANT:"
+
+
+def test_chat_template_loads_files_and_returns_labels(tiny_processor, tmp_path):
+    image = write_image(tmp_path / "red.png")
+    audio = write_audio(tmp_path / "beep.wav")
+    messages = [
+        {"role": "user", "content": [
+            {"type": "image", "path": str(image)}, {"type": "audio", "path": str(audio)},
+            {"type": "text", "text": "What colour is it?"},
+        ]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        {"role": "user", "content": [{"type": "text", "text": "How many beeps?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "two"}]},
+    ]
+    out = tiny_processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_labels=True)
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    assert out["pixel_values"].shape[0] == 1 and out["input_features"].shape[0] == 1
+    tokenizer = tiny_processor.tokenizer
+    assert tokenizer.decode(ids[labels != -100]).replace(" ", "") == "red</s>two</s>"
+    # nothing of the user turns, the system prompt or the media is learned
+    assert (labels[ids == tiny_processor.image_token_id] == -100).all()
+    assert labels[0] == -100  # BOS
+
+
+def test_batch_padding_and_mixed_modalities(tiny_processor, tmp_path):
+    image = write_image(tmp_path / "red.png")
+    out = tiny_processor(
+        text=["<image> colour?", "hello there", "<audio> beeps?"],
+        images=[[image], [], []],
+        audio=[[], [], [tone(1.0)]],
+        padding=True,
+    )
+    assert out["input_ids"].shape[0] == 3
+    assert out["attention_mask"].sum(1).tolist() == [len(x) for x in tiny_processor.tokenizer(
+        ["<image>" * 16 + " colour?", "hello there", "<audio>" * 4 + " beeps?"])["input_ids"]]
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("modality, kwargs, text", [
+    ("image", {"images": []}, "<image> a"),
+    ("image", {"images": [Image.new("RGB", (8, 8))] * 2}, "<image> a"),
+    ("video", {"videos": [[np.zeros((8, 8, 3), np.uint8)]] * 2}, "<video> a"),
+    ("audio", {"audio": []}, "<audio> a"),
+    ("audio", {"audio": [tone(1.0)]}, "no placeholder"),
+])
+def test_placeholder_count_mismatch_names_the_modality(tiny_processor, modality, kwargs, text):
+    with pytest.raises(ValueError, match=rf"{modality} placeholder\(s\) in the text .* {modality} item\(s\) given"):
+        tiny_processor(text=text, **kwargs)
+
+
+def test_placeholder_count_mismatch_names_the_sample(tiny_processor):
+    images = [[Image.new("RGB", (8, 8))], [Image.new("RGB", (8, 8))] * 2]
+    with pytest.raises(ValueError, match=r"sample 1: 1 image placeholder\(s\) in the text but 2 image item\(s\)"):
+        tiny_processor(text=["<image> a", "<image> b"], images=images)
+
+
+def test_unreadable_files_are_named(tiny_processor, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"cannot read image file .*broken\.png"):
+        tiny_processor(text="<image>", images=[str(broken)])
+    with pytest.raises(ValueError, match=r"cannot read image file .*missing\.png"):
+        tiny_processor(text="<image>", images=[str(tmp_path / "missing.png")])
+    corrupt_video = tmp_path / "corrupt.mp4"
+    corrupt_video.write_bytes(b"\x00" * 2000)
+    with pytest.raises(ValueError, match=r"cannot decode video file .*corrupt\.mp4"):
+        tiny_processor(text="<video>", videos=[str(corrupt_video)])
+    corrupt_audio = tmp_path / "corrupt.wav"
+    corrupt_audio.write_bytes(b"RIFF1234WAVEjunk")
+    with pytest.raises(ValueError, match=r"cannot decode audio file .*corrupt\.wav"):
+        tiny_processor(text="<audio>", audio=[str(corrupt_audio)])
+
+
+def test_audio_is_resampled_and_mixed_to_mono(tiny_processor, tmp_path):
+    stereo_44k = write_audio(tmp_path / "stereo.wav", seconds=1.0, rate=44100, channels=2)
+    mono_16k = write_audio(tmp_path / "mono.wav", seconds=1.0)
+    a = tiny_processor(text="<audio>", audio=[str(stereo_44k)])["input_features"]
+    b = tiny_processor(text="<audio>", audio=[str(mono_16k)])["input_features"]
+    inner = (..., slice(3, 97))  # the resampler's filter edges touch the first and last few 10 ms frames
+    torch.testing.assert_close(a[inner], b[inner], atol=0.05, rtol=0)  # same tone, resampled and mixed
+    c = tiny_processor(text="<audio>", audio=[(tone(1.0, rate=8000), 8000)])["input_features"]
+    torch.testing.assert_close(c[inner], b[inner], atol=0.05, rtol=0)
+
+
+def test_empty_and_overlong_audio(tiny_processor, caplog):
+    with pytest.raises(ValueError, match="audio 0 is empty"):
+        tiny_processor(text="<audio>", audio=[np.zeros(0, np.float32)])
+    too_long = np.zeros(16000 * 30 * 5, dtype=np.float32)  # 5 windows, tiny allows 4
+    with pytest.raises(ValueError, match=r"audio item 0 lasts 150\.0 s \(5 windows .*max_audio_windows=4"):
+        tiny_processor(text="<audio>", audio=[too_long])
+    with caplog.at_level("WARNING"):
+        out = tiny_processor(text="<audio>", audio=[too_long], truncation=True)
+    assert out["input_features"].shape[0] == 4
+    assert "truncated to the first 120 s" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK", "I;16"])
+def test_image_modes_and_odd_sizes(tiny_processor, mode):
+    image = Image.new("RGB", (37, 11), (200, 30, 10)).convert(mode)
+    out = tiny_processor(text="<image>", images=[image])
+    assert out["pixel_values"].shape == (1, 3, 28, 28)
+
+
+def test_short_video_repeats_frames_and_empty_video_fails(tiny_processor, tmp_path):
+    short = write_video(tmp_path / "short.mp4", num_frames=2)
+    out = tiny_processor(text="<video>", videos=[str(short)])
+    frames = out["pixel_values_videos"][0]
+    assert frames.shape[0] == tiny_processor.num_frames
+    assert torch.equal(frames[0], frames[1])  # 2 frames spread over 4 slots
+    with pytest.raises(ValueError, match="video 0: the given frames has no frames"):
+        tiny_processor(text="<video>", videos=[[]])
+
+
+def test_too_long_after_expansion_names_the_lengths(tiny_processor):
+    tiny_processor.tokenizer.model_max_length = 30
+    with pytest.raises(ValueError, match=r"sample 0 is \d+ tokens long after expanding its media \(1 images.*maximum of 30"):
+        tiny_processor(text="<image> what colour is the shape in this picture?", images=[Image.new("RGB", (8, 8))])
