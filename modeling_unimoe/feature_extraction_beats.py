@@ -7,6 +7,7 @@ mel filters from 20 Hz to Nyquist triangular in Kaldi's mel scale, natural log f
 with `transformers.audio_utils`, as `ASTFeatureExtractor` does when torchaudio is missing.
 """
 
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -27,18 +28,21 @@ _LOG_FLOOR = float(np.finfo(np.float32).eps)  # torchaudio floors the mel energi
 
 @lru_cache(maxsize=1)
 def _kaldi_mel_filters() -> np.ndarray:
-    # [fft_length // 2 + 1, mel bins]; the Nyquist row is zero, as Kaldi's banks only cover fft_length // 2 bins
-    return mel_filter_bank(
-        num_frequency_bins=_FFT_LENGTH // 2 + 1,
-        num_mel_filters=BEATS_NUM_MEL_BINS,
-        min_frequency=20.0,
-        max_frequency=BEATS_SAMPLING_RATE / 2,
-        sampling_rate=BEATS_SAMPLING_RATE,
-        norm=None,
-        mel_scale="kaldi",
-        triangularize_in_mel_space=True,
-        dtype=np.float64,
-    )
+    # [fft_length // 2 + 1, mel bins]; the Nyquist row is zero, as Kaldi's banks only cover fft_length // 2 bins.
+    # With 128 bins some low filters fall between two FFT bins and are all zero, in Kaldi too: silence the warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return mel_filter_bank(
+            num_frequency_bins=_FFT_LENGTH // 2 + 1,
+            num_mel_filters=BEATS_NUM_MEL_BINS,
+            min_frequency=20.0,
+            max_frequency=BEATS_SAMPLING_RATE / 2,
+            sampling_rate=BEATS_SAMPLING_RATE,
+            norm=None,
+            mel_scale="kaldi",
+            triangularize_in_mel_space=True,
+            dtype=np.float64,
+        )
 
 
 @lru_cache(maxsize=1)

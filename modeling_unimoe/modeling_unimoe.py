@@ -545,6 +545,11 @@ class UniMoEPreTrainedModel(PreTrainedModel):
         # `register_for_auto_class` records one Auto class per class; list the whole family.
         auto_map = {"AutoModel": f"{module}.UniMoEModel", "AutoModelForCausalLM": f"{module}.UniMoEForCausalLM"}
         if self.config.vision_config is not None or self.config.audio_towers:
+            # Imported here: it pulls in transformers' pipelines, and only multimodal checkpoints carry it. The
+            # relative import also makes `save_pretrained` copy pipeline_unimoe.py next to this file.
+            from .pipeline_unimoe import CUSTOM_PIPELINES
+
+            self.config.custom_pipelines = CUSTOM_PIPELINES
             # what the multimodal pipelines ("image-text-to-text", "any-to-any") load
             auto_map |= {
                 "AutoModelForImageTextToText": f"{module}.UniMoEForCausalLM",

@@ -1,0 +1,174 @@
+"""The multimodal model with its processor: features, mixed batches, generation, streaming, remote code, pipelines."""
+
+import threading
+
+import pytest
+import torch
+from transformers import CLIPVisionModel, TextIteratorStreamer
+
+from conftest import make_tiny_model, run_fresh_python
+from media import tone, write_audio, write_image, write_video
+
+
+TOWERS = ("vision_tower", "speech_tower")
+
+
+def count_tower_calls(model) -> dict:
+    calls = {name: 0 for name in TOWERS}
+    for name in TOWERS:
+        def hook(*_, name=name):
+            calls[name] += 1
+        getattr(model.model, name).register_forward_hook(hook)
+    return calls
+
+
+def mixed_messages(tmp_path):
+    image = write_image(tmp_path / "red.png")
+    video = write_video(tmp_path / "move.mp4")
+    audio = write_audio(tmp_path / "beep.wav", seconds=3.0)
+    return [{"role": "user", "content": [
+        {"type": "image", "path": str(image)}, {"type": "video", "path": str(video)},
+        {"type": "audio", "path": str(audio)}, {"type": "text", "text": "Describe."},
+    ]}]
+
+
+def test_image_features_are_the_clip_patch_features(tiny_multimodal_model):
+    model = tiny_multimodal_model.model
+    pixels = torch.randn(2, 3, 28, 28)
+    clip = CLIPVisionModel(model.config.vision_config)
+    clip.load_state_dict(model.vision_tower.state_dict())
+    expected = clip(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    out = model.get_image_features(pixels)
+    torch.testing.assert_close(out.last_hidden_state, expected)
+    assert out.pooler_output.shape == (2, 16, model.config.text_config.hidden_size)
+
+
+def test_video_pooling(tiny_multimodal_model):
+    model = tiny_multimodal_model.model
+    videos = torch.randn(2, 3, 3, 28, 28)
+    per_frame = model.get_image_features(videos.flatten(0, 1)).pooler_output.view(2, 3, 16, -1)
+    torch.testing.assert_close(model.get_video_features(videos).pooler_output, per_frame.mean(1))
+    model.config.video_pooling = "none"
+    torch.testing.assert_close(model.get_video_features(videos).pooler_output, per_frame.flatten(1, 2))
+
+
+def test_text_only_batch_touches_no_tower(tiny_multimodal_model, tiny_processor):
+    calls = count_tower_calls(tiny_multimodal_model)
+    inputs = tiny_processor(text=["hello", "how many beeps"], padding=True)
+    tiny_multimodal_model(**inputs)
+    assert calls == {name: 0 for name in TOWERS}
+
+
+def test_mixed_batch_matches_single_samples(tiny_multimodal_model, tiny_processor, tmp_path):
+    image = write_image(tmp_path / "red.png")
+    texts = ["<image> colour?", "plain text here", "<audio> beeps?"]
+    batch = tiny_processor(text=texts, images=[[image], [], []], audio=[[], [], [tone(2.0)]], padding=True)
+    calls = count_tower_calls(tiny_multimodal_model)
+    logits = tiny_multimodal_model(**batch).logits
+    assert calls == {"vision_tower": 1, "speech_tower": 1}  # one call per modality for the whole batch
+    singles = [
+        tiny_processor(text=texts[0], images=[image]), tiny_processor(text=texts[1]), tiny_processor(text=texts[2], audio=[tone(2.0)])
+    ]
+    for row, single in enumerate(singles):
+        length = single["input_ids"].shape[1]
+        torch.testing.assert_close(logits[row, -length:], tiny_multimodal_model(**single).logits[0], atol=1e-4, rtol=0)
+
+
+def test_generate_encodes_media_once(tiny_multimodal_model, tiny_processor, tmp_path):
+    inputs = tiny_processor.apply_chat_template(
+        mixed_messages(tmp_path), tokenize=True, return_dict=True, add_generation_prompt=True
+    )
+    calls = count_tower_calls(tiny_multimodal_model)
+    out = tiny_multimodal_model.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 10
+    # image and video share the vision tower: one call each, at prefill only
+    assert calls == {"vision_tower": 2, "speech_tower": 1}
+
+
+def test_left_padded_mixed_batch_generates_like_single_prompts(tiny_multimodal_model, tiny_processor, tmp_path):
+    image = write_image(tmp_path / "red.png")
+    video = write_video(tmp_path / "move.mp4")
+    prompts = [
+        ("<image>\nWhat colour?", dict(images=[image])),
+        ("Tell me a story about a circle", {}),
+        ("<audio>\n<video>\nWhat happens?", dict(audio=[tone(2.0)], videos=[str(video)])),
+    ]
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    batch = tiny_processor(
+        text=[p for p, _ in prompts], images=[[image], [], []], videos=[[], [], [str(video)]],
+        audio=[[], [], [tone(2.0)]], padding=True,
+    )
+    assert tiny_processor.tokenizer.padding_side == "left"
+    generated = tiny_multimodal_model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1]:]
+    for row, (text, media) in enumerate(prompts):
+        single = tiny_processor(text=text, **media)
+        alone = tiny_multimodal_model.generate(**single, **kwargs)[0, single["input_ids"].shape[1]:]
+        assert torch.equal(generated[row], alone), f"prompt {row} differs inside the batch"
+
+
+def test_text_iterator_streamer(tiny_multimodal_model, tiny_processor, tmp_path):
+    inputs = tiny_processor.apply_chat_template(
+        mixed_messages(tmp_path), tokenize=True, return_dict=True, add_generation_prompt=True
+    )
+    streamer = TextIteratorStreamer(tiny_processor.tokenizer, skip_prompt=True)
+    kwargs = dict(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    thread = threading.Thread(target=tiny_multimodal_model.generate, kwargs={**kwargs, "streamer": streamer})
+    thread.start()
+    pieces = list(streamer)
+    thread.join()
+    expected = tiny_multimodal_model.generate(**kwargs)[0, inputs["input_ids"].shape[1]:]
+    assert len(pieces) >= 1
+    assert "".join(pieces) == tiny_processor.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def save_tiny_checkpoint(model, processor, folder):
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_remote_code_round_trip_of_model_and_processor(tiny_multimodal_model, tiny_processor, tmp_path):
+    checkpoint = save_tiny_checkpoint(tiny_multimodal_model, tiny_processor, tmp_path / "ckpt")
+    messages = mixed_messages(tmp_path)
+    inputs = tiny_processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
+    expected_logits = tiny_multimodal_model(**inputs).logits
+    expected_ids = tiny_multimodal_model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    torch.save({"messages": messages, "logits": expected_logits, "ids": expected_ids}, tmp_path / "expected.pt")
+    stdout = run_fresh_python(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM, AutoProcessor
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        model = AutoModelForCausalLM.from_pretrained({str(checkpoint)!r}, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        inputs = processor.apply_chat_template(expected["messages"], tokenize=True, return_dict=True, add_generation_prompt=True)
+        torch.testing.assert_close(model(**inputs).logits, expected["logits"], atol=1e-5, rtol=0)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=8, do_sample=False), expected["ids"])
+        assert type(processor).__module__.startswith("transformers_modules."), type(processor)
+        print("OURS", [m for m in sys.modules if m.split(".")[0] in ("modeling_unimoe", "trl_scripts")])
+        """,
+        tmp_path,
+    )
+    assert "OURS []" in stdout
+
+
+def test_pipelines_in_a_fresh_process(tiny_multimodal_model, tiny_processor, tmp_path):
+    checkpoint = save_tiny_checkpoint(tiny_multimodal_model, tiny_processor, tmp_path / "ckpt")
+    image = write_image(tmp_path / "red.png")
+    audio = write_audio(tmp_path / "beep.wav", seconds=2.0)
+    video = write_video(tmp_path / "move.mp4")
+    stdout = run_fresh_python(
+        f"""
+        from transformers import pipeline
+        chat = pipeline("image-text-to-text", model={str(checkpoint)!r}, trust_remote_code=True)
+        messages = [{{"role": "user", "content": [{{"type": "image", "path": {str(image)!r}}}, {{"type": "text", "text": "What colour?"}}]}}]
+        out = chat(text=messages, max_new_tokens=5, do_sample=False)
+        print("ITT", type(out[0]["generated_text"]).__name__, len(out))
+        omni = pipeline("any-to-any", model={str(checkpoint)!r}, trust_remote_code=True)
+        messages = [{{"role": "user", "content": [{{"type": "audio", "path": {str(audio)!r}}}, {{"type": "video", "path": {str(video)!r}}}, {{"type": "text", "text": "What happens?"}}]}}]
+        out = omni(text=messages, max_new_tokens=5, do_sample=False)
+        print("A2A", type(out[0]["generated_text"]).__name__, len(out))
+        """,
+        tmp_path,
+    )
+    assert "ITT" in stdout and "A2A" in stdout
