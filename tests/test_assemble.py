@@ -1,0 +1,69 @@
+"""Assembling Uni-MoE from local pretrained pieces: every piece computes inside our model what it computed alone."""
+
+import torch
+from transformers import CLIPConfig, CLIPModel, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperModel
+
+from trl_scripts.assemble import assemble_unimoe
+from media import tone
+
+
+def build_pieces(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    )).eval()
+    llama.save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    # a full CLIP checkpoint (text + vision), like openai/clip-vit-large-patch14-336
+    clip = CLIPModel(CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=28, patch_size=7),
+        projection_dim=16,
+    )).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    whisper = WhisperModel(WhisperConfig(
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
+    )).eval()
+    whisper.save_pretrained(tmp_path / "whisper")
+    return llama, clip, whisper
+
+
+def test_assembled_pieces_match_their_sources(tmp_path, smollm2):
+    _, tokenizer = smollm2
+    llama, clip, whisper = build_pieces(tmp_path, tokenizer)
+    model, processor = assemble_unimoe(
+        tmp_path / "llama", clip=tmp_path / "clip", whisper=tmp_path / "whisper", num_experts=4, num_query_tokens=6
+    )
+    config = model.config
+    assert processor.tokenizer.image_token == "<image>" and config.image_token_id == processor.tokenizer.image_token_id
+    assert config.text_config.vocab_size == len(processor.tokenizer) == len(tokenizer) + 3
+
+    with torch.no_grad():
+        pixels = torch.randn(2, 3, 28, 28)
+        vision = CLIPVisionModel.from_pretrained(tmp_path / "clip").eval()
+        expected = vision(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        torch.testing.assert_close(model.model.get_image_features(pixels).last_hidden_state, expected)
+
+        mel = processor(text="<audio>", audio=[tone(3.0)])["input_features"]
+        torch.testing.assert_close(
+            model.model.get_speech_features(mel).last_hidden_state, whisper.encoder(mel).last_hidden_state
+        )
+        aligner = model.model.speech_aligner
+        for ours, theirs in zip(aligner.layers, whisper.decoder.layers):
+            for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+                torch.testing.assert_close(a, b, msg=name)
+        torch.testing.assert_close(aligner.embed_positions.weight, whisper.decoder.embed_positions.weight)
+
+        # the upcycled LM is the dense LM on text (identical experts)
+        ids = processor.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+        torch.testing.assert_close(model(ids).logits[..., : len(tokenizer)], llama(ids).logits, atol=1e-5, rtol=0)
+
+        messages = [{"role": "user", "content": [
+            {"type": "image", "image": torch.zeros(28, 28, 3, dtype=torch.uint8).numpy()},
+            {"type": "audio", "audio": tone(2.0)}, {"type": "text", "text": "What is this?"},
+        ]}]
+        inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert out.shape[1] == inputs["input_ids"].shape[1] + 3

@@ -1,0 +1,163 @@
+"""Assemble a Uni-MoE model and processor from local pretrained pieces, the way a user with downloaded weights builds
+the paper's model: a dense LLaMA-architecture LM (upcycled into the MoE decoder), a CLIP vision model, a Whisper
+model (its encoder is the speech tower, its decoder initialises the speech aligner) and an official BEATs `.pt`.
+
+    python -m trl_scripts.assemble --language_model PATH --clip PATH --whisper PATH --output_dir DIR
+"""
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPVisionModel,
+    HfArgumentParser,
+    PreTrainedModel,
+    WhisperModel,
+)
+
+from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, UniMoEProcessor
+
+from .presets import CHAT_TEMPLATE_PATH
+from .upcycling import upcycle_llama
+
+
+logger = logging.getLogger(__name__)
+
+PLACEHOLDERS = {"image_token": "<image>", "video_token": "<video>", "audio_token": "<audio>"}
+
+
+def _with_placeholders(tokenizer):
+    """The tokenizer with `<image>`, `<video>`, `<audio>` as named special tokens (`tokenizer.image_token`, ...;
+    the original spliced negative ids instead). Named special tokens are an init-time option in transformers, so a
+    tokenizer lacking them is reloaded with them."""
+    if any(getattr(tokenizer, name, None) != token for name, token in PLACEHOLDERS.items()):
+        with tempfile.TemporaryDirectory() as folder:
+            tokenizer.save_pretrained(folder)
+            tokenizer = AutoTokenizer.from_pretrained(folder, extra_special_tokens=PLACEHOLDERS)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer.padding_side = "left"  # batched generation
+    return tokenizer
+
+
+def assemble_unimoe(
+    language_model: str | Path | PreTrainedModel,
+    tokenizer=None,
+    clip: str | Path | None = None,
+    whisper: str | Path | None = None,
+    beats: str | Path | None = None,
+    *,
+    num_experts: int = 4,
+    num_experts_per_tok: int = 2,
+    moe_layers: str | list[int] = "all",
+    router_type: str = "topk_softmax",
+    expert_ffn_state_dicts: list[dict[str, torch.Tensor]] | None = None,
+    num_query_tokens: int = 50,
+    vision_feature_layer: int = -2,
+    video_pooling: str = "mean",
+    num_frames: int = 8,
+    chat_template: str | None = None,
+) -> tuple[UniMoEForCausalLM, UniMoEProcessor]:
+    """A `UniMoEForCausalLM` and its `UniMoEProcessor` from pretrained pieces.
+
+    The LM is upcycled (`upcycle_llama`) after its embeddings grow by the three placeholder tokens; the towers keep
+    their pretrained weights exactly; the connectors (vision projector, aligner query tokens and output Linear)
+    start from fresh initialisation, as before Uni-MoE's stage 1. At least one tower must be given.
+    """
+    if clip is None and whisper is None and beats is None:
+        raise ValueError("assemble_unimoe needs at least one tower: clip, whisper or beats")
+    if tokenizer is None:
+        if isinstance(language_model, PreTrainedModel):
+            raise ValueError("pass the tokenizer when the language model is given as a model object")
+        tokenizer = AutoTokenizer.from_pretrained(language_model)
+    elif isinstance(tokenizer, (str, Path)):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    tokenizer = _with_placeholders(tokenizer)
+
+    dense = AutoModelForCausalLM.from_pretrained(language_model) if isinstance(language_model, (str, Path)) else language_model
+    if dense.get_input_embeddings().num_embeddings < len(tokenizer):
+        dense.resize_token_embeddings(len(tokenizer))  # new rows: the mean embedding (transformers' default)
+    lm = upcycle_llama(
+        dense,
+        num_experts=num_experts,
+        num_experts_per_tok=num_experts_per_tok,
+        moe_layers=moe_layers,
+        router_type=router_type,
+        expert_ffn_state_dicts=expert_ffn_state_dicts,
+    )
+
+    vision = CLIPVisionModel.from_pretrained(clip) if clip is not None else None
+    speech = WhisperModel.from_pretrained(whisper) if whisper is not None else None
+    config = UniMoEConfig(
+        text_config=lm.config.text_config.to_dict(),
+        vision_config=vision.config.to_dict() if vision is not None else None,
+        speech_config=speech.config.to_dict() if speech is not None else None,
+        image_token_id=tokenizer.image_token_id if vision is not None else None,
+        video_token_id=tokenizer.video_token_id if vision is not None else None,
+        audio_token_id=tokenizer.audio_token_id if speech is not None else None,
+        vision_feature_layer=vision_feature_layer,
+        video_pooling=video_pooling,
+        num_query_tokens=num_query_tokens,
+    )
+    model = UniMoEForCausalLM(config).to(lm.dtype)
+
+    state = model.state_dict()
+    pieces = {"model.language_model.": lm.model.language_model.state_dict(), "lm_head.": lm.lm_head.state_dict()}
+    if vision is not None:
+        pieces["model.vision_tower."] = vision.state_dict()
+    if speech is not None:
+        pieces["model.speech_tower."] = speech.encoder.state_dict()
+        model.model.speech_aligner.load_whisper_decoder(speech.decoder.state_dict())
+        pieces["model.speech_aligner."] = model.model.speech_aligner.state_dict()
+    for prefix, piece in pieces.items():
+        unknown = [key for key in piece if prefix + key not in state]
+        if unknown:
+            raise KeyError(f"pretrained piece {prefix!r} has weights our model does not: {unknown[:10]}")
+        state.update({prefix + key: value for key, value in piece.items()})
+    model.load_state_dict(state, strict=True)
+
+    processor = UniMoEProcessor.from_model_config(
+        config,
+        tokenizer,
+        chat_template=chat_template if chat_template is not None else CHAT_TEMPLATE_PATH.read_text(),
+        num_frames=num_frames,
+    )
+    logger.info("Assembled Uni-MoE with towers %s", [p.split(".")[1] for p in pieces if "tower" in p])
+    return model.eval(), processor
+
+
+@dataclass
+class AssembleArguments:
+    language_model: str = field(metadata={"help": "Dense LLaMA-architecture causal LM (HF folder)."})
+    output_dir: str = field(metadata={"help": "Where to save the model, processor and remote code."})
+    clip: str | None = field(default=None, metadata={"help": "CLIP (vision) model folder."})
+    whisper: str | None = field(default=None, metadata={"help": "Whisper model folder."})
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    moe_layers: str = "all"
+    num_query_tokens: int = 50
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO)
+    (args,) = HfArgumentParser(AssembleArguments).parse_args_into_dataclasses(args=argv)
+    model, processor = assemble_unimoe(
+        args.language_model,
+        clip=args.clip,
+        whisper=args.whisper,
+        num_experts=args.num_experts,
+        num_experts_per_tok=args.num_experts_per_tok,
+        moe_layers=args.moe_layers,
+        num_query_tokens=args.num_query_tokens,
+    )
+    model.save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
+
+
+if __name__ == "__main__":
+    main()
