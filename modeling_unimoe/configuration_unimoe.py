@@ -179,6 +179,11 @@ class UniMoEConfig(PreTrainedConfig):
         (speech), `["beats"]` (sounds) or both. Defaults to every audio tower the config has.
     speech_aligner_layers (`int`, *optional*): Whisper decoder layers in the speech aligner (defaults to all of
         `speech_config.decoder_layers`, as in the paper).
+    projector_num_experts (`int`, defaults to 1): CuMo option; above 1 the vision projector is a sparse MoE of that
+        many `mlp2x_gelu` experts (top-`projector_num_experts_per_tok`), upcycled from a trained projector.
+    vision_moe_layers (`list[int]`): CuMo option; CLIP layers whose MLP becomes a sparse MoE of
+        `vision_num_experts` copies (top-`vision_num_experts_per_tok`).
+    mm_router_aux_loss_coef / mm_router_z_loss_coef (`float`): weights of those routers' balance and z-losses.
     """
 
     model_type = "unimoe"
@@ -203,6 +208,13 @@ class UniMoEConfig(PreTrainedConfig):
     max_audio_windows: int = 20
     audio_towers: list[str] | None = None
     speech_aligner_layers: int | None = None
+    projector_num_experts: int = 1
+    projector_num_experts_per_tok: int = 2
+    vision_moe_layers: list[int] | None = None
+    vision_num_experts: int = 4
+    vision_num_experts_per_tok: int = 2
+    mm_router_aux_loss_coef: float = 0.01
+    mm_router_z_loss_coef: float = 0.001
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -212,6 +224,7 @@ class UniMoEConfig(PreTrainedConfig):
         present = {"whisper": self.speech_config, "beats": getattr(self, "audio_config", None)}
         if self.audio_towers is None:
             self.audio_towers = [name for name in AUDIO_TOWERS if present[name] is not None]
+        self.vision_moe_layers = sorted(self.vision_moe_layers or [])
         if self.speech_config is not None and self.speech_aligner_layers is None:
             self.speech_aligner_layers = self.speech_config.decoder_layers
         self._check_multimodal_fields(present)
@@ -240,6 +253,18 @@ class UniMoEConfig(PreTrainedConfig):
             depth = self.vision_config.num_hidden_layers
             if not -depth <= self.vision_feature_layer <= depth:
                 bad("vision_feature_layer", self.vision_feature_layer, f"a hidden-state index in [-{depth}, {depth}]")
+        if self.projector_num_experts < 1:
+            bad("projector_num_experts", self.projector_num_experts, "at least 1")
+        if self.projector_num_experts > 1 and not 1 <= self.projector_num_experts_per_tok <= self.projector_num_experts:
+            bad("projector_num_experts_per_tok", self.projector_num_experts_per_tok, f"between 1 and {self.projector_num_experts}")
+        if self.vision_moe_layers:
+            if self.vision_config is None:
+                bad("vision_moe_layers", self.vision_moe_layers, "no layers: there is no vision tower")
+            depth = self.vision_config.num_hidden_layers
+            if any(not 0 <= i < depth for i in self.vision_moe_layers) or len(set(self.vision_moe_layers)) != len(self.vision_moe_layers):
+                bad("vision_moe_layers", self.vision_moe_layers, f"distinct CLIP layer indices in [0, {depth - 1}]")
+            if not 1 <= self.vision_num_experts_per_tok <= self.vision_num_experts:
+                bad("vision_num_experts_per_tok", self.vision_num_experts_per_tok, f"between 1 and {self.vision_num_experts}")
         token_ids = {
             "image_token_id": (self.image_token_id, self.vision_config),
             "video_token_id": (self.video_token_id, self.vision_config),

@@ -1,8 +1,8 @@
 """BEATs input features: the Kaldi log-mel filter bank of `torchaudio.compliance.kaldi.fbank`, without torchaudio.
 
-BEATs (`BEATs.preprocess`) scales the 16 kHz waveform by 2**15, takes a 128-bin Kaldi fbank with torchaudio's defaults
-(25 ms povey-windowed frames every 10 ms, no dither, DC offset removed, pre-emphasis 0.97, 512-point FFT power spectrum,
-mel filters from 20 Hz to Nyquist triangular in Kaldi's mel scale, natural log floored at float32 epsilon,
+BEATs (`BEATs.preprocess`) scales the 16 kHz waveform by 2**15, takes a 128-bin Kaldi fbank with torchaudio's
+defaults (25 ms povey-windowed frames every 10 ms, no dither, DC offset removed, pre-emphasis 0.97, 512-point FFT power
+spectrum, mel filters from 20 Hz to Nyquist triangular in Kaldi's mel scale, natural log floored at float32 epsilon,
 `snip_edges=True`) and normalises it with `(fbank - 15.41663) / (2 * 6.55582)`. This module computes the same numbers
 with `transformers.audio_utils`, as `ASTFeatureExtractor` does when torchaudio is missing.
 """
@@ -83,7 +83,9 @@ def beats_fbank(waveform: np.ndarray | torch.Tensor, sampling_rate: int = BEATS_
     (returns `[batch, frames, 128]`), with `frames = 1 + (samples - 400) // 160`: 2998 for a 30 s window.
     """
     if sampling_rate != BEATS_SAMPLING_RATE:
-        raise ValueError(f"BEATs expects {BEATS_SAMPLING_RATE} Hz audio, got sampling_rate={sampling_rate}; resample first.")
+        raise ValueError(
+            f"BEATs expects {BEATS_SAMPLING_RATE} Hz audio, got sampling_rate={sampling_rate}; resample first."
+        )
     if isinstance(waveform, torch.Tensor):
         waveform = waveform.detach().cpu().numpy()
     waveform = np.asarray(waveform, dtype=np.float32)

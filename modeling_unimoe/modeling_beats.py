@@ -1,8 +1,9 @@
 """BEATs audio encoder (arXiv 2212.09058) as a transformers model, weight-compatible with the official checkpoints.
 
-`BEATsModel(input_values, padding_mask)` computes what the official `BEATs.extract_features` computes after its fbank:
-16x16 patch embedding of the `[frames, 128]` fbank, LayerNorm, `post_extract_proj`, a convolutional positional
-embedding, then a post-LN (DeepNorm) Transformer whose attention adds a T5-style relative position bias gated per query.
+`BEATsModel(input_values, padding_mask)` computes what the official `BEATs.extract_features` computes after its
+fbank: 16x16 patch embedding of the `[frames, 128]` fbank, LayerNorm, `post_extract_proj`, a convolutional positional
+embedding, then a post-LN (DeepNorm) Transformer whose attention adds a T5-style relative position bias gated per
+query.
 Parameter names are the official state-dict keys, with two differences that `load_beats_checkpoint` (or
 `beats_state_dict_from_official`) resolves:
 
@@ -212,6 +213,12 @@ class BEATsEncoderLayer(GradientCheckpointingLayer):
         self.activation_dropout = config.activation_dropout
         self.layer_norm_first = config.layer_norm_first
         self.residual_scale = (2 * config.encoder_layers) ** 0.25 if config.deep_norm else 1.0
+        if config.deep_norm:  # DeepNorm's Xavier gains, read by `_init_weights`
+            beta = (8 * config.encoder_layers) ** -0.25
+            for linear, gain in ((self.self_attn.q_proj, 1.0), (self.self_attn.k_proj, 1.0),
+                                 (self.self_attn.v_proj, beta), (self.self_attn.out_proj, beta),
+                                 (self.fc1, beta), (self.fc2, beta)):
+                linear.deep_norm_gain = gain
 
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.activation_fn(self.fc1(hidden_states))
@@ -227,7 +234,8 @@ class BEATsEncoderLayer(GradientCheckpointingLayer):
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         if self.layer_norm_first:
-            attended, _ = self.self_attn(self.self_attn_layer_norm(hidden_states), position_bias, padding_bias, **kwargs)
+            normed = self.self_attn_layer_norm(hidden_states)
+            attended, _ = self.self_attn(normed, position_bias, padding_bias, **kwargs)
             hidden_states = hidden_states + F.dropout(attended, p=self.dropout, training=self.training)
             return hidden_states + self.feed_forward(self.final_layer_norm(hidden_states))
 
@@ -272,7 +280,7 @@ class BEATsEncoder(nn.Module):
         for layer in self.layers:
             if config.layer_wise_gradient_decay_ratio != 1.0 and hidden_states.requires_grad:
                 hidden_states = _ScaleGradient.apply(hidden_states, config.layer_wise_gradient_decay_ratio)
-            if self.training and torch.rand(()).item() < config.encoder_layerdrop:
+            if self.training and config.encoder_layerdrop > 0 and torch.rand(()).item() < config.encoder_layerdrop:
                 continue  # LayerDrop
             hidden_states = layer(hidden_states, position_bias, padding_bias, **kwargs)
 
@@ -298,10 +306,27 @@ class BEATsPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """The official initialisation: N(0, 0.02) encoder linears and tables, DeepNorm-scaled Xavier projections,
-        a weight-normalised N(0, sqrt(4 / (k * C))) positional convolution."""
+        """The official initialisation: N(0, 0.02) linears and tables (Xavier with DeepNorm gains for the attention
+        and feed-forward projections), a weight-normalised N(0, sqrt(4 / (k * C))) positional convolution.
+
+        Written per parameter-owning module: transformers does not call `_init_weights` on parameter-less modules of
+        remote code.
+        """
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+        if isinstance(module, nn.Linear):
+            gain = getattr(module, "deep_norm_gain", None)
+            if gain is None:
+                init.normal_(module.weight, mean=0.0, std=std)
+            else:
+                init.xavier_normal_(module.weight, gain=gain)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv1d):  # the weight-normalised positional convolution
+            weight_g, weight_v = module.parametrizations.weight.original0, module.parametrizations.weight.original1
+            init.normal_(weight_v, mean=0.0, std=math.sqrt(4.0 / (module.kernel_size[0] * module.in_channels)))
+            init.copy_(weight_g, torch.linalg.vector_norm(weight_v, dim=(0, 1), keepdim=True))
+            init.zeros_(module.bias)
+        elif isinstance(module, (nn.Conv2d, nn.Embedding)):
             init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
@@ -310,23 +335,6 @@ class BEATsPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, BEATsAttention) and self.config.gru_rel_pos:
             init.ones_(module.grep_a)
-        elif isinstance(module, BEATsEncoderLayer) and self.config.deep_norm:
-            beta = (8 * self.config.encoder_layers) ** -0.25
-            for linear, gain in (
-                (module.self_attn.q_proj, 1.0),
-                (module.self_attn.k_proj, 1.0),
-                (module.self_attn.v_proj, beta),
-                (module.self_attn.out_proj, beta),
-                (module.fc1, beta),
-                (module.fc2, beta),
-            ):
-                init.xavier_normal_(linear.weight, gain=gain)
-        elif isinstance(module, BEATsPositionalConvEmbedding):
-            conv = module[0]
-            weight_v = conv.parametrizations.weight.original1
-            init.normal_(weight_v, mean=0.0, std=math.sqrt(4.0 / (conv.kernel_size[0] * conv.in_channels)))
-            init.copy_(conv.parametrizations.weight.original0, torch.linalg.vector_norm(weight_v, dim=(0, 1), keepdim=True))
-            init.zeros_(conv.bias)
 
 
 class BEATsModel(BEATsPreTrainedModel):
@@ -377,7 +385,9 @@ class BEATsModel(BEATsPreTrainedModel):
             positional convolution and never attended to.
         """
         if input_values.ndim != 3:
-            raise ValueError(f"`input_values` must be [batch, frames, mel_bins], got shape {tuple(input_values.shape)}.")
+            raise ValueError(
+                f"`input_values` must be [batch, frames, mel_bins], got shape {tuple(input_values.shape)}."
+            )
         patch = self.config.input_patch_size
         if input_values.shape[1] < patch or input_values.shape[2] < patch:
             raise ValueError(
@@ -459,7 +469,9 @@ def beats_config_from_official(cfg: dict) -> BEATsConfig:
     return BEATsConfig(**{name: cfg.get(name, default) for name, default in BEATS_OFFICIAL_CFG_DEFAULTS.items()})
 
 
-def beats_state_dict_from_official(state_dict: dict[str, torch.Tensor], config: BEATsConfig) -> dict[str, torch.Tensor]:
+def beats_state_dict_from_official(
+    state_dict: dict[str, torch.Tensor], config: BEATsConfig
+) -> dict[str, torch.Tensor]:
     """Official BEATs state dict -> `BEATsModel` state dict (same keys, see the module docstring for the two
     differences). Drops only `BEATS_HEAD_KEYS`; raises ValueError when a shared relative position table differs
     between layers."""

@@ -4,8 +4,10 @@ The experts class lives in this file on purpose: transformers only honours `@use
 decorator appears in the same module as the model class.
 """
 
+import copy
 import re
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -373,20 +375,36 @@ class UniMoEDecoderLayer(GradientCheckpointingLayer):
 
 
 @dataclass
+class UniMoEModelOutputWithPast(MoeModelOutputWithPast):
+    r"""
+    multimodal_router_logits (`list[tuple[torch.FloatTensor, int]]`, *optional*):
+        `(router logits [tokens, experts], top_k)` of each CuMo MoE block (vision projector, CLIP MLPs) that ran,
+        when router logits are requested.
+    """
+
+    multimodal_router_logits: list | None = None
+
+
+@dataclass
 class UniMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor`, *optional*):
-        `ce_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` (when labels are given).
+        `ce_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` (when labels are given), plus
+        `mm_router_aux_loss_coef * multimodal_aux_loss + mm_router_z_loss_coef * multimodal_z_loss` with CuMo blocks.
     ce_loss (`torch.FloatTensor`, *optional*):
         The language-modelling cross-entropy alone.
     aux_loss (`torch.FloatTensor`, *optional*):
         The unweighted load-balancing loss (only with `output_router_logits=True`).
     z_loss (`torch.FloatTensor`, *optional*):
         The unweighted router z-loss (only with `output_router_logits=True`).
+    multimodal_aux_loss / multimodal_z_loss (`torch.FloatTensor`, *optional*):
+        The same two losses for the CuMo MoE blocks in the vision projector and CLIP, averaged over blocks.
     """
 
     ce_loss: torch.FloatTensor | None = None
     z_loss: torch.FloatTensor | None = None
+    multimodal_aux_loss: torch.FloatTensor | None = None
+    multimodal_z_loss: torch.FloatTensor | None = None
 
 
 def _token_mask(attention_mask: torch.Tensor | None, num_rows: int) -> torch.Tensor | None:
@@ -450,6 +468,34 @@ class UniMoEVisionProjector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(features)))
+
+
+class MultimodalSparseMoE(nn.Module):
+    """CuMo's sparse MoE over copies of a dense MLP (the vision projector or a CLIP MLP): a softmax router
+    (`gate`), top-k experts, renormalised weights. Experts are upcycled from the MLP they replace."""
+
+    def __init__(self, experts: list[nn.Module], in_features: int, top_k: int):
+        super().__init__()
+        self.gate = nn.Linear(in_features, len(experts), bias=False)
+        self.experts = nn.ModuleList(experts)
+        self.top_k = top_k
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        leading = hidden_states.shape[:-1]
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, in]
+        probs = F.softmax(self.gate(flat), dim=-1, dtype=torch.float32)  # [T, E]
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(flat.dtype)
+        output = None
+        for expert_index, expert in enumerate(self.experts):
+            tokens, slots = torch.where(chosen == expert_index)
+            if tokens.numel() == 0:
+                continue
+            expert_out = expert(flat[tokens]) * weights[tokens, slots, None]
+            if output is None:
+                output = flat.new_zeros(flat.shape[0], expert_out.shape[-1])
+            output.index_add_(0, tokens, expert_out)
+        return output.view(*leading, -1)
 
 
 class SpeechQueryAligner(nn.Module):
@@ -630,7 +676,17 @@ class UniMoEModel(UniMoEPreTrainedModel):
         super().__init__(config)
         if config.vision_config is not None:
             self.vision_tower = AutoModel.from_config(config.vision_config)
-            self.multi_modal_projector = UniMoEVisionProjector(config)
+            for index in config.vision_moe_layers:  # CuMo: sparse MoE MLPs inside CLIP
+                layer = self.vision_tower.encoder.layers[index]
+                experts = [copy.deepcopy(layer.mlp) for _ in range(config.vision_num_experts)]
+                layer.mlp = MultimodalSparseMoE(experts, config.vision_config.hidden_size, config.vision_num_experts_per_tok)
+            if config.projector_num_experts > 1:  # CuMo: sparse MoE projector
+                experts = [UniMoEVisionProjector(config) for _ in range(config.projector_num_experts)]
+                self.multi_modal_projector = MultimodalSparseMoE(
+                    experts, config.vision_config.hidden_size, config.projector_num_experts_per_tok
+                )
+            else:
+                self.multi_modal_projector = UniMoEVisionProjector(config)
         if "whisper" in config.audio_towers:
             self.speech_tower = WhisperEncoder._from_config(config.speech_config)
             self.speech_aligner = SpeechQueryAligner(config)
@@ -719,11 +775,42 @@ class UniMoEModel(UniMoEPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> MoeModelOutputWithPast:
+    ) -> "UniMoEModelOutputWithPast":
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        output_router_logits = kwargs.get("output_router_logits", self.config.text_config.output_router_logits)
+        with self._record_multimodal_router_logits(output_router_logits) as multimodal_router_logits:
+            inputs_embeds = self._merge_media(
+                input_ids, inputs_embeds, pixel_values, pixel_values_videos, input_features, input_values, input_values_mask
+            )
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return UniMoEModelOutputWithPast(**outputs, multimodal_router_logits=multimodal_router_logits or None)
+
+    @contextmanager
+    def _record_multimodal_router_logits(self, enabled: bool):
+        """Collect `(router logits, top_k)` of the CuMo MoE blocks run inside the block (nothing when disabled)."""
+        records = []
+        blocks = [module for module in self.modules() if isinstance(module, MultimodalSparseMoE)] if enabled else []
+        handles = [
+            block.gate.register_forward_hook(lambda _, __, logits, k=block.top_k: records.append((logits, k)))
+            for block in blocks
+        ]
+        try:
+            yield records
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _merge_media(self, input_ids, inputs_embeds, pixel_values, pixel_values_videos, input_features, input_values, input_values_mask):
         config = self.config
         if pixel_values is not None:
             features = self.get_image_features(pixel_values).pooler_output
@@ -734,14 +821,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
         if input_features is not None or input_values is not None:
             features = self.get_audio_features(input_features, input_values, input_values_mask).pooler_output
             inputs_embeds = self._scatter(input_ids, inputs_embeds, features, config.audio_token_id, "audio")
-        return self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            **kwargs,
-        )
+        return inputs_embeds
 
 
 class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
@@ -806,7 +886,7 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
 
-        ce_loss = aux_loss = z_loss = loss = None
+        ce_loss = aux_loss = z_loss = mm_aux_loss = mm_z_loss = loss = None
         if labels is not None:
             ce_loss = self.loss_function(logits, labels, text_config.vocab_size, **kwargs)
             loss = ce_loss
@@ -816,12 +896,21 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
             if loss is not None:
                 loss = loss + text_config.router_aux_loss_coef * aux_loss.to(loss.device)
                 loss = loss + text_config.router_z_loss_coef * z_loss.to(loss.device)
+        if output_router_logits and outputs.multimodal_router_logits:
+            records = outputs.multimodal_router_logits
+            mm_aux_loss = torch.stack([router_balance_loss((logits,), k) for logits, k in records]).mean()
+            mm_z_loss = torch.stack([router_z_loss((logits,)) for logits, _ in records]).mean()
+            if loss is not None:
+                loss = loss + self.config.mm_router_aux_loss_coef * mm_aux_loss.to(loss.device)
+                loss = loss + self.config.mm_router_z_loss_coef * mm_z_loss.to(loss.device)
 
         return UniMoECausalLMOutputWithPast(
             loss=loss,
             ce_loss=ce_loss,
             aux_loss=aux_loss,
             z_loss=z_loss,
+            multimodal_aux_loss=mm_aux_loss,
+            multimodal_z_loss=mm_z_loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
@@ -881,10 +970,12 @@ UniMoEModel.register_for_auto_class("AutoModel")
 UniMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "MultimodalSparseMoE",
     "UniMoECausalLMOutputWithPast",
     "UniMoEExperts",
     "UniMoEForCausalLM",
     "UniMoEModel",
+    "UniMoEModelOutputWithPast",
     "UniMoEPreTrainedModel",
     "SpeechQueryAligner",
     "UniMoESparseMoeBlock",

@@ -107,3 +107,33 @@ def test_paper_presets_moe_fields():
     assert (speech.num_experts, speech.num_experts_per_tok, len(speech.sparse_layer_indices)) == (4, 2, 32)
     assert audio.sparse_layer_indices == list(range(0, 32, 2))
     assert (eight.num_experts, eight.num_experts_per_tok, eight.router_aux_loss_coef) == (8, 2, 0.01)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(audio_towers=["beats"]), "audio_towers"),  # no audio_config
+        (dict(audio_towers=["whisper", "whisper"]), "audio_towers"),
+        (dict(audio_towers=["wav2vec"]), "audio_towers"),
+        (dict(video_pooling="max"), "video_pooling"),
+        (dict(num_query_tokens=0), "num_query_tokens"),
+        (dict(max_audio_windows=0), "max_audio_windows"),
+        (dict(speech_aligner_layers=9), "speech_aligner_layers"),
+        (dict(vision_feature_layer=-7), "vision_feature_layer"),
+        (dict(image_token_id=None), "image_token_id"),
+        (dict(audio_token_id=600), "audio_token_id"),
+        (dict(projector_num_experts=0), "projector_num_experts"),
+        (dict(projector_num_experts=2, projector_num_experts_per_tok=3), "projector_num_experts_per_tok"),
+        (dict(vision_moe_layers=[2]), "vision_moe_layers"),
+        (dict(vision_moe_layers=[0], vision_num_experts=2, vision_num_experts_per_tok=3), "vision_num_experts_per_tok"),
+    ],
+)
+def test_invalid_multimodal_values_name_field_and_value(overrides, field):
+    data = load_preset("tiny").to_dict() | overrides
+    with pytest.raises(ValueError, match=rf"`{field}`="):
+        UniMoEConfig.from_dict(data)
+
+
+def test_audio_towers_default_to_the_configured_towers():
+    assert load_preset("tiny").audio_towers == ["whisper"]
+    assert load_preset("tiny", text_only=True).audio_towers == []

@@ -172,6 +172,21 @@ def test_eager_and_sdpa_agree_and_hidden_states(tiny_model):
     assert eager.attentions[0][0, :, :, 15:].max() == 0  # padded keys get no attention
 
 
+def test_initialisation_follows_the_official_scheme():
+    torch.manual_seed(0)
+    model = BEATsModel(tiny_config(encoder_embed_dim=256, encoder_ffn_embed_dim=512))
+    conv = model.encoder.pos_conv[0]
+    weight_g, weight_v = conv.parametrizations.weight.original0, conv.parametrizations.weight.original1
+    assert abs(weight_v.std().item() / (4 / (8 * 256)) ** 0.5 - 1) < 0.05
+    torch.testing.assert_close(weight_g, weight_v.pow(2).sum(dim=(0, 1), keepdim=True).sqrt())
+    beta = (8 * 2) ** -0.25  # DeepNorm: Xavier-normal with gain beta for v, out, fc1, fc2; gain 1 for q, k
+    fc1, q_proj = model.encoder.layers[1].fc1.weight, model.encoder.layers[1].self_attn.q_proj.weight
+    assert abs(fc1.std().item() / (beta * (2 / (256 + 512)) ** 0.5) - 1) < 0.05
+    assert abs(q_proj.std().item() / (2 / 512) ** 0.5 - 1) < 0.05
+    assert abs(model.encoder.layers[0].self_attn.relative_attention_bias.weight.std().item() / 0.02 - 1) < 0.3
+    assert (model.encoder.layers[0].self_attn.grep_a == 1).all()
+
+
 def test_gradients_reach_every_parameter(tiny_model):
     tiny_model.train()
     tiny_model(torch.randn(2, 48, 128)).last_hidden_state.pow(2).mean().backward()
@@ -201,10 +216,12 @@ def test_save_pretrained_roundtrip_and_official_weight_norm_names(tiny_model, tm
     reloaded = BEATsModel.from_pretrained(tmp_path).eval()
     # transformers maps the official weight-norm names onto torch's parametrization when it loads
     weights = load_file(tmp_path / "model.safetensors")
-    renamed = {
-        key.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1", "weight_v"): value
-        for key, value in weights.items()
-    }
+    official_names = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
+    renamed = {}
+    for key, value in weights.items():
+        for ours, official in official_names.items():
+            key = key.replace(ours, official)
+        renamed[key] = value
     assert "encoder.pos_conv.0.weight_g" in renamed
     save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
     from_official_names, info = BEATsModel.from_pretrained(tmp_path, output_loading_info=True)

@@ -95,3 +95,30 @@ def test_upcycled_smollm2_keeps_its_answer(smollm2):
     assert sum(p.numel() for p in moe.parameters()) > 3 * sum(p.numel() for p in dense.model.layers.parameters())
     got = moe.generate(**inputs, **kwargs)
     assert torch.equal(got, expected), (tokenizer.decode(got[0]), tokenizer.decode(expected[0]))
+
+
+def test_cumo_coupcycling_keeps_the_function_and_adds_balance_losses():
+    from trl_scripts.upcycling import upcycle_multimodal_experts
+    from conftest import make_tiny_model
+
+    dense = make_tiny_model(text_only=False)
+    moe = upcycle_multimodal_experts(
+        dense, projector_num_experts=4, projector_num_experts_per_tok=2, vision_moe_layers=[0, 1], vision_num_experts=3
+    )
+    assert type(moe.model.multi_modal_projector).__name__ == "MultimodalSparseMoE"
+    assert len(moe.model.vision_tower.encoder.layers[1].mlp.experts) == 3
+    pixels = torch.randn(2, 3, 28, 28)
+    ids = torch.tensor([[1] + [3] * 16 + [9, 10], [1] + [3] * 16 + [11, 12]])
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids, pixel_values=pixels).logits, dense(ids, pixel_values=pixels).logits, atol=1e-5, rtol=0)
+    out = moe(ids, pixel_values=pixels, labels=ids, output_router_logits=True)
+    assert out.multimodal_aux_loss is not None and out.multimodal_aux_loss >= 1.0 - 1e-4
+    config = moe.config
+    expected = (
+        out.ce_loss + config.text_config.router_aux_loss_coef * out.aux_loss + config.text_config.router_z_loss_coef * out.z_loss
+        + config.mm_router_aux_loss_coef * out.multimodal_aux_loss + config.mm_router_z_loss_coef * out.multimodal_z_loss
+    )
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    assert moe.model.multi_modal_projector.gate.weight.grad.abs().sum() > 0  # routers learn from the balance loss
+    assert moe(ids, pixel_values=pixels, labels=ids).multimodal_aux_loss is None

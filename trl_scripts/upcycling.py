@@ -138,6 +138,47 @@ def upcycle_llama(
     return model.eval()
 
 
+def upcycle_multimodal_experts(
+    model: UniMoEForCausalLM,
+    *,
+    projector_num_experts: int = 1,
+    projector_num_experts_per_tok: int = 2,
+    vision_moe_layers: list[int] = (),
+    vision_num_experts: int = 4,
+    vision_num_experts_per_tok: int = 2,
+) -> UniMoEForCausalLM:
+    """CuMo co-upcycling: the trained vision projector and/or chosen CLIP MLPs become sparse MoE blocks whose
+    experts all start as copies of the dense MLP (routers freshly initialised). The result computes the same
+    function as `model` until the experts diverge in training."""
+    config_dict = model.config.to_dict()
+    if config_dict.get("projector_num_experts", 1) > 1 or config_dict.get("vision_moe_layers"):
+        raise ValueError("the model's vision side is already a mixture of experts")
+    config_dict.update(
+        projector_num_experts=projector_num_experts,
+        projector_num_experts_per_tok=projector_num_experts_per_tok,
+        vision_moe_layers=list(vision_moe_layers),
+        vision_num_experts=vision_num_experts,
+        vision_num_experts_per_tok=vision_num_experts_per_tok,
+    )
+    config = UniMoEConfig.from_dict(config_dict)
+    moe = UniMoEForCausalLM(config).to(model.dtype)
+    dense_state = model.state_dict()
+    sparse_mlps = ["model.multi_modal_projector."] if projector_num_experts > 1 else []
+    sparse_mlps += [f"model.vision_tower.encoder.layers.{i}.mlp." for i in vision_moe_layers]
+    state = {}
+    for key, value in moe.state_dict().items():
+        prefix = next((p for p in sparse_mlps if key.startswith(p)), None)
+        if prefix is None:
+            state[key] = dense_state[key]
+        elif key.startswith(prefix + "gate."):
+            state[key] = value  # router: fresh init
+        else:  # prefix + "experts.{e}." + dense name
+            dense_name = key[len(prefix) :].split(".", 2)[2]
+            state[key] = dense_state[prefix + dense_name]
+    moe.load_state_dict(state, strict=True)
+    return moe.eval()
+
+
 @dataclass
 class UpcycleArguments:
     dense: str = field(metadata={"help": "Path to a dense LLaMA-architecture causal LM (HF format)."})
