@@ -6,8 +6,10 @@ not need this package; installing it registers the classes for users who do.
 
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoProcessor
 
+from .configuration_beats import BEATsConfig
 from .configuration_unimoe import UniMoEConfig, UniMoETextConfig
 from .feature_extraction_unimoe import UniMoEFeatureExtractor
+from .modeling_beats import BEATsModel, load_beats_checkpoint
 from .modeling_unimoe import (
     UniMoECausalLMOutputWithPast,
     UniMoEExperts,
@@ -23,8 +25,10 @@ from .modeling_unimoe import (
 from .processing_unimoe import UniMoEProcessor
 
 
+AutoConfig.register(BEATsConfig.model_type, BEATsConfig, exist_ok=True)
 AutoConfig.register(UniMoEConfig.model_type, UniMoEConfig, exist_ok=True)
 AutoConfig.register(UniMoETextConfig.model_type, UniMoETextConfig, exist_ok=True)
+AutoModel.register(BEATsConfig, BEATsModel, exist_ok=True)
 AutoModel.register(UniMoEConfig, UniMoEModel, exist_ok=True)
 AutoModel.register(UniMoETextConfig, UniMoETextModel, exist_ok=True)
 AutoModelForCausalLM.register(UniMoEConfig, UniMoEForCausalLM, exist_ok=True)
@@ -32,6 +36,8 @@ AutoFeatureExtractor.register(UniMoEConfig, UniMoEFeatureExtractor, exist_ok=Tru
 AutoProcessor.register(UniMoEConfig, UniMoEProcessor, exist_ok=True)
 
 __all__ = [
+    "BEATsConfig",
+    "BEATsModel",
     "UniMoECausalLMOutputWithPast",
     "UniMoEConfig",
     "UniMoEExperts",
@@ -44,6 +50,7 @@ __all__ = [
     "UniMoETextConfig",
     "UniMoETextModel",
     "UniMoETopKRouter",
+    "load_beats_checkpoint",
     "router_balance_loss",
     "router_z_loss",
 ]

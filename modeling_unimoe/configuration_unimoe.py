@@ -5,6 +5,8 @@ from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.modeling_rope_utils import RopeParameters
 
+from .configuration_beats import BEATsConfig
+
 
 ROUTER_TYPES = ("topk_softmax", "softmax_topk")
 MOE_LAYER_PATTERNS = ("all", "even", "odd")
@@ -167,6 +169,9 @@ class UniMoEConfig(PreTrainedConfig):
     vision_config (`CLIPVisionConfig`, *optional*): image and video-frame tower (CLIP ViT-L/14-336 in the paper).
     speech_config (`WhisperConfig`, *optional*): speech tower (the Whisper encoder) and the speech aligner, made of
         `speech_aligner_layers` Whisper decoder layers over `num_query_tokens` learned queries.
+    audio_config ([`BEATsConfig`], *optional*): sound tower (BEATs iter3+), read by a Q-Former aligner.
+    audio_qformer_config (`Blip2QFormerConfig`, *optional*): that Q-Former (defaults to the original's: 12 layers,
+        width 768, cross-attention every second layer, reading the BEATs width).
     image_token_id / video_token_id / audio_token_id (`int`, *optional*): the placeholder token ids that the
         processor expands to the exact number of soft tokens, which are replaced by the projected features.
     vision_feature_layer (`int`, defaults to -2): CLIP hidden state used (patch tokens only; CLS dropped).
@@ -193,11 +198,15 @@ class UniMoEConfig(PreTrainedConfig):
         "text_config": SubConfigSpec(config_class=UniMoETextConfig),
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model", optional=True),
         "speech_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper", optional=True),
+        "audio_config": SubConfigSpec(config_class=BEATsConfig, optional=True),
+        "audio_qformer_config": SubConfigSpec(config_class=AutoConfig, model_type="blip_2_qformer", optional=True),
     }
 
     text_config: dict | UniMoETextConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None
     speech_config: dict | PreTrainedConfig | None = None
+    audio_config: dict | BEATsConfig | None = None
+    audio_qformer_config: dict | PreTrainedConfig | None = None
     image_token_id: int | None = None
     video_token_id: int | None = None
     audio_token_id: int | None = None
@@ -218,10 +227,16 @@ class UniMoEConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if self.audio_config is not None and self.audio_qformer_config is None:
+            beats_width = self.audio_config["encoder_embed_dim"] if isinstance(self.audio_config, dict) else self.audio_config.encoder_embed_dim
+            self.audio_qformer_config = {
+                "model_type": "blip_2_qformer", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                "intermediate_size": 3072, "cross_attention_frequency": 2, "encoder_hidden_size": beats_width,
+            }
         super().__post_init__(**kwargs)
         # Tying is a property of the language model: follow the text config (as LLaVA does).
         self.tie_word_embeddings = self.text_config.tie_word_embeddings
-        present = {"whisper": self.speech_config, "beats": getattr(self, "audio_config", None)}
+        present = {"whisper": self.speech_config, "beats": self.audio_config}
         if self.audio_towers is None:
             self.audio_towers = [name for name in AUDIO_TOWERS if present[name] is not None]
         self.vision_moe_layers = sorted(self.vision_moe_layers or [])
@@ -280,4 +295,4 @@ class UniMoEConfig(PreTrainedConfig):
 
 UniMoEConfig.register_for_auto_class()
 
-__all__ = ["UniMoEConfig", "UniMoETextConfig"]
+__all__ = ["BEATsConfig", "UniMoEConfig", "UniMoETextConfig"]

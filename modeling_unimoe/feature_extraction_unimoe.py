@@ -9,7 +9,7 @@ from transformers import WhisperFeatureExtractor
 from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
 
-from .feature_extraction_beats import beats_fbank, beats_num_frames
+from .feature_extraction_beats import beats_fbank, beats_frame_padding_mask, beats_num_frames
 
 
 logger = logging.getLogger(__name__)
@@ -116,10 +116,10 @@ class UniMoEFeatureExtractor(SequenceFeatureExtractor):
             frames = beats_num_frames(self.window_samples)
             padded = [np.pad(w, (0, self.window_samples - len(w)), mode="edge") for w in windows]
             features["input_values"] = torch.stack([beats_fbank(w, self.sampling_rate) for w in padded]).numpy()
-            mask = np.zeros((len(windows), frames), dtype=np.int64)
-            for row, num_samples in enumerate(valid):
-                mask[row, : beats_num_frames(max(num_samples, 400))] = 1
-            features["input_values_mask"] = mask
+            # the original's rule: a sample-level padding mask reduced to frames (`beats_frame_padding_mask`)
+            sample_padding = np.arange(self.window_samples)[None, :] >= np.asarray(valid)[:, None]
+            frame_padding = beats_frame_padding_mask(sample_padding, frames).numpy()
+            features["input_values_mask"] = (~frame_padding).astype(np.int64)  # 1 = real frame
         return BatchFeature(features, tensor_type=return_tensors)
 
 

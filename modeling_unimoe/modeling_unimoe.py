@@ -24,6 +24,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.models.auto import AutoModel
+from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel
 from transformers.models.whisper.modeling_whisper import WhisperDecoderLayer, WhisperEncoder
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -33,6 +34,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_unimoe import UniMoEConfig, UniMoETextConfig
+from .modeling_beats import BEATsModel
 
 
 class UniMoERMSNorm(nn.Module):
@@ -535,6 +537,25 @@ class SpeechQueryAligner(nn.Module):
         self.load_state_dict({**own, **wanted}, strict=True)
 
 
+class AudioQFormerAligner(nn.Module):
+    """Uni-MoE's audio connector: a BLIP-2 Q-Former whose learned queries cross-attend to one window's BEATs
+    features, then a Linear to the LLM width: `num_query_tokens` soft tokens per 30 s window."""
+
+    def __init__(self, config: UniMoEConfig):
+        super().__init__()
+        qformer_config = config.audio_qformer_config
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
+        self.qformer = Blip2QFormerModel(qformer_config)
+        self.projector = nn.Linear(qformer_config.hidden_size, config.text_config.hidden_size)
+
+    def forward(self, features: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # features [N windows, patches, d_beats], padding_mask [N, patches] (True = padding) -> [N, Q, D]
+        queries = self.query_tokens.expand(features.shape[0], -1, -1)
+        attend = None if padding_mask is None else (~padding_mask).long()
+        hidden = self.qformer(query_embeds=queries, encoder_hidden_states=features, encoder_attention_mask=attend)
+        return self.projector(hidden.last_hidden_state.to(self.projector.weight.dtype))
+
+
 class UniMoEPreTrainedModel(PreTrainedModel):
     config: UniMoEConfig
     base_model_prefix = "model"
@@ -561,7 +582,7 @@ class UniMoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, UniMoETopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, SpeechQueryAligner):
+        elif isinstance(module, (SpeechQueryAligner, AudioQFormerAligner)):
             init.normal_(module.query_tokens, mean=0.0, std=std)
 
     def num_active_parameters(self) -> int:
@@ -690,6 +711,9 @@ class UniMoEModel(UniMoEPreTrainedModel):
         if "whisper" in config.audio_towers:
             self.speech_tower = WhisperEncoder._from_config(config.speech_config)
             self.speech_aligner = SpeechQueryAligner(config)
+        if "beats" in config.audio_towers:
+            self.audio_tower = BEATsModel._from_config(config.audio_config)
+            self.audio_aligner = AudioQFormerAligner(config)
         self.language_model = UniMoETextModel._from_config(config.text_config)
         self.post_init()
 
@@ -727,6 +751,17 @@ class UniMoEModel(UniMoEPreTrainedModel):
         encoder_states = self.speech_tower(input_features, return_dict=True).last_hidden_state
         return BaseModelOutputWithPooling(last_hidden_state=encoder_states, pooler_output=self.speech_aligner(encoder_states))
 
+    def get_sound_features(
+        self, input_values: torch.FloatTensor, input_values_mask: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """input_values [N windows, 2998, 128] (BEATs fbank), input_values_mask [N, 2998] (1 = real frame) ->
+        `last_hidden_state`: BEATs features [N, patches, d]; `pooler_output`: Q-Former query tokens [N, Q, D]."""
+        self._require("audio_tower", "sound")
+        padding_mask = None if input_values_mask is None else ~input_values_mask.bool()
+        tower_output = self.audio_tower(input_values, padding_mask=padding_mask, return_dict=True)
+        features, patch_padding = tower_output.last_hidden_state, tower_output.padding_mask
+        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=self.audio_aligner(features, patch_padding))
+
     def get_audio_features(
         self,
         input_features: torch.FloatTensor | None = None,
@@ -742,6 +777,10 @@ class UniMoEModel(UniMoEPreTrainedModel):
                 if input_features is None:
                     raise ValueError("audio_towers includes 'whisper' but no `input_features` (Whisper log-mel) were given")
                 per_tower.append(self.get_speech_features(input_features).pooler_output)
+            else:
+                if input_values is None:
+                    raise ValueError("audio_towers includes 'beats' but no `input_values` (BEATs fbank) were given")
+                per_tower.append(self.get_sound_features(input_values, input_values_mask).pooler_output)
         tokens = torch.cat(per_tower, dim=1)
         return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=tokens)
 
@@ -970,6 +1009,7 @@ UniMoEModel.register_for_auto_class("AutoModel")
 UniMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "AudioQFormerAligner",
     "MultimodalSparseMoE",
     "UniMoECausalLMOutputWithPast",
     "UniMoEExperts",

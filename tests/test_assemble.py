@@ -3,8 +3,13 @@
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperModel
 
+from pathlib import Path
+
 from trl_scripts.assemble import assemble_unimoe
 from media import tone
+
+
+BEATS_OFFICIAL = Path(__file__).parent / "fixtures" / "beats_tiny_official.pt"
 
 
 def build_pieces(tmp_path, tokenizer):
@@ -34,7 +39,8 @@ def test_assembled_pieces_match_their_sources(tmp_path, smollm2):
     _, tokenizer = smollm2
     llama, clip, whisper = build_pieces(tmp_path, tokenizer)
     model, processor = assemble_unimoe(
-        tmp_path / "llama", clip=tmp_path / "clip", whisper=tmp_path / "whisper", num_experts=4, num_query_tokens=6
+        tmp_path / "llama", clip=tmp_path / "clip", whisper=tmp_path / "whisper", beats=BEATS_OFFICIAL,
+        num_experts=4, num_query_tokens=6,
     )
     config = model.config
     assert processor.tokenizer.image_token == "<image>" and config.image_token_id == processor.tokenizer.image_token_id
@@ -50,6 +56,12 @@ def test_assembled_pieces_match_their_sources(tmp_path, smollm2):
         torch.testing.assert_close(
             model.model.get_speech_features(mel).last_hidden_state, whisper.encoder(mel).last_hidden_state
         )
+        # BEATs inside our model reproduces the official implementation's output (recorded in the fixture)
+        official = torch.load(BEATS_OFFICIAL, weights_only=True)
+        sound = model.model.audio_tower(official["input_values"], padding_mask=official["padding_mask"])
+        torch.testing.assert_close(sound.last_hidden_state, official["output_padded"], atol=1e-5, rtol=0)
+        assert processor.feature_extractor.audio_towers == ["whisper", "beats"]
+
         aligner = model.model.speech_aligner
         for ours, theirs in zip(aligner.layers, whisper.decoder.layers):
             for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):

@@ -112,7 +112,7 @@ def test_paper_presets_moe_fields():
 @pytest.mark.parametrize(
     "overrides, field",
     [
-        (dict(audio_towers=["beats"]), "audio_towers"),  # no audio_config
+        (dict(audio_config=None, audio_qformer_config=None, audio_towers=["beats"]), "audio_towers"),  # no audio_config
         (dict(audio_towers=["whisper", "whisper"]), "audio_towers"),
         (dict(audio_towers=["wav2vec"]), "audio_towers"),
         (dict(video_pooling="max"), "video_pooling"),
@@ -135,5 +135,5 @@ def test_invalid_multimodal_values_name_field_and_value(overrides, field):
 
 
 def test_audio_towers_default_to_the_configured_towers():
-    assert load_preset("tiny").audio_towers == ["whisper"]
+    assert load_preset("tiny").audio_towers == ["whisper", "beats"]
     assert load_preset("tiny", text_only=True).audio_towers == []

@@ -10,7 +10,7 @@ from conftest import make_tiny_model, run_fresh_python
 from media import tone, write_audio, write_image, write_video
 
 
-TOWERS = ("vision_tower", "speech_tower")
+TOWERS = ("vision_tower", "speech_tower", "audio_tower")
 
 
 def count_tower_calls(model) -> dict:
@@ -65,7 +65,7 @@ def test_mixed_batch_matches_single_samples(tiny_multimodal_model, tiny_processo
     batch = tiny_processor(text=texts, images=[[image], [], []], audio=[[], [], [tone(2.0)]], padding=True)
     calls = count_tower_calls(tiny_multimodal_model)
     logits = tiny_multimodal_model(**batch).logits
-    assert calls == {"vision_tower": 1, "speech_tower": 1}  # one call per modality for the whole batch
+    assert calls == {"vision_tower": 1, "speech_tower": 1, "audio_tower": 1}  # once per modality for the whole batch
     singles = [
         tiny_processor(text=texts[0], images=[image]), tiny_processor(text=texts[1]), tiny_processor(text=texts[2], audio=[tone(2.0)])
     ]
@@ -81,8 +81,9 @@ def test_generate_encodes_media_once(tiny_multimodal_model, tiny_processor, tmp_
     calls = count_tower_calls(tiny_multimodal_model)
     out = tiny_multimodal_model.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 10
-    # image and video share the vision tower: one call each, at prefill only
-    assert calls == {"vision_tower": 2, "speech_tower": 1}
+    # image and video share the vision tower: one call each; the audio item goes through both audio towers; all at
+    # prefill only, none during the 9 decoding steps
+    assert calls == {"vision_tower": 2, "speech_tower": 1, "audio_tower": 1}
 
 
 def test_left_padded_mixed_batch_generates_like_single_prompts(tiny_multimodal_model, tiny_processor, tmp_path):

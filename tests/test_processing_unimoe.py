@@ -23,10 +23,12 @@ def test_placeholders_expand_to_the_soft_token_counts(tiny_processor, tmp_path):
     ids = inputs["input_ids"][0]
     assert (ids == processor.image_token_id).sum() == processor.image_seq_length == 16  # (28 / 7) ** 2
     assert (ids == processor.video_token_id).sum() == 16  # mean pooling: one image's worth
-    assert (ids == processor.audio_token_id).sum() == 2 * 4  # 2 windows x 4 query tokens x 1 tower
+    assert (ids == processor.audio_token_id).sum() == 2 * 4 * 2  # 2 windows x 4 query tokens x 2 towers
     assert inputs["pixel_values"].shape == (1, 3, 28, 28)
     assert inputs["pixel_values_videos"].shape == (1, processor.num_frames, 3, 28, 28)
-    assert inputs["input_features"].shape == (2, 80, 3000)
+    assert inputs["input_features"].shape == (2, 80, 3000)  # Whisper log-mel per window
+    assert inputs["input_values"].shape == (2, 2998, 128)  # BEATs fbank per window
+    assert inputs["input_values_mask"][1].sum() < 2998 == inputs["input_values_mask"][0].sum()  # 10 s of 30 real
 
 
 def test_video_tokens_without_pooling(tiny_processor):
@@ -83,7 +85,7 @@ def test_batch_padding_and_mixed_modalities(tiny_processor, tmp_path):
     )
     assert out["input_ids"].shape[0] == 3
     assert out["attention_mask"].sum(1).tolist() == [len(x) for x in tiny_processor.tokenizer(
-        ["<image>" * 16 + " colour?", "hello there", "<audio>" * 4 + " beeps?"])["input_ids"]]
+        ["<image>" * 16 + " colour?", "hello there", "<audio>" * 8 + " beeps?"])["input_ids"]]
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------

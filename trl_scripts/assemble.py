@@ -2,7 +2,7 @@
 the paper's model: a dense LLaMA-architecture LM (upcycled into the MoE decoder), a CLIP vision model, a Whisper
 model (its encoder is the speech tower, its decoder initialises the speech aligner) and an official BEATs `.pt`.
 
-    python -m trl_scripts.assemble --language_model PATH --clip PATH --whisper PATH --output_dir DIR
+    python -m trl_scripts.assemble --language_model PATH --clip PATH --whisper PATH --beats BEATs.pt --output_dir DIR
 """
 
 import logging
@@ -20,7 +20,7 @@ from transformers import (
     WhisperModel,
 )
 
-from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, UniMoEProcessor
+from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, UniMoEProcessor, load_beats_checkpoint
 
 from .presets import CHAT_TEMPLATE_PATH
 from .upcycling import upcycle_llama
@@ -93,13 +93,19 @@ def assemble_unimoe(
 
     vision = CLIPVisionModel.from_pretrained(clip) if clip is not None else None
     speech = WhisperModel.from_pretrained(whisper) if whisper is not None else None
+    sound = load_beats_checkpoint(beats) if beats is not None else None
+    audio_config = None
+    if sound is not None:
+        # the tower stays frozen in every Uni-MoE stage: BEATs' LayerDrop (0.05 in AS2M) would only add noise
+        audio_config = sound.config.to_dict() | {"encoder_layerdrop": 0.0}
     config = UniMoEConfig(
         text_config=lm.config.text_config.to_dict(),
         vision_config=vision.config.to_dict() if vision is not None else None,
         speech_config=speech.config.to_dict() if speech is not None else None,
+        audio_config=audio_config,
         image_token_id=tokenizer.image_token_id if vision is not None else None,
         video_token_id=tokenizer.video_token_id if vision is not None else None,
-        audio_token_id=tokenizer.audio_token_id if speech is not None else None,
+        audio_token_id=tokenizer.audio_token_id if speech is not None or sound is not None else None,
         vision_feature_layer=vision_feature_layer,
         video_pooling=video_pooling,
         num_query_tokens=num_query_tokens,
@@ -114,6 +120,8 @@ def assemble_unimoe(
         pieces["model.speech_tower."] = speech.encoder.state_dict()
         model.model.speech_aligner.load_whisper_decoder(speech.decoder.state_dict())
         pieces["model.speech_aligner."] = model.model.speech_aligner.state_dict()
+    if sound is not None:
+        pieces["model.audio_tower."] = sound.state_dict()
     for prefix, piece in pieces.items():
         unknown = [key for key in piece if prefix + key not in state]
         if unknown:
@@ -137,6 +145,7 @@ class AssembleArguments:
     output_dir: str = field(metadata={"help": "Where to save the model, processor and remote code."})
     clip: str | None = field(default=None, metadata={"help": "CLIP (vision) model folder."})
     whisper: str | None = field(default=None, metadata={"help": "Whisper model folder."})
+    beats: str | None = field(default=None, metadata={"help": "Official BEATs checkpoint (.pt with cfg and model)."})
     num_experts: int = 4
     num_experts_per_tok: int = 2
     moe_layers: str = "all"
@@ -150,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         args.language_model,
         clip=args.clip,
         whisper=args.whisper,
+        beats=args.beats,
         num_experts=args.num_experts,
         num_experts_per_tok=args.num_experts_per_tok,
         moe_layers=args.moe_layers,
