@@ -24,6 +24,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_moe_layer.py
 	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_processor.py
+	$(PY) benchmarks/bench_text_only_step.py
 
 clean:
 	rm -rf $(VENV) outputs

@@ -36,23 +36,43 @@ def _sample_indices(total: int, num_frames: int) -> list[int]:
     return [min(total - 1, math.floor((i + 0.5) * total / num_frames)) for i in range(num_frames)]
 
 
+def _decode_video_frames(path: str, num_frames: int, index: int) -> list[np.ndarray]:
+    """Decode every frame (inter-frame codecs need it) but convert to RGB only the `num_frames` sampled ones; the
+    frame count comes from the container, with a full second pass when the container's count was wrong."""
+    import av
+
+    def decode(wanted: set[int] | None) -> tuple[dict[int, np.ndarray], int]:
+        kept, count = {}, 0
+        with av.open(path) as container:
+            for count, frame in enumerate(container.decode(container.streams.video[0]), start=1):
+                if wanted is None or count - 1 in wanted:
+                    kept[count - 1] = frame.to_ndarray(format="rgb24")
+        return kept, count
+
+    try:
+        with av.open(path) as container:
+            declared = container.streams.video[0].frames
+        wanted = _sample_indices(declared, num_frames) if declared > 0 else None
+        kept, total = decode(set(wanted) if wanted else None)
+        if total > 0 and (wanted is None or total != declared):
+            wanted = _sample_indices(total, num_frames)
+            if not set(wanted) <= kept.keys():
+                kept, total = decode(set(wanted))
+    except (av.error.FFmpegError, IndexError, OSError) as error:
+        raise ValueError(f"video {index}: cannot decode video file {path!r} ({error})") from error
+    return [kept[i] for i in wanted] if total > 0 else []
+
+
 def load_video(video, num_frames: int, index: int) -> list[np.ndarray]:
     """`num_frames` RGB frames [H, W, 3] sampled uniformly from a video file (PyAV) or from given frames."""
     if isinstance(video, (str, os.PathLike)):
-        import av
-
-        try:
-            with av.open(str(video)) as container:
-                stream = container.streams.video[0]
-                frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-        except (av.error.FFmpegError, IndexError, OSError) as error:
-            raise ValueError(f"video {index}: cannot decode video file {str(video)!r} ({error})") from error
-        source = f"video file {str(video)!r}"
-    else:
-        frames = [np.asarray(frame.convert("RGB")) if isinstance(frame, Image.Image) else np.asarray(frame) for frame in video]
-        source = "the given frames"
-    if len(frames) == 0:
-        raise ValueError(f"video {index}: {source} has no frames")
+        frames = _decode_video_frames(str(video), num_frames, index)
+        if not frames:
+            raise ValueError(f"video {index}: video file {str(video)!r} has no frames")
+        return frames
+    frames = [np.asarray(frame.convert("RGB")) if isinstance(frame, Image.Image) else np.asarray(frame) for frame in video]
+    if not frames:
+        raise ValueError(f"video {index}: the given frames are empty (no frames)")
     return [frames[i] for i in _sample_indices(len(frames), num_frames)]
 
 

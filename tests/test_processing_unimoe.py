@@ -162,7 +162,7 @@ def test_short_video_repeats_frames_and_empty_video_fails(tiny_processor, tmp_pa
     frames = out["pixel_values_videos"][0]
     assert frames.shape[0] == tiny_processor.num_frames
     assert torch.equal(frames[0], frames[1])  # 2 frames spread over 4 slots
-    with pytest.raises(ValueError, match="video 0: the given frames has no frames"):
+    with pytest.raises(ValueError, match="video 0: the given frames are empty"):
         tiny_processor(text="<video>", videos=[[]])
 
 
