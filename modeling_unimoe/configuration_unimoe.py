@@ -262,6 +262,8 @@ class UniMoEConfig(PreTrainedConfig):
             bad("num_query_tokens", self.num_query_tokens, "at least 1")
         if self.max_audio_windows < 1:
             bad("max_audio_windows", self.max_audio_windows, "at least 1")
+        if self.speech_config is not None and self.num_query_tokens > self.speech_config.max_target_positions:
+            bad("num_query_tokens", self.num_query_tokens, f"at most the speech aligner's {self.speech_config.max_target_positions} positions")
         if self.speech_config is not None and not 1 <= self.speech_aligner_layers <= self.speech_config.decoder_layers:
             bad("speech_aligner_layers", self.speech_aligner_layers, f"between 1 and {self.speech_config.decoder_layers}")
         if self.vision_config is not None:
@@ -275,9 +277,10 @@ class UniMoEConfig(PreTrainedConfig):
         if self.vision_moe_layers:
             if self.vision_config is None:
                 bad("vision_moe_layers", self.vision_moe_layers, "no layers: there is no vision tower")
-            depth = self.vision_config.num_hidden_layers
-            if any(not 0 <= i < depth for i in self.vision_moe_layers) or len(set(self.vision_moe_layers)) != len(self.vision_moe_layers):
-                bad("vision_moe_layers", self.vision_moe_layers, f"distinct CLIP layer indices in [0, {depth - 1}]")
+            # hidden_states[j] is the output of CLIP layer j - 1: layers past the feature layer never reach the LLM
+            used = self.vision_feature_layer % (self.vision_config.num_hidden_layers + 1)
+            if any(not 0 <= i < used for i in self.vision_moe_layers) or len(set(self.vision_moe_layers)) != len(self.vision_moe_layers):
+                bad("vision_moe_layers", self.vision_moe_layers, f"distinct CLIP layer indices in [0, {used - 1}] (the layers feeding vision_feature_layer={self.vision_feature_layer})")
             if not 1 <= self.vision_num_experts_per_tok <= self.vision_num_experts:
                 bad("vision_num_experts_per_tok", self.vision_num_experts_per_tok, f"between 1 and {self.vision_num_experts}")
         token_ids = {

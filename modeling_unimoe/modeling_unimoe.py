@@ -586,10 +586,16 @@ class UniMoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.query_tokens, mean=0.0, std=std)
 
     def num_active_parameters(self) -> int:
-        """Parameters a token uses: all of them minus the routed experts it is not sent to (`num_parameters()` - idle)."""
+        """Parameters a token uses: all of them minus the routed experts it is not sent to, in the language model
+        and in the CuMo blocks of the vision side."""
         text = self.config.get_text_config()
         idle_experts = len(text.sparse_layer_indices) * (text.num_experts - text.num_experts_per_tok)
-        return self.num_parameters() - idle_experts * 3 * text.hidden_size * text.moe_intermediate_size
+        idle = idle_experts * 3 * text.hidden_size * text.moe_intermediate_size
+        for block in self.modules():
+            if isinstance(block, MultimodalSparseMoE):
+                per_expert = sum(p.numel() for p in block.experts[0].parameters())
+                idle += (len(block.experts) - block.top_k) * per_expert
+        return self.num_parameters() - idle
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -731,6 +737,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
         """pixel_values [N, 3, H, W] -> `last_hidden_state`: the CLIP patch features of `vision_feature_layer`
         [N, P, Dv] (CLS dropped); `pooler_output`: projected to the LLM width [N, P, D]."""
         self._require("vision_tower", "image")
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
         tower_output = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
         selected = tower_output.hidden_states[self.config.vision_feature_layer][:, 1:]
         return BaseModelOutputWithPooling(last_hidden_state=selected, pooler_output=self.multi_modal_projector(selected))
@@ -748,7 +755,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
         """input_features [N windows, mel, 3000] (Whisper log-mel) -> `last_hidden_state`: Whisper encoder states
         [N, 1500, d]; `pooler_output`: aligned query tokens [N, Q, D]."""
         self._require("speech_tower", "speech")
-        encoder_states = self.speech_tower(input_features, return_dict=True).last_hidden_state
+        encoder_states = self.speech_tower(input_features.to(self.speech_tower.dtype), return_dict=True).last_hidden_state
         return BaseModelOutputWithPooling(last_hidden_state=encoder_states, pooler_output=self.speech_aligner(encoder_states))
 
     def get_sound_features(
@@ -758,7 +765,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
         `last_hidden_state`: BEATs features [N, patches, d]; `pooler_output`: Q-Former query tokens [N, Q, D]."""
         self._require("audio_tower", "sound")
         padding_mask = None if input_values_mask is None else ~input_values_mask.bool()
-        tower_output = self.audio_tower(input_values, padding_mask=padding_mask, return_dict=True)
+        tower_output = self.audio_tower(input_values.to(self.audio_tower.dtype), padding_mask=padding_mask, return_dict=True)
         features, patch_padding = tower_output.last_hidden_state, tower_output.padding_mask
         return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=self.audio_aligner(features, patch_padding))
 
@@ -926,22 +933,30 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
 
         ce_loss = aux_loss = z_loss = mm_aux_loss = mm_z_loss = loss = None
+        router_weight = 1.0
         if labels is not None:
             ce_loss = self.loss_function(logits, labels, text_config.vocab_size, **kwargs)
             loss = ce_loss
+            num_items_in_batch = kwargs.get("num_items_in_batch")
+            if num_items_in_batch is not None:
+                # Trainer (gradient accumulation, several processes) normalises the CE by the tokens of the whole
+                # optimizer step and sums micro-batches; weight the per-micro-batch router means the same way, so
+                # their coefficients keep their meaning whatever the accumulation and world size.
+                local_items = (labels[..., 1:] != -100).sum()
+                router_weight = local_items.to(loss.device) / torch.as_tensor(num_items_in_batch, device=loss.device)
         if output_router_logits and outputs.router_logits:
             aux_loss = router_balance_loss(outputs.router_logits, text_config.num_experts_per_tok, attention_mask)
             z_loss = router_z_loss(outputs.router_logits, attention_mask)
             if loss is not None:
-                loss = loss + text_config.router_aux_loss_coef * aux_loss.to(loss.device)
-                loss = loss + text_config.router_z_loss_coef * z_loss.to(loss.device)
+                router_terms = text_config.router_aux_loss_coef * aux_loss + text_config.router_z_loss_coef * z_loss
+                loss = loss + router_weight * router_terms.to(loss.device)
         if output_router_logits and outputs.multimodal_router_logits:
             records = outputs.multimodal_router_logits
             mm_aux_loss = torch.stack([router_balance_loss((logits,), k) for logits, k in records]).mean()
             mm_z_loss = torch.stack([router_z_loss((logits,)) for logits, _ in records]).mean()
             if loss is not None:
-                loss = loss + self.config.mm_router_aux_loss_coef * mm_aux_loss.to(loss.device)
-                loss = loss + self.config.mm_router_z_loss_coef * mm_z_loss.to(loss.device)
+                mm_terms = self.config.mm_router_aux_loss_coef * mm_aux_loss + self.config.mm_router_z_loss_coef * mm_z_loss
+                loss = loss + router_weight * mm_terms.to(loss.device)
 
         return UniMoECausalLMOutputWithPast(
             loss=loss,

@@ -15,12 +15,31 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 
+def _array_to_image(array: np.ndarray, index: int) -> Image.Image:
+    """[H, W], [H, W, C] or [C, H, W] (C in 1, 3, 4), uint8 or float in [0, 1] -> PIL."""
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3):
+        raise ValueError(f"image {index}: expected an [H, W], [H, W, C] or [C, H, W] array, got shape {tuple(array.shape)}")
+    if np.issubdtype(array.dtype, np.floating):
+        array = np.clip(array * 255.0 if array.max() <= 1.0 else array, 0, 255).round()
+    return Image.fromarray(array.astype(np.uint8))
+
+
+def _as_numpy(value):
+    """torch tensors -> numpy (leaves everything else alone)."""
+    return value.detach().cpu().float().numpy() if hasattr(value, "detach") else value
+
+
 def load_image(image, index: int):
-    """A PIL image from a PIL image, an array [H, W, C] or a file path."""
+    """A PIL image from a PIL image, an array or tensor ([H, W], [H, W, C] or [C, H, W]) or a file path."""
     if isinstance(image, Image.Image):
         return image
+    image = _as_numpy(image)
     if isinstance(image, np.ndarray):
-        return Image.fromarray(image)
+        return _array_to_image(image, index)
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as opened:
@@ -70,7 +89,7 @@ def load_video(video, num_frames: int, index: int) -> list[np.ndarray]:
         if not frames:
             raise ValueError(f"video {index}: video file {str(video)!r} has no frames")
         return frames
-    frames = [np.asarray(frame.convert("RGB")) if isinstance(frame, Image.Image) else np.asarray(frame) for frame in video]
+    frames = [np.asarray(load_image(frame, index).convert("RGB")) for frame in _as_numpy(video)]
     if not frames:
         raise ValueError(f"video {index}: the given frames are empty (no frames)")
     return [frames[i] for i in _sample_indices(len(frames), num_frames)]
@@ -126,7 +145,7 @@ def load_audio(audio, sampling_rate: int, index: int, given_rate: int | None = N
     elif isinstance(audio, tuple):
         waveform, rate = np.asarray(audio[0], dtype=np.float32), audio[1]
     else:
-        waveform, rate = np.asarray(audio, dtype=np.float32), given_rate or sampling_rate
+        waveform, rate = np.asarray(_as_numpy(audio), dtype=np.float32), given_rate or sampling_rate
     waveform = _to_mono(waveform, index)
     if waveform.size == 0:
         raise ValueError(f"audio {index} is empty (0 samples)")
@@ -137,19 +156,27 @@ def _is_path(x) -> bool:
     return isinstance(x, (str, os.PathLike))
 
 
+def _is_array(x, *ndims: int) -> bool:
+    return (isinstance(x, np.ndarray) or hasattr(x, "detach")) and x.ndim in ndims
+
+
 def _is_image(x) -> bool:
-    return _is_path(x) or isinstance(x, Image.Image) or (isinstance(x, np.ndarray) and x.ndim == 3)
+    return _is_path(x) or isinstance(x, Image.Image) or _is_array(x, 2, 3)
 
 
 def _is_video(x) -> bool:
-    """A path, a [frames, H, W, C] array, or a sequence of frames (images)."""
-    if _is_path(x) or (isinstance(x, np.ndarray) and x.ndim == 4):
+    """A path, a [frames, H, W, C] or [frames, C, H, W] array or tensor, or a sequence of frames (images)."""
+    if _is_path(x) or _is_array(x, 4):
         return True
     return isinstance(x, (list, tuple)) and all(_is_image(f) and not _is_path(f) for f in x)
 
 
 def _is_audio(x) -> bool:
-    return _is_path(x) or isinstance(x, (dict, tuple)) or (isinstance(x, np.ndarray) and x.ndim in (1, 2))
+    """A path, a waveform array or tensor ([samples] or with a channel axis), a `(waveform, rate)` pair or a
+    `{"array", "sampling_rate"}` dict."""
+    if isinstance(x, tuple):
+        return len(x) == 2 and _is_array(x[0], 1, 2) and isinstance(x[1], (int, float))
+    return _is_path(x) or isinstance(x, dict) or _is_array(x, 1, 2)
 
 
 _IS_ITEM = {"image": _is_image, "video": _is_video, "audio": _is_audio}
@@ -266,6 +293,9 @@ class UniMoEProcessor(ProcessorMixin):
             start += count
         return result
 
+    # options passed on to the tokenizer; any other option is refused rather than silently ignored
+    _TOKENIZER_OPTIONS = {"padding", "pad_to_multiple_of", "padding_side", "return_attention_mask", "add_special_tokens", "return_offsets_mapping"}
+
     def __call__(
         self,
         text: str | list[str] | None = None,
@@ -274,11 +304,22 @@ class UniMoEProcessor(ProcessorMixin):
         audio=None,
         sampling_rate: int | None = None,
         truncation: bool = False,
+        num_frames: int | None = None,
+        return_text_replacement_offsets: bool = False,
         return_tensors: str | None = "pt",
         **kwargs,
     ) -> BatchFeature:
+        """`truncation` only applies to audio past `max_audio_windows` (text and media blocks are never cut);
+        `num_frames` overrides the frames sampled per video for this call."""
         if text is None:
             raise ValueError("UniMoEProcessor needs `text` with one placeholder per image, video and audio item")
+        unsupported = sorted(set(kwargs) - self._TOKENIZER_OPTIONS)
+        if unsupported:
+            raise ValueError(
+                f"UniMoEProcessor does not support the option(s) {unsupported}; it takes text, images, videos, audio, "
+                f"sampling_rate, truncation, num_frames, return_tensors and the tokenizer options {sorted(self._TOKENIZER_OPTIONS)}"
+            )
+        num_frames = num_frames or self.num_frames
         texts = [text] if isinstance(text, str) else list(text)
         counts = {
             token: [sample.count(token) for sample in texts] for token in (self.image_token, self.video_token, self.audio_token)
@@ -291,11 +332,11 @@ class UniMoEProcessor(ProcessorMixin):
         flat_images = [load_image(image, i) for i, image in enumerate(item for sample in images for item in sample)]
         if flat_images:
             data["pixel_values"] = self.image_processor(flat_images, return_tensors="np")["pixel_values"]
-        flat_videos = [load_video(video, self.num_frames, i) for i, video in enumerate(v for sample in videos for v in sample)]
+        flat_videos = [load_video(video, num_frames, i) for i, video in enumerate(v for sample in videos for v in sample)]
         if flat_videos:
             frames = [frame for video in flat_videos for frame in video]
             pixels = self.image_processor(frames, return_tensors="np")["pixel_values"]
-            data["pixel_values_videos"] = pixels.reshape(len(flat_videos), self.num_frames, *pixels.shape[1:])
+            data["pixel_values_videos"] = pixels.reshape(len(flat_videos), num_frames, *pixels.shape[1:])
         audio_windows = []
         flat_audio = [
             load_audio(item, self.feature_extractor.sampling_rate, i, sampling_rate)
@@ -306,21 +347,24 @@ class UniMoEProcessor(ProcessorMixin):
             audio_windows = list(features.pop("audio_windows"))
             data.update(features)
 
-        expanded, replacement_offsets = self._expand_placeholders(texts, audio_windows)
+        expanded, replacement_offsets = self._expand_placeholders(texts, audio_windows, num_frames)
         return_offsets = kwargs.pop("return_offsets_mapping", False)
         encoding = self.tokenizer(
             expanded, return_offsets_mapping=return_offsets, add_special_tokens=kwargs.pop("add_special_tokens", True), **kwargs
         )
         self._check_lengths(encoding["input_ids"], texts)
         data.update(encoding)
-        if return_offsets:
+        if return_text_replacement_offsets:  # where each placeholder expansion landed, for assistant masks
             data["text_replacement_offsets"] = replacement_offsets
         return BatchFeature(data, tensor_type=return_tensors)
 
-    def _expand_placeholders(self, texts: list[str], audio_windows: list[int]) -> tuple[list[str], list[list[dict]]]:
+    def _expand_placeholders(
+        self, texts: list[str], audio_windows: list[int], num_frames: int
+    ) -> tuple[list[str], list[list[dict]]]:
         """Each placeholder -> its exact soft-token count; also where every expansion landed (for assistant masks)."""
         audio_iter = iter(audio_windows)
-        lengths = {self.image_token: self.image_seq_length, self.video_token: self.video_seq_length}
+        video_length = self.image_seq_length * (1 if self.video_pooling == "mean" else num_frames)
+        lengths = {self.image_token: self.image_seq_length, self.video_token: video_length}
         expanded, offsets = [], []
         for text in texts:
             pieces, sample_offsets, position, new_length = [], [], 0, 0
@@ -391,8 +435,10 @@ class UniMoEProcessor(ProcessorMixin):
             conversation, chat_template=chat_template, return_assistant_tokens_mask=True, return_tensors=None, **kwargs
         )
         masks = output["assistant_masks"]
+        media = {self.image_token_id, self.video_token_id, self.audio_token_id}  # media in an assistant turn is input
         output["labels"] = [
-            [token if keep else -100 for token, keep in zip(ids, mask)] for ids, mask in zip(output["input_ids"], masks)
+            [token if keep and token not in media else -100 for token, keep in zip(ids, mask)]
+            for ids, mask in zip(output["input_ids"], masks)
         ]
         output.convert_to_tensors(tensor_type=return_tensors)
         return output

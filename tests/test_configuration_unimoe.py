@@ -117,6 +117,7 @@ def test_paper_presets_moe_fields():
         (dict(audio_towers=["wav2vec"]), "audio_towers"),
         (dict(video_pooling="max"), "video_pooling"),
         (dict(num_query_tokens=0), "num_query_tokens"),
+        (dict(num_query_tokens=65), "num_query_tokens"),  # tiny Whisper aligner has 64 positions
         (dict(max_audio_windows=0), "max_audio_windows"),
         (dict(speech_aligner_layers=9), "speech_aligner_layers"),
         (dict(vision_feature_layer=-7), "vision_feature_layer"),
@@ -124,7 +125,7 @@ def test_paper_presets_moe_fields():
         (dict(audio_token_id=600), "audio_token_id"),
         (dict(projector_num_experts=0), "projector_num_experts"),
         (dict(projector_num_experts=2, projector_num_experts_per_tok=3), "projector_num_experts_per_tok"),
-        (dict(vision_moe_layers=[2]), "vision_moe_layers"),
+        (dict(vision_moe_layers=[1]), "vision_moe_layers"),  # its output never reaches hidden_states[-2]
         (dict(vision_moe_layers=[0], vision_num_experts=2, vision_num_experts_per_tok=3), "vision_num_experts_per_tok"),
     ],
 )

@@ -217,3 +217,15 @@ def test_model_balance_loss_uses_attention_mask():
     b = model(other_ids, attention_mask=mask, labels=ids, output_router_logits=True)
     torch.testing.assert_close(a.aux_loss, b.aux_loss)
     torch.testing.assert_close(a.z_loss, b.z_loss)
+
+
+def test_router_terms_follow_trainer_token_normalisation():
+    """With `num_items_in_batch` (Trainer under gradient accumulation / several processes) the CE is a share of the
+    whole optimizer step; the router terms must be weighted the same way or they grow with the accumulation."""
+    model = make_tiny_model(router_aux_loss_coef=0.5, router_z_loss_coef=0.1)
+    ids = random_ids(2, 6)
+    local_items = (ids[:, 1:] != -100).sum()
+    plain = model(ids, labels=ids, output_router_logits=True)
+    accumulated = model(ids, labels=ids, output_router_logits=True, num_items_in_batch=4 * local_items)
+    torch.testing.assert_close(accumulated.ce_loss, plain.ce_loss / 4)
+    torch.testing.assert_close(accumulated.loss - accumulated.ce_loss, (plain.loss - plain.ce_loss) / 4)

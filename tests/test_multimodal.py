@@ -163,13 +163,22 @@ def test_pipelines_in_a_fresh_process(tiny_multimodal_model, tiny_processor, tmp
         from transformers import pipeline
         chat = pipeline("image-text-to-text", model={str(checkpoint)!r}, trust_remote_code=True)
         messages = [{{"role": "user", "content": [{{"type": "image", "path": {str(image)!r}}}, {{"type": "text", "text": "What colour?"}}]}}]
-        out = chat(text=messages, max_new_tokens=5, do_sample=False)
+        out = chat(text=messages, max_new_tokens=5, generate_kwargs={{"do_sample": False}})
         print("ITT", type(out[0]["generated_text"]).__name__, len(out))
         omni = pipeline("any-to-any", model={str(checkpoint)!r}, trust_remote_code=True)
         messages = [{{"role": "user", "content": [{{"type": "audio", "path": {str(audio)!r}}}, {{"type": "video", "path": {str(video)!r}}}, {{"type": "text", "text": "What happens?"}}]}}]
-        out = omni(text=messages, max_new_tokens=5, do_sample=False)
+        out = omni(text=messages, max_new_tokens=5, generate_kwargs={{"do_sample": False}})
         print("A2A", type(out[0]["generated_text"]).__name__, len(out))
         """,
         tmp_path,
     )
     assert "ITT" in stdout and "A2A" in stdout
+
+
+def test_bf16_model_takes_the_processor_output(tiny_multimodal_model, tiny_processor, tmp_path):
+    model = tiny_multimodal_model.to(torch.bfloat16)
+    inputs = tiny_processor.apply_chat_template(
+        mixed_messages(tmp_path), tokenize=True, return_dict=True, add_generation_prompt=True
+    )
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3

@@ -170,3 +170,35 @@ def test_too_long_after_expansion_names_the_lengths(tiny_processor):
     tiny_processor.tokenizer.model_max_length = 30
     with pytest.raises(ValueError, match=r"sample 0 is \d+ tokens long after expanding its media \(1 images.*maximum of 30"):
         tiny_processor(text="<image> what colour is the shape in this picture?", images=[Image.new("RGB", (8, 8))])
+
+
+def test_media_in_an_assistant_turn_is_never_a_label(tiny_processor):
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Show me a red square."}]},
+        {"role": "assistant", "content": [{"type": "image", "image": np.zeros((8, 8, 3), np.uint8)}, {"type": "text", "text": "here"}]},
+    ]
+    out = tiny_processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_labels=True)
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    assert (labels[ids == tiny_processor.image_token_id] == -100).all()
+    assert tiny_processor.tokenizer.decode(ids[labels != -100]).replace(" ", "") == "\nhere</s>"
+
+
+def test_unsupported_options_are_refused_and_num_frames_is_honoured(tiny_processor):
+    frames = [np.full((20, 20, 3), i, dtype=np.uint8) for i in range(6)]
+    with pytest.raises(ValueError, match=r"does not support the option\(s\) \['do_normalize'\]"):
+        tiny_processor(text="<video>", videos=[frames], do_normalize=False)
+    assert tiny_processor(text="<video>", videos=[frames], num_frames=2)["pixel_values_videos"].shape[1] == 2
+
+
+def test_tensors_grayscale_and_float_media(tiny_processor):
+    out = tiny_processor(
+        text="<image><image><image><video><audio>",
+        images=[torch.rand(3, 20, 20), np.zeros((20, 20), np.uint8), np.random.rand(20, 20, 3)],
+        videos=[torch.rand(5, 3, 20, 20)],
+        audio=[torch.randn(16000)],
+    )
+    assert out["pixel_values"].shape == (3, 3, 28, 28)
+    assert out["pixel_values_videos"].shape[:2] == (1, tiny_processor.num_frames)
+    assert out["input_features"].shape[0] == 1
+    two = tiny_processor(text="<audio><audio>", audio=(tone(1.0), tone(2.0)))  # a tuple of two waveforms
+    assert two["input_features"].shape[0] == 2

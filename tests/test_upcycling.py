@@ -103,10 +103,10 @@ def test_cumo_coupcycling_keeps_the_function_and_adds_balance_losses():
 
     dense = make_tiny_model(text_only=False)
     moe = upcycle_multimodal_experts(
-        dense, projector_num_experts=4, projector_num_experts_per_tok=2, vision_moe_layers=[0, 1], vision_num_experts=3
+        dense, projector_num_experts=4, projector_num_experts_per_tok=2, vision_moe_layers=[0], vision_num_experts=3
     )
     assert type(moe.model.multi_modal_projector).__name__ == "MultimodalSparseMoE"
-    assert len(moe.model.vision_tower.encoder.layers[1].mlp.experts) == 3
+    assert len(moe.model.vision_tower.encoder.layers[0].mlp.experts) == 3
     pixels = torch.randn(2, 3, 28, 28)
     ids = torch.tensor([[1] + [3] * 16 + [9, 10], [1] + [3] * 16 + [11, 12]])
     with torch.no_grad():
@@ -122,3 +122,16 @@ def test_cumo_coupcycling_keeps_the_function_and_adds_balance_losses():
     out.loss.backward()
     assert moe.model.multi_modal_projector.gate.weight.grad.abs().sum() > 0  # routers learn from the balance loss
     assert moe(ids, pixel_values=pixels, labels=ids).multimodal_aux_loss is None
+
+
+def test_upcycle_refuses_weights_it_cannot_hold_and_keeps_generation_config():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+    ))
+    with pytest.raises(ValueError, match=r"cannot hold: \['model\.layers\.0\.self_attn\.k_proj\.bias'"):
+        upcycle_llama(qwen2, num_experts=2)
+    dense = tiny_llama()
+    dense.generation_config.eos_token_id = [2, 7]
+    assert upcycle_llama(dense, num_experts=2).generation_config.eos_token_id == [2, 7]

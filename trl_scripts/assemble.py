@@ -128,6 +128,7 @@ def assemble_unimoe(
             raise KeyError(f"pretrained piece {prefix!r} has weights our model does not: {unknown[:10]}")
         state.update({prefix + key: value for key, value in piece.items()})
     model.load_state_dict(state, strict=True)
+    model.generation_config = lm.generation_config
 
     processor = UniMoEProcessor.from_model_config(
         config,

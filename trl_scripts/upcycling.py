@@ -5,6 +5,7 @@ or, in Uni-MoE's stage 2 -> 3 path, one separately trained FFN per expert (one p
 the original layout `model.layers.{L}.mlp.{gate,up,down}_proj.weight`.
 """
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +106,7 @@ def upcycle_llama(
     dense_state = dense.state_dict()
     experts = _expert_ffns(dense_state, num_experts, expert_ffn_state_dicts)
     sparse_layers = set(config.text_config.sparse_layer_indices)
-    state = {}
+    state, used = {}, set()
     for key, value in model.state_dict().items():
         if ".mlp.gate.weight" in key:
             state[key] = value  # router: fresh init
@@ -116,6 +117,11 @@ def upcycle_llama(
         if source not in dense_state:
             raise KeyError(f"Dense checkpoint has no weight {source!r} for {key!r}")
         state[key] = dense_state[source]
+        used.add(source)
+    used.update(f"model.layers.{layer}.mlp.{proj}.weight" for layer in sparse_layers for proj in _FFN_PROJECTIONS)
+    unused = sorted(set(dense_state) - used)
+    if unused:  # e.g. Qwen2's q/k/v biases or Qwen3's q/k norms: a different architecture, not a LLaMA
+        raise ValueError(f"{type(dense).__name__} has weights a LLaMA-architecture Uni-MoE cannot hold: {unused[:8]}")
 
     for layer in sorted(sparse_layers):
         gate_up, down = [], []
@@ -131,6 +137,7 @@ def upcycle_llama(
         state[f"{prefix}.down_proj"] = torch.stack(down).to(dtype)  # [E, H, I]
 
     model.load_state_dict(state, strict=True)
+    model.generation_config = copy.deepcopy(dense.generation_config)  # EOS ids, sampling defaults of the backbone
     logger.info(
         "Upcycled %s: %d experts (top-%d) in layers %s", type(dense).__name__, num_experts, num_experts_per_tok,
         sorted(sparse_layers),
