@@ -1,5 +1,6 @@
 """The multimodal model with its processor: features, mixed batches, generation, streaming, remote code, pipelines."""
 
+import json
 import threading
 
 import pytest
@@ -130,6 +131,11 @@ def save_tiny_checkpoint(model, processor, folder):
 
 def test_remote_code_round_trip_of_model_and_processor(tiny_multimodal_model, tiny_processor, tmp_path):
     checkpoint = save_tiny_checkpoint(tiny_multimodal_model, tiny_processor, tmp_path / "ckpt")
+    auto_map = json.loads((checkpoint / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForImageTextToText"] == auto_map["AutoModelForMultimodalLM"] == "modeling_unimoe.UniMoEForCausalLM"
+    assert auto_map["AutoProcessor"] == "processing_unimoe.UniMoEProcessor"
+    code_files = {"modeling_unimoe.py", "modeling_beats.py", "configuration_beats.py", "processing_unimoe.py", "pipeline_unimoe.py"}
+    assert code_files <= {path.name for path in checkpoint.iterdir()}
     messages = mixed_messages(tmp_path)
     inputs = tiny_processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
     expected_logits = tiny_multimodal_model(**inputs).logits
@@ -182,3 +188,19 @@ def test_bf16_model_takes_the_processor_output(tiny_multimodal_model, tiny_proce
     )
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_clip_large_336_gives_576_tokens_per_image(tiny_processor):
+    from transformers import AutoTokenizer, CLIPVisionConfig
+
+    from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, UniMoEProcessor
+    from trl_scripts import load_preset
+
+    clip_large = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                                  image_size=336, patch_size=14)
+    config = UniMoEConfig.from_dict(load_preset("tiny").to_dict() | {"vision_config": clip_large.to_dict()})
+    processor = UniMoEProcessor.from_model_config(config, tiny_processor.tokenizer)
+    assert processor.image_seq_length == 576
+    with torch.device("meta"):
+        model = UniMoEForCausalLM(config)
+    assert model.model.vision_tower.embeddings.num_patches == 576
