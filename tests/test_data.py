@@ -1,0 +1,96 @@
+"""Conversation format, validation, collator and the modality-grouped sampler."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from trl_scripts.data import (
+    ModalityGroupedSampler,
+    UniMoEDataCollator,
+    load_conversations,
+    modality_mix,
+    to_messages,
+    validate_dataset,
+)
+from media import write_audio, write_image, write_video
+
+
+def llava_rows(root):
+    write_image(root / "red.png")
+    write_video(root / "move.mp4")
+    write_audio(root / "beep.wav")
+    return [
+        {"id": "img-1", "image": "red.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]},
+        {"id": "mix-1", "video": "move.mp4", "voice": ["beep.wav"], "conversations": [
+            {"from": "human", "value": "<video>\n<audio>\nWhat happens?"}, {"from": "gpt", "value": "it moves"},
+            {"from": "human", "value": "And then?"}, {"from": "gpt", "value": "nothing"}]},
+        {"id": "txt-1", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "hello"}]},
+        {"id": "hf-1", "messages": [
+            {"role": "user", "content": [{"type": "image", "path": "red.png"}, {"type": "text", "text": "Shape?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "square"}]}]},
+    ]
+
+
+def test_llava_rows_become_chat_messages(tmp_path):
+    rows = llava_rows(tmp_path)
+    messages = to_messages(rows[1], tmp_path)
+    assert messages[0] == {"role": "user", "content": [
+        {"type": "video", "path": str(tmp_path / "move.mp4")}, {"type": "audio", "path": str(tmp_path / "beep.wav")},
+        {"type": "text", "text": "What happens?"}]}
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert to_messages(rows[3], tmp_path)[0]["content"][0]["path"] == str(tmp_path / "red.png")
+    assert [modality_mix(row) for row in rows] == ["image", "audio+video", "text", "image"]
+
+
+def test_placeholder_and_path_mismatch_names_the_row():
+    with pytest.raises(ValueError, match=r"row r7: more <image> placeholders than image paths"):
+        to_messages({"id": "r7", "conversations": [{"from": "human", "value": "<image>\n<image>\nx"}], "image": "a.png"})
+    with pytest.raises(ValueError, match=r"row r8: media without a placeholder .*audio"):
+        to_messages({"id": "r8", "audio": "a.wav", "conversations": [{"from": "human", "value": "x"}]})
+
+
+def test_loading_and_validation(tmp_path, caplog):
+    rows = llava_rows(tmp_path)
+    rows.append({"id": "broken-7", "image": "gone.png", "conversations": [
+        {"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}]})
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFFxxxxWAVE")
+    rows.append({"id": "broken-8", "audio": "corrupt.wav", "conversations": [
+        {"from": "human", "value": "<audio>\nx"}, {"from": "gpt", "value": "y"}]})
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    dataset = load_conversations(str(tmp_path / "data.jsonl"))
+    assert len(dataset) == 6
+    with pytest.raises(ValueError, match=r"row broken-7: image file .*gone\.png.* is missing or unreadable"):
+        validate_dataset(dataset, tmp_path)
+    with caplog.at_level("WARNING"):
+        kept = validate_dataset(dataset, tmp_path, skip_invalid=True)
+    assert len(kept) == 4 and "Dropped 2 invalid row(s) of 6" in caplog.text and "broken-8" in caplog.text
+
+
+def test_collator_builds_a_padded_batch_with_assistant_labels(tmp_path, tiny_processor):
+    rows = llava_rows(tmp_path)
+    batch = UniMoEDataCollator(tiny_processor, tmp_path)(rows)
+    assert batch["input_ids"].shape == batch["labels"].shape
+    assert {"pixel_values", "pixel_values_videos", "input_features", "input_values"} <= set(batch)
+    tokenizer = tiny_processor.tokenizer
+    answers = [tokenizer.decode(ids[labels != -100]).replace(" ", "") for ids, labels in zip(batch["input_ids"], batch["labels"])]
+    assert answers == ["red</s>", "itmoves</s>nothing</s>", "hello</s>", "square</s>"]
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_sampler_gives_one_modality_mix_per_global_batch():
+    mixes = ["image"] * 10 + ["audio"] * 7 + ["video+audio"] * 3 + ["text"] * 5
+    lengths = list(range(len(mixes)))
+    sampler = ModalityGroupedSampler(mixes, lengths, global_batch_size=4, seed=3)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert len(order) == len(sampler) == (3 + 2 + 1 + 2) * 4
+        batches = [order[i : i + 4] for i in range(0, len(order), 4)]
+        assert all(len({mixes[i] for i in batch}) == 1 for batch in batches)
+        assert set(order) == set(range(len(mixes)))  # every row at least once, none dropped
+        assert all(lengths[b[0]] >= lengths[b[-1]] for b in batches)  # by length inside a batch
+    first, second = (sampler.set_epoch(0), list(sampler))[1], (sampler.set_epoch(1), list(sampler))[1]
+    assert first != second
+    assert Counter(first).most_common(1)[0][1] <= 2
