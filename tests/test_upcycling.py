@@ -135,3 +135,27 @@ def test_upcycle_refuses_weights_it_cannot_hold_and_keeps_generation_config():
     dense = tiny_llama()
     dense.generation_config.eos_token_id = [2, 7]
     assert upcycle_llama(dense, num_experts=2).generation_config.eos_token_id == [2, 7]
+
+
+def test_stage2_ffns_become_the_experts_of_the_stage3_model():
+    from conftest import make_tiny_model
+    from trl_scripts.upcycling import dense_ffn_state_dict, upcycle_unimoe
+
+    dense = make_tiny_model(text_only=False, moe_layers=[])  # stages 1-2: a dense LM with all towers
+    assert not dense.config.text_config.sparse_layer_indices
+    ffns = []
+    for scale in (1.0, 0.5, -1.0, 2.0):  # one "trained" FFN per modality
+        ffns.append({key: value * scale for key, value in dense_ffn_state_dict(dense).items()})
+    assert "model.layers.3.mlp.down_proj.weight" in ffns[0]
+    moe = upcycle_unimoe(dense, ffns, num_experts=4, num_experts_per_tok=2, moe_layers="all")
+    experts = moe.model.language_model.layers[3].mlp.experts
+    torch.testing.assert_close(experts.down_proj[2], -dense.model.language_model.layers[3].mlp.down_proj.weight)
+    torch.testing.assert_close(moe.model.multi_modal_projector.linear_1.weight, dense.model.multi_modal_projector.linear_1.weight)
+    # with identical experts the sparse model computes the dense one, towers included
+    same = upcycle_unimoe(dense, num_experts=4, num_experts_per_tok=2)
+    pixels = torch.randn(1, 3, 28, 28)
+    ids = torch.tensor([[1] + [3] * 16 + [9, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(same(ids, pixel_values=pixels).logits, dense(ids, pixel_values=pixels).logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="stage-2 FFNs come from a dense model"):
+        dense_ffn_state_dict(moe)

@@ -69,6 +69,72 @@ def _expert_ffns(
     return expert_ffn_state_dicts
 
 
+def _stacked_experts(experts: list[dict[str, torch.Tensor]], sparse_layers, dtype) -> dict[str, torch.Tensor]:
+    """Fused expert weights of every sparse layer from one FFN state dict per expert (original layout keys)."""
+    state = {}
+    for layer in sorted(sparse_layers):
+        gate_up, down = [], []
+        for expert, ffn in enumerate(experts):
+            keys = {proj: f"model.layers.{layer}.mlp.{proj}.weight" for proj in _FFN_PROJECTIONS}
+            absent = [key for key in keys.values() if key not in ffn]
+            if absent:
+                raise KeyError(f"FFN state dict of expert {expert} lacks {absent}")
+            gate_up.append(torch.cat([ffn[keys["gate_proj"]], ffn[keys["up_proj"]]], dim=0))  # [2I, H]
+            down.append(ffn[keys["down_proj"]])  # [H, I]
+        prefix = f"model.language_model.layers.{layer}.mlp.experts"
+        state[f"{prefix}.gate_up_proj"] = torch.stack(gate_up).to(dtype)  # [E, 2I, H]
+        state[f"{prefix}.down_proj"] = torch.stack(down).to(dtype)  # [E, H, I]
+    return state
+
+
+def dense_ffn_state_dict(model: UniMoEForCausalLM) -> dict[str, torch.Tensor]:
+    """The dense FFNs of a Uni-MoE model without sparse layers, in the original layout
+    (`model.layers.{L}.mlp.{gate,up,down}_proj.weight`): what Uni-MoE's stage 2 produces per modality, one expert each."""
+    text = model.config.text_config
+    if text.sparse_layer_indices:
+        raise ValueError(f"the model has sparse layers {text.sparse_layer_indices}; stage-2 FFNs come from a dense model")
+    prefix = "model.language_model."
+    return {
+        key[len(prefix) - len("model.") :]: value.detach().clone()
+        for key, value in model.state_dict().items()
+        if key.startswith(prefix + "layers.") and ".mlp." in key
+    }
+
+
+def upcycle_unimoe(
+    model: UniMoEForCausalLM,
+    expert_ffn_state_dicts: list[dict[str, torch.Tensor]] | None = None,
+    *,
+    num_experts: int = 4,
+    num_experts_per_tok: int = 2,
+    moe_layers: str | list[int] = "all",
+    router_type: str = "topk_softmax",
+    norm_topk_prob: bool = True,
+) -> UniMoEForCausalLM:
+    """Uni-MoE stage 2 -> 3: a Uni-MoE model whose language model is dense (`moe_layers=[]`, towers and connectors
+    included) becomes the sparse model, expert e of each sparse layer taken from the e-th stage-2 FFN state dict
+    (`dense_ffn_state_dict`; the model's own FFNs when none are given). Everything else is copied."""
+    dense_ffn = dense_ffn_state_dict(model)
+    experts = _expert_ffns(dense_ffn, num_experts, expert_ffn_state_dicts)
+    config_dict = model.config.to_dict()
+    config_dict["text_config"] |= dict(
+        num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, moe_layers=moe_layers,
+        router_type=router_type, norm_topk_prob=norm_topk_prob,
+    )
+    moe = UniMoEForCausalLM(UniMoEConfig.from_dict(config_dict)).to(model.dtype)
+    sparse_layers = set(moe.config.text_config.sparse_layer_indices)
+    source = model.state_dict()
+    state = {}
+    for key, value in moe.state_dict().items():
+        if ".mlp.experts." in key and key.startswith("model.language_model."):
+            continue
+        state[key] = value if key.endswith(".mlp.gate.weight") and key.startswith("model.language_model.") else source[key]
+    state.update(_stacked_experts(experts, sparse_layers, model.dtype))
+    moe.load_state_dict(state, strict=True)
+    moe.generation_config = copy.deepcopy(model.generation_config)
+    return moe
+
+
 def upcycle_llama(
     dense: PreTrainedModel | str | Path,
     *,
@@ -123,18 +189,7 @@ def upcycle_llama(
     if unused:  # e.g. Qwen2's q/k/v biases or Qwen3's q/k norms: a different architecture, not a LLaMA
         raise ValueError(f"{type(dense).__name__} has weights a LLaMA-architecture Uni-MoE cannot hold: {unused[:8]}")
 
-    for layer in sorted(sparse_layers):
-        gate_up, down = [], []
-        for expert, ffn in enumerate(experts):
-            keys = {proj: f"model.layers.{layer}.mlp.{proj}.weight" for proj in _FFN_PROJECTIONS}
-            absent = [key for key in keys.values() if key not in ffn]
-            if absent:
-                raise KeyError(f"FFN state dict of expert {expert} lacks {absent}")
-            gate_up.append(torch.cat([ffn[keys["gate_proj"]], ffn[keys["up_proj"]]], dim=0))  # [2I, H]
-            down.append(ffn[keys["down_proj"]])  # [H, I]
-        prefix = f"model.language_model.layers.{layer}.mlp.experts"
-        state[f"{prefix}.gate_up_proj"] = torch.stack(gate_up).to(dtype)  # [E, 2I, H]
-        state[f"{prefix}.down_proj"] = torch.stack(down).to(dtype)  # [E, H, I]
+    state.update(_stacked_experts(experts, sparse_layers, dtype))
 
     model.load_state_dict(state, strict=True)
     model.generation_config = copy.deepcopy(dense.generation_config)  # EOS ids, sampling defaults of the backbone
