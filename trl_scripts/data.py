@@ -158,7 +158,7 @@ class UniMoEDataCollator:
     def __call__(self, rows: list[dict]):
         conversations = [to_messages(row, self.media_root) for row in rows]
         return self.processor.apply_chat_template(
-            conversations, tokenize=True, return_dict=True, return_labels=True, padding=True
+            conversations, tokenize=True, return_dict=True, return_labels=True, processor_kwargs={"padding": True}
         )
 
 

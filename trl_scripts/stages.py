@@ -1,0 +1,84 @@
+"""What trains in each of Uni-MoE's progressive stages.
+
+1. Alignment: only the connectors (vision projector, speech aligner, audio aligner); towers and LLM frozen.
+2. Modality-specific experts: a dense copy of the LLM's FFNs trains on one modality's data, with the connectors;
+   attention, embeddings, norms and towers frozen. Each result becomes one expert (`dense_ffn_state_dict`).
+3. MoE tuning: routers and connectors train fully; attention and the fused experts train with LoRA (peft:
+   `target_modules` for attention, `target_parameters` for the experts).
+"""
+
+import logging
+from collections import defaultdict
+
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from modeling_unimoe import UniMoEForCausalLM
+
+
+logger = logging.getLogger(__name__)
+
+CONNECTORS = ("multi_modal_projector", "speech_aligner", "audio_aligner")
+LM_ATTENTION = r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def parameter_counts(model) -> dict[str, tuple[int, int]]:
+    """{component: (trainable, total)} over the model's top-level parts (towers, connectors, language model, head)."""
+    counts = defaultdict(lambda: [0, 0])
+    for name, parameter in model.named_parameters():
+        parts = name.split(".")
+        component = next((p for p in parts if p.endswith(("_tower", "_aligner", "_projector", "language_model"))), parts[-2])
+        counts[component][0] += parameter.numel() if parameter.requires_grad else 0
+        counts[component][1] += parameter.numel()
+    return {component: tuple(value) for component, value in sorted(counts.items())}
+
+
+def log_parameter_counts(model, stage: str) -> dict[str, tuple[int, int]]:
+    counts = parameter_counts(model)
+    trainable = sum(t for t, _ in counts.values())
+    total = sum(n for _, n in counts.values())
+    lines = [f"  {component:<24} {t:>12,} / {n:>12,}" for component, (t, n) in counts.items()]
+    logger.info("%s: %s of %s parameters trainable\n%s", stage, f"{trainable:,}", f"{total:,}", "\n".join(lines))
+    return counts
+
+
+def _connectors(model: UniMoEForCausalLM):
+    return [getattr(model.model, name) for name in CONNECTORS if hasattr(model.model, name)]
+
+
+def prepare_stage1(model: UniMoEForCausalLM) -> dict[str, tuple[int, int]]:
+    """Cross-modal alignment: connectors only."""
+    model.requires_grad_(False)
+    for connector in _connectors(model):
+        connector.requires_grad_(True)
+    return log_parameter_counts(model, "stage 1 (alignment)")
+
+
+def prepare_stage2(model: UniMoEForCausalLM) -> dict[str, tuple[int, int]]:
+    """One modality's expert: the dense FFNs and the connectors; attention, embeddings, norms, head and towers frozen."""
+    if model.config.text_config.sparse_layer_indices:
+        raise ValueError("stage 2 trains the dense FFNs of a dense language model (moe_layers=[])")
+    model.requires_grad_(False)
+    for layer in model.model.language_model.layers:
+        layer.mlp.requires_grad_(True)
+    for connector in _connectors(model):
+        connector.requires_grad_(True)
+    return log_parameter_counts(model, "stage 2 (modality expert)")
+
+
+def prepare_stage3(model: UniMoEForCausalLM, lora_r: int = 8, lora_alpha: int = 16) -> PeftModel:
+    """MoE tuning: LoRA on the LM attention and fused experts; routers and connectors trained in full (as peft
+    `modules_to_save`, so adapter checkpoints and resumption carry them)."""
+    if not model.config.text_config.sparse_layer_indices:
+        raise ValueError("stage 3 tunes a sparse model: build it with upcycle_unimoe from the stage-2 FFNs")
+    config = LoraConfig(
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=0.0,  # peft requires 0 with target_parameters
+        target_modules=LM_ATTENTION,
+        target_parameters=EXPERT_PARAMETERS,
+        modules_to_save=["mlp.gate", *[name for name in CONNECTORS if hasattr(model.model, name)]],
+    )
+    peft_model = get_peft_model(model, config)
+    log_parameter_counts(peft_model, "stage 3 (MoE tuning)")
+    return peft_model

@@ -1,0 +1,101 @@
+"""`UniMoETrainer`: transformers' Trainer plus what MoE training needs.
+
+- Router logits are always requested, so the balance and z-losses really are in the loss (they vanish otherwise).
+- Their weight survives gradient accumulation: the model scales the router terms by the micro-batch's share of the
+  optimizer step's tokens whenever Trainer passes `num_items_in_batch` (see `UniMoEForCausalLM.forward`).
+- The cross-entropy, balance loss and z-loss are logged separately, with the per-modality expert load: the share of
+  each modality's tokens (image, video, audio, text) routed to each expert, averaged over sparse layers; the full
+  per-layer counts are kept in `expert_load_counts` ([modalities, layers, experts]) for heatmaps.
+- A NaN or infinite loss stops training with an error naming the step.
+- With `group_by_modality`, batches come from `ModalityGroupedSampler`: one modality mix per global batch.
+"""
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from .data import ModalityGroupedSampler, modality_mix, row_media
+
+
+MODALITIES = ("text", "image", "video", "audio")
+
+
+def _unwrap(model):
+    """The `UniMoEForCausalLM` inside peft / DDP wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class UniMoETrainer(Trainer):
+    def __init__(self, *args, group_by_modality: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group_by_modality = group_by_modality
+        self._pending = defaultdict(list)
+        config = _unwrap(self.model).config
+        self._token_ids = {"image": config.image_token_id, "video": config.video_token_id, "audio": config.audio_token_id}
+        text = config.text_config
+        self.expert_load_counts = torch.zeros(len(MODALITIES), len(text.sparse_layer_indices), text.num_experts)
+        self._window_counts = torch.zeros_like(self.expert_load_counts)
+
+    def _get_train_sampler(self, *args, **kwargs):
+        if not self.group_by_modality:
+            return super()._get_train_sampler(*args, **kwargs)
+        dataset = self.train_dataset
+        mixes = [modality_mix(row) for row in dataset]
+        lengths = [sum(len(turn["value"]) for turn in row.get("conversations") or []) + 600 * len(row_media(row)) for row in dataset]
+        args = self.args
+        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+        return ModalityGroupedSampler(mixes, lengths, global_batch_size=global_batch, seed=args.seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {**inputs, "output_router_logits": True}
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at step {self.state.global_step + 1} "
+                f"(cross-entropy {outputs.ce_loss}, balance {outputs.aux_loss}, z {outputs.z_loss})"
+            )
+        if model.training:
+            self._record(inputs, outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record(self, inputs, outputs):
+        for name in ("ce_loss", "aux_loss", "z_loss", "multimodal_aux_loss"):
+            value = getattr(outputs, name, None)
+            if value is not None:
+                self._pending[name].append(value.detach().float().item())
+        if not outputs.router_logits:
+            return
+        ids = inputs["input_ids"].reshape(-1)
+        valid = inputs["attention_mask"].reshape(-1).bool() if "attention_mask" in inputs else torch.ones_like(ids, dtype=torch.bool)
+        modality = torch.zeros_like(ids)  # 0 = text
+        for index, name in enumerate(MODALITIES[1:], start=1):
+            if self._token_ids[name] is not None:
+                modality[ids == self._token_ids[name]] = index
+        top_k = _unwrap(self.model).config.text_config.num_experts_per_tok
+        num_experts = self.expert_load_counts.shape[-1]
+        for layer, logits in enumerate(outputs.router_logits):
+            chosen = logits.topk(top_k, dim=-1).indices.cpu()  # [tokens, k]
+            for index in range(len(MODALITIES)):
+                rows = (modality.cpu() == index) & valid.cpu()
+                counts = torch.bincount(chosen[rows].reshape(-1), minlength=num_experts).float()
+                self._window_counts[index, layer] += counts
+
+    def log(self, logs: dict[str, float], *args, **kwargs):
+        if "loss" in logs and self._pending:
+            for name, values in self._pending.items():
+                logs[name] = round(sum(values) / len(values), 6)
+            self._pending.clear()
+            window = self._window_counts
+            totals = window.sum(dim=-1, keepdim=True)  # tokens x k per modality and layer
+            shares = torch.where(totals > 0, window / totals.clamp(min=1), torch.zeros_like(window)).mean(dim=1)
+            for index, name in enumerate(MODALITIES):
+                if totals[index].sum() > 0:
+                    for expert, share in enumerate(shares[index].tolist()):
+                        logs[f"expert_load/{name}/e{expert}"] = round(share, 4)
+            self.expert_load_counts += window
+            self._window_counts = torch.zeros_like(window)
+        super().log(logs, *args, **kwargs)
