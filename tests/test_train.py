@@ -1,0 +1,78 @@
+"""The three stages end to end through `trl_scripts.train` (tiny preset, a few steps each) and the CLI."""
+
+import json
+
+import torch
+from transformers import TrainingArguments
+
+from conftest import run_fresh_python
+from media import tone, write_image
+from trl_scripts.stages import parameter_counts
+from trl_scripts.train import DataArguments, StageArguments, main, run
+
+
+def write_rows(tmp_path):
+    import soundfile
+
+    write_image(tmp_path / "red.png")
+    soundfile.write(tmp_path / "beep.wav", tone(1.0), 16000)
+    rows = []
+    for i in range(4):
+        rows.append({"id": f"img-{i}", "modality": "image", "image": "red.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]})
+        rows.append({"id": f"aud-{i}", "modality": "audio", "audio": "beep.wav", "conversations": [
+            {"from": "human", "value": "<audio>\nHow many beeps?"}, {"from": "gpt", "value": "one"}]})
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    return str(tmp_path / "train.json")
+
+
+def training_args(output_dir, **overrides):
+    return TrainingArguments(**({
+        "output_dir": str(output_dir), "per_device_train_batch_size": 2, "max_steps": 2, "learning_rate": 1e-3,
+        "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True, "seed": 0,
+    } | overrides))
+
+
+def test_three_stages(tmp_path):
+    data = DataArguments(train_files=[write_rows(tmp_path)], media_root=str(tmp_path))
+
+    trainer = run(StageArguments(stage=1, model_name_or_path="tiny"), data, training_args(tmp_path / "s1"))
+    counts = parameter_counts(trainer.model)
+    trainable = {component for component, (t, _) in counts.items() if t}
+    assert trainable == {"multi_modal_projector", "speech_aligner", "audio_aligner"}  # only the connectors
+
+    run(StageArguments(stage=2, model_name_or_path=str(tmp_path / "s1"), experts="image,audio"), data, training_args(tmp_path / "s2"))
+    assert json.loads((tmp_path / "s2" / "experts" / "experts.json").read_text()) == ["image", "audio"]
+    from safetensors.torch import load_file
+    image_ffn = load_file(tmp_path / "s2" / "experts" / "image.safetensors")
+    audio_ffn = load_file(tmp_path / "s2" / "experts" / "audio.safetensors")
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(image_ffn[key], audio_ffn[key])  # two different experts
+
+    trainer = run(StageArguments(stage=3, model_name_or_path=str(tmp_path / "s2")), data, training_args(tmp_path / "s3"))
+    experts = trainer.model.model.language_model.layers[0].mlp.experts
+    assert experts.num_experts == 2
+    losses = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all("aux_loss" in entry for entry in losses)
+    # the merged, saved stage-3 model loads as remote code in a fresh process with its processor
+    stdout = run_fresh_python(
+        f"""
+        from transformers import AutoModelForCausalLM, AutoProcessor
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "s3")!r}, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained({str(tmp_path / "s3")!r}, trust_remote_code=True)
+        print("EXPERTS", model.config.text_config.num_experts, type(processor).__name__)
+        """,
+        tmp_path,
+    )
+    assert "EXPERTS 2 UniMoEProcessor" in stdout
+
+
+def test_cli_with_yaml(tmp_path):
+    train = write_rows(tmp_path)
+    config = tmp_path / "stage1.yaml"
+    config.write_text(
+        f"stage: 1\nmodel_name_or_path: tiny\ntrain_files: [{train}]\nmedia_root: {tmp_path}\n"
+        f"output_dir: {tmp_path / 'cli'}\nmax_steps: 1\nper_device_train_batch_size: 2\nreport_to: none\nuse_cpu: true\n"
+    )
+    main([str(config)])
+    assert (tmp_path / "cli" / "config.json").is_file() and (tmp_path / "cli" / "processor_config.json").is_file()

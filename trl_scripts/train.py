@@ -1,0 +1,178 @@
+"""Uni-MoE's progressive training, one stage per call, on transformers' Trainer.
+
+    python -m trl_scripts.train --stage 1 --model_name_or_path tiny --train_files captions.json --media_root DIR \
+        --output_dir out/stage1 [TrainingArguments...]
+    python -m trl_scripts.train --stage 2 --model_name_or_path out/stage1 --train_files train.json \
+        --experts image,video,audio,speech --output_dir out/stage2
+    python -m trl_scripts.train --stage 3 --model_name_or_path out/stage2 --train_files train.json --output_dir out/stage3
+    python -m trl_scripts.train configuration/training/stage1.yaml      # the same arguments from a YAML file
+
+Stage 1 starts from a preset (`tiny`, `small`, ...: a dense language model with the preset's towers) or a saved
+model; stage 2 trains, for each name in `--experts`, the stage-1 FFNs on the rows whose `modality` is that name
+(the FFNs are reset between experts, the connectors keep learning) and saves each as `experts/<name>.safetensors`;
+stage 3 builds the sparse model from those FFNs and tunes it with LoRA, then merges the adapters and saves a plain
+checkpoint with its remote code, processor and chat template.
+"""
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoProcessor, HfArgumentParser, TrainingArguments
+
+from modeling_unimoe import UniMoEForCausalLM
+
+from .data import UniMoEDataCollator, load_conversations, validate_dataset
+from .presets import PRESETS_DIR, load_preset, load_tiny_processor
+from .stages import prepare_stage1, prepare_stage2, prepare_stage3
+from .trainer import UniMoETrainer
+from .upcycling import dense_ffn_state_dict, upcycle_unimoe
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageArguments:
+    stage: int = field(metadata={"help": "1 (alignment), 2 (modality experts) or 3 (MoE tuning)."})
+    model_name_or_path: str = field(metadata={"help": "A preset name (stage 1) or the previous stage's output folder."})
+    experts: str = field(default="", metadata={"help": "Stage 2: comma-separated modality names, one expert each, in expert order."})
+    num_experts_per_tok: int = 2
+    moe_layers: str = field(default="all", metadata={"help": "Stage 3: all, even, odd or comma-separated layer indices."})
+    router_type: str = "topk_softmax"
+    lora_r: int = 8
+    lora_alpha: int = 16
+
+
+@dataclass
+class DataArguments:
+    train_files: list[str] = field(metadata={"help": "JSON/JSONL conversation files."})
+    media_root: str | None = field(default=None, metadata={"help": "Media paths in the rows are relative to this folder."})
+    skip_invalid: bool = field(default=False, metadata={"help": "Drop (and count) rows with missing or unreadable media."})
+    group_by_modality: bool = field(default=True, metadata={"help": "One modality mix per global batch."})
+
+
+def load_stage_model(name_or_path: str, stage: int) -> tuple[UniMoEForCausalLM, object]:
+    """(model, processor): a fresh dense model from a preset for stage 1, else the saved previous stage."""
+    if not Path(name_or_path).is_dir() and (PRESETS_DIR / f"{name_or_path}.json").is_file():
+        if stage != 1:
+            raise ValueError(f"stage {stage} continues from the previous stage's output folder, not the preset {name_or_path!r}")
+        if name_or_path != "tiny":
+            raise ValueError(f"only the `tiny` preset ships a tokenizer; build {name_or_path!r} with trl_scripts.assemble first")
+        config = load_preset(name_or_path, moe_layers=[])
+        return UniMoEForCausalLM(config), load_tiny_processor(config)
+    return UniMoEForCausalLM.from_pretrained(name_or_path), AutoProcessor.from_pretrained(name_or_path)
+
+
+def _trainer(model, processor, dataset, data_args: DataArguments, training_args: TrainingArguments) -> UniMoETrainer:
+    return UniMoETrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=UniMoEDataCollator(processor, data_args.media_root),
+        group_by_modality=data_args.group_by_modality,
+    )
+
+
+def _save(model, processor, output_dir: str):
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+
+
+def run_stage1(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
+    model, processor = load_stage_model(stage_args.model_name_or_path, 1)
+    prepare_stage1(model)
+    trainer = _trainer(model, processor, dataset, data_args, training_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    _save(model, processor, training_args.output_dir)
+    return trainer
+
+
+def run_stage2(stage_args, data_args, training_args, dataset) -> list[UniMoETrainer]:
+    experts = [name for name in stage_args.experts.split(",") if name]
+    if not experts:
+        raise ValueError("stage 2 needs --experts, e.g. image,video,audio,speech")
+    model, processor = load_stage_model(stage_args.model_name_or_path, 2)
+    base_ffn = {key: value.clone() for key, value in dense_ffn_state_dict(model).items()}
+    output_dir = Path(training_args.output_dir)
+    (output_dir / "experts").mkdir(parents=True, exist_ok=True)
+    trainers = []
+    for name in experts:
+        rows = dataset.filter(lambda row: row.get("modality") == name)
+        if len(rows) == 0:
+            raise ValueError(f"stage 2: no training rows with modality {name!r} in {data_args.train_files}")
+        _load_ffn(model, base_ffn)  # every expert starts from the stage-1 FFNs
+        prepare_stage2(model)
+        expert_args = TrainingArguments(**{**training_args.to_dict(), "output_dir": str(output_dir / f"run-{name}")})
+        trainer = _trainer(model, processor, rows, data_args, expert_args)
+        trainer.train()
+        save_file(dense_ffn_state_dict(model), output_dir / "experts" / f"{name}.safetensors")
+        logger.info("stage 2: expert %r trained on %d rows", name, len(rows))
+        trainers.append(trainer)
+    _load_ffn(model, base_ffn)
+    _save(model, processor, str(output_dir))
+    (output_dir / "experts" / "experts.json").write_text(json.dumps(experts))
+    return trainers
+
+
+def _load_ffn(model, ffn: dict[str, torch.Tensor]):
+    """Put stage-2-layout FFN weights (`model.layers.{L}.mlp.*`) back into the dense model, every key checked."""
+    state = model.state_dict()
+    renamed = {key.replace("model.", "model.language_model.", 1): value for key, value in ffn.items()}
+    unknown = sorted(set(renamed) - set(state))
+    if unknown:
+        raise KeyError(f"FFN keys not in the model: {unknown}")
+    model.load_state_dict(state | renamed, strict=True)
+
+
+def run_stage3(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
+    source = Path(stage_args.model_name_or_path)
+    experts_file = source / "experts" / "experts.json"
+    if not experts_file.is_file():
+        raise FileNotFoundError(f"stage 3 needs the stage-2 output: {experts_file} is missing")
+    names = json.loads(experts_file.read_text())
+    ffns = [load_file(source / "experts" / f"{name}.safetensors") for name in names]
+    dense, processor = load_stage_model(str(source), 3)
+    moe_layers = stage_args.moe_layers if stage_args.moe_layers in ("all", "even", "odd") else [int(i) for i in stage_args.moe_layers.split(",")]
+    model = upcycle_unimoe(
+        dense, ffns, num_experts=len(ffns), num_experts_per_tok=stage_args.num_experts_per_tok,
+        moe_layers=moe_layers, router_type=stage_args.router_type,
+    )
+    peft_model = prepare_stage3(model, lora_r=stage_args.lora_r, lora_alpha=stage_args.lora_alpha)
+    trainer = _trainer(peft_model, processor, dataset, data_args, training_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    merged = peft_model.merge_and_unload()
+    _save(merged, processor, training_args.output_dir)
+    (Path(training_args.output_dir) / "experts.json").write_text(json.dumps(names))
+    trainer.model = merged
+    return trainer
+
+
+STAGES = {1: run_stage1, 2: run_stage2, 3: run_stage3}
+
+
+def run(stage_args: StageArguments, data_args: DataArguments, training_args: TrainingArguments):
+    if stage_args.stage not in STAGES:
+        raise ValueError(f"--stage must be 1, 2 or 3, got {stage_args.stage}")
+    training_args.remove_unused_columns = False  # rows carry media paths the collator needs
+    dataset = validate_dataset(load_conversations(data_args.train_files), data_args.media_root, data_args.skip_invalid)
+    return STAGES[stage_args.stage](stage_args, data_args, training_args, dataset)
+
+
+def main(argv: list[str] | None = None):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser((StageArguments, DataArguments, TrainingArguments))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        stage_args, data_args, training_args = parser.parse_yaml_file(argv[0])
+    else:
+        stage_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    run(stage_args, data_args, training_args)
+
+
+if __name__ == "__main__":
+    main()
