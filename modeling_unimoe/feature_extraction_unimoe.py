@@ -87,6 +87,23 @@ class UniMoEFeatureExtractor(SequenceFeatureExtractor):
             windows = windows[: self.max_audio_windows]
         return windows
 
+    def _beats_window_fbank(self, window: np.ndarray) -> torch.Tensor:
+        """BEATs fbank of one window padded to 30 s by repeating its last sample (the original's padding).
+
+        Frames that start after the real samples see only that constant, which the fbank maps to one fixed vector
+        (DC removal zeroes the frame): compute the frames touching real samples and fill the rest with that vector,
+        instead of running the fbank over up to 30 s of padding.
+        """
+        frames = beats_num_frames(self.window_samples)
+        shift, length = self.sampling_rate // 100, self.sampling_rate // 40  # 10 ms hop, 25 ms frames
+        real_frames = min(frames, (len(window) - 1) // shift + 1)
+        if real_frames == frames:
+            return beats_fbank(np.pad(window, (0, self.window_samples - len(window)), mode="edge"), self.sampling_rate)
+        needed = (real_frames - 1) * shift + length
+        head = beats_fbank(np.pad(window, (0, max(0, needed - len(window))), mode="edge")[:needed], self.sampling_rate)
+        constant = beats_fbank(np.full(length, window[-1], dtype=np.float32), self.sampling_rate)  # [1, bins]
+        return torch.cat([head, constant.expand(frames - real_frames, -1)])
+
     def __call__(
         self,
         audio: np.ndarray | list[np.ndarray],
@@ -114,8 +131,7 @@ class UniMoEFeatureExtractor(SequenceFeatureExtractor):
             features["input_features"] = mel["input_features"]  # [windows, mel, 3000]
         if "beats" in self.audio_towers:
             frames = beats_num_frames(self.window_samples)
-            padded = [np.pad(w, (0, self.window_samples - len(w)), mode="edge") for w in windows]
-            features["input_values"] = torch.stack([beats_fbank(w, self.sampling_rate) for w in padded]).numpy()
+            features["input_values"] = torch.stack([self._beats_window_fbank(w) for w in windows]).numpy()
             # the original's rule: a sample-level padding mask reduced to frames (`beats_frame_padding_mask`)
             sample_padding = np.arange(self.window_samples)[None, :] >= np.asarray(valid)[:, None]
             frame_padding = beats_frame_padding_mask(sample_padding, frames).numpy()

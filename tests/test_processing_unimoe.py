@@ -202,3 +202,16 @@ def test_tensors_grayscale_and_float_media(tiny_processor):
     assert out["input_features"].shape[0] == 1
     two = tiny_processor(text="<audio><audio>", audio=(tone(1.0), tone(2.0)))  # a tuple of two waveforms
     assert two["input_features"].shape[0] == 2
+
+
+@pytest.mark.parametrize("seconds", [0.01, 1.0, 2.7, 30.0, 31.3])
+def test_beats_fbank_of_short_windows_equals_the_full_padded_computation(seconds):
+    from modeling_unimoe.feature_extraction_beats import beats_fbank
+    from modeling_unimoe.feature_extraction_unimoe import UniMoEFeatureExtractor
+
+    extractor = UniMoEFeatureExtractor(audio_towers=["beats"])
+    wave = np.random.default_rng(0).standard_normal(int(seconds * 16000)).astype(np.float32) * 0.1
+    features = extractor([wave], return_tensors="pt")["input_values"]
+    windows = [wave[i : i + 480000] for i in range(0, len(wave), 480000)]
+    expected = torch.stack([beats_fbank(np.pad(w, (0, 480000 - len(w)), mode="edge")) for w in windows])
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
