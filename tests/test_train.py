@@ -76,3 +76,20 @@ def test_cli_with_yaml(tmp_path):
     )
     main([str(config)])
     assert (tmp_path / "cli" / "config.json").is_file() and (tmp_path / "cli" / "processor_config.json").is_file()
+
+
+def test_output_layers_train_only_when_asked():
+    from conftest import make_tiny_model
+    from trl_scripts.stages import prepare_stage2, prepare_stage3
+    from trl_scripts.upcycling import upcycle_unimoe
+
+    model = make_tiny_model(text_only=False, moe_layers=[])
+    assert parameter_counts(model) and prepare_stage2(model)["lm_head"][0] == 0
+    counts = prepare_stage2(model, train_output_layers=True)
+    assert counts["lm_head"][0] == counts["lm_head"][1] > 0
+    assert model.model.language_model.norm.weight.requires_grad
+    peft_model = prepare_stage3(upcycle_unimoe(model, num_experts=2, num_experts_per_tok=1), train_output_layers=True)
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    assert any("lm_head.modules_to_save" in name for name in trainable)
+    assert any("language_model.norm.modules_to_save" in name for name in trainable)
+    assert not any("input_layernorm" in name for name in trainable)

@@ -18,6 +18,9 @@ from modeling_unimoe import UniMoEForCausalLM
 logger = logging.getLogger(__name__)
 
 CONNECTORS = ("multi_modal_projector", "speech_aligner", "audio_aligner")
+# Not in the paper's recipe (its LLM was pretrained): with a randomly initialised LM, a frozen final norm and head
+# bound the logits to a narrow range, so nothing can be answered confidently. Demos on random LMs train them too.
+OUTPUT_LAYERS = ("language_model.norm", "lm_head")
 LM_ATTENTION = r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -54,8 +57,14 @@ def prepare_stage1(model: UniMoEForCausalLM) -> dict[str, tuple[int, int]]:
     return log_parameter_counts(model, "stage 1 (alignment)")
 
 
-def prepare_stage2(model: UniMoEForCausalLM) -> dict[str, tuple[int, int]]:
-    """One modality's expert: the dense FFNs and the connectors; attention, embeddings, norms, head and towers frozen."""
+def _unfreeze_output_layers(model: UniMoEForCausalLM):
+    model.model.language_model.norm.requires_grad_(True)
+    model.lm_head.requires_grad_(True)
+
+
+def prepare_stage2(model: UniMoEForCausalLM, train_output_layers: bool = False) -> dict[str, tuple[int, int]]:
+    """One modality's expert: the dense FFNs and the connectors; attention, embeddings, norms, head and towers frozen
+    (`train_output_layers` also trains the final norm and the LM head: see `OUTPUT_LAYERS`)."""
     if model.config.text_config.sparse_layer_indices:
         raise ValueError("stage 2 trains the dense FFNs of a dense language model (moe_layers=[])")
     model.requires_grad_(False)
@@ -63,12 +72,17 @@ def prepare_stage2(model: UniMoEForCausalLM) -> dict[str, tuple[int, int]]:
         layer.mlp.requires_grad_(True)
     for connector in _connectors(model):
         connector.requires_grad_(True)
+    if train_output_layers:
+        _unfreeze_output_layers(model)
     return log_parameter_counts(model, "stage 2 (modality expert)")
 
 
-def prepare_stage3(model: UniMoEForCausalLM, lora_r: int = 8, lora_alpha: int = 16) -> PeftModel:
+def prepare_stage3(
+    model: UniMoEForCausalLM, lora_r: int = 8, lora_alpha: int = 16, train_output_layers: bool = False
+) -> PeftModel:
     """MoE tuning: LoRA on the LM attention and fused experts; routers and connectors trained in full (as peft
-    `modules_to_save`, so adapter checkpoints and resumption carry them)."""
+    `modules_to_save`, so adapter checkpoints and resumption carry them), and the output layers with
+    `train_output_layers`."""
     if not model.config.text_config.sparse_layer_indices:
         raise ValueError("stage 3 tunes a sparse model: build it with upcycle_unimoe from the stage-2 FFNs")
     config = LoraConfig(
@@ -77,7 +91,11 @@ def prepare_stage3(model: UniMoEForCausalLM, lora_r: int = 8, lora_alpha: int = 
         lora_dropout=0.0,  # peft requires 0 with target_parameters
         target_modules=LM_ATTENTION,
         target_parameters=EXPERT_PARAMETERS,
-        modules_to_save=["mlp.gate", *[name for name in CONNECTORS if hasattr(model.model, name)]],
+        modules_to_save=[
+            "mlp.gate",
+            *[name for name in CONNECTORS if hasattr(model.model, name)],
+            *(OUTPUT_LAYERS if train_output_layers else ()),
+        ],
     )
     peft_model = get_peft_model(model, config)
     log_parameter_counts(peft_model, "stage 3 (MoE tuning)")

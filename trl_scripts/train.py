@@ -46,6 +46,10 @@ class StageArguments:
     router_type: str = "topk_softmax"
     lora_r: int = 8
     lora_alpha: int = 16
+    train_output_layers: bool = field(
+        default=False,
+        metadata={"help": "Stages 2-3: also train the final norm and LM head (needed when the LM starts random; not the paper's recipe)."},
+    )
 
 
 @dataclass
@@ -106,7 +110,7 @@ def run_stage2(stage_args, data_args, training_args, dataset) -> list[UniMoETrai
         if len(rows) == 0:
             raise ValueError(f"stage 2: no training rows with modality {name!r} in {data_args.train_files}")
         _load_ffn(model, base_ffn)  # every expert starts from the stage-1 FFNs
-        prepare_stage2(model)
+        prepare_stage2(model, train_output_layers=stage_args.train_output_layers)
         expert_args = TrainingArguments(**{**training_args.to_dict(), "output_dir": str(output_dir / f"run-{name}")})
         trainer = _trainer(model, processor, rows, data_args, expert_args)
         trainer.train()
@@ -142,7 +146,9 @@ def run_stage3(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
         dense, ffns, num_experts=len(ffns), num_experts_per_tok=stage_args.num_experts_per_tok,
         moe_layers=moe_layers, router_type=stage_args.router_type,
     )
-    peft_model = prepare_stage3(model, lora_r=stage_args.lora_r, lora_alpha=stage_args.lora_alpha)
+    peft_model = prepare_stage3(
+        model, lora_r=stage_args.lora_r, lora_alpha=stage_args.lora_alpha, train_output_layers=stage_args.train_output_layers
+    )
     trainer = _trainer(peft_model, processor, dataset, data_args, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     merged = peft_model.merge_and_unload()
