@@ -47,3 +47,29 @@ def test_torchrun_parallel_matches_single_process(mode, implementation, tmp_path
             assert report["local_gate_up_shape"][1] == 2 * text.moe_intermediate_size // 2
     for rank in (0, 1):
         torch.testing.assert_close(torch.load(tmp_path / f"logits.rank{rank}.pt"), expected, atol=1e-5, rtol=0)
+
+
+def test_ddp_stage_with_the_accelerate_config(tmp_path):
+    """`accelerate launch` with configuration/accelerate/ddp.yaml: two gloo processes on a CPU-only machine."""
+    import socket
+
+    from test_train import write_rows
+
+    train = write_rows(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "configuration/accelerate/ddp.yaml"),
+         "--main_process_port", str(port), "-m", "trl_scripts.train", "--stage", "1", "--model_name_or_path", "tiny",
+         "--train_files", train, "--media_root", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+         "--per_device_train_batch_size", "1", "--report_to", "none", "--use_cpu", "true", "--save_strategy", "no"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "stage 1 on 2 process(es), distributed" in result.stderr
+    from modeling_unimoe import UniMoEForCausalLM
+
+    assert UniMoEForCausalLM.from_pretrained(tmp_path / "out").config.audio_towers == ["whisper", "beats"]

@@ -165,6 +165,7 @@ def run(stage_args: StageArguments, data_args: DataArguments, training_args: Tra
     if stage_args.stage not in STAGES:
         raise ValueError(f"--stage must be 1, 2 or 3, got {stage_args.stage}")
     training_args.remove_unused_columns = False  # rows carry media paths the collator needs
+    logger.info("stage %d on %d process(es), %s", stage_args.stage, training_args.world_size, training_args.parallel_mode.value)
     dataset = validate_dataset(load_conversations(data_args.train_files), data_args.media_root, data_args.skip_invalid)
     return STAGES[stage_args.stage](stage_args, data_args, training_args, dataset)
 

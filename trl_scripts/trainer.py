@@ -58,15 +58,19 @@ class UniMoETrainer(Trainer):
                 f"(cross-entropy {outputs.ce_loss}, balance {outputs.aux_loss}, z {outputs.z_loss})"
             )
         if model.training:
-            self._record(inputs, outputs)
+            self._record(inputs, outputs, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
-    def _record(self, inputs, outputs):
+    def _record(self, inputs, outputs, num_items_in_batch=None):
         for name in ("ce_loss", "aux_loss", "z_loss", "multimodal_aux_loss"):
             value = getattr(outputs, name, None)
             if value is not None:
                 self._pending[name].append(value.detach().float().item())
+        if outputs.ce_loss is not None and num_items_in_batch is not None:
+            # the model's CE is this micro-batch's share of the whole step's tokens: log its own mean instead
+            local_items = (inputs["labels"][..., 1:] != -100).sum().clamp(min=1)
+            self._pending["ce_loss"][-1] *= float(num_items_in_batch) / float(local_items)
         if not outputs.router_logits:
             return
         ids = inputs["input_ids"].reshape(-1)
