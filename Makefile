@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_processor.py
 	$(PY) benchmarks/bench_text_only_step.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) outputs
