@@ -49,17 +49,19 @@ def _connectors(model: UniMoEForCausalLM):
     return [getattr(model.model, name) for name in CONNECTORS if hasattr(model.model, name)]
 
 
-def prepare_stage1(model: UniMoEForCausalLM) -> dict[str, tuple[int, int]]:
-    """Cross-modal alignment: connectors only."""
-    model.requires_grad_(False)
-    for connector in _connectors(model):
-        connector.requires_grad_(True)
-    return log_parameter_counts(model, "stage 1 (alignment)")
-
-
 def _unfreeze_output_layers(model: UniMoEForCausalLM):
     model.model.language_model.norm.requires_grad_(True)
     model.lm_head.requires_grad_(True)
+
+
+def prepare_stage1(model: UniMoEForCausalLM, train_output_layers: bool = False) -> dict[str, tuple[int, int]]:
+    """Cross-modal alignment: connectors only (and the output layers with `train_output_layers`)."""
+    model.requires_grad_(False)
+    for connector in _connectors(model):
+        connector.requires_grad_(True)
+    if train_output_layers:
+        _unfreeze_output_layers(model)
+    return log_parameter_counts(model, "stage 1 (alignment)")
 
 
 def prepare_stage2(model: UniMoEForCausalLM, train_output_layers: bool = False) -> dict[str, tuple[int, int]]:

@@ -48,7 +48,7 @@ class StageArguments:
     lora_alpha: int = 16
     train_output_layers: bool = field(
         default=False,
-        metadata={"help": "Stages 2-3: also train the final norm and LM head (needed when the LM starts random; not the paper's recipe)."},
+        metadata={"help": "Also train the final norm and LM head (needed when the LM starts random; not the paper's recipe)."},
     )
 
 
@@ -89,7 +89,7 @@ def _save(model, processor, output_dir: str):
 
 def run_stage1(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
     model, processor = load_stage_model(stage_args.model_name_or_path, 1)
-    prepare_stage1(model)
+    prepare_stage1(model, train_output_layers=stage_args.train_output_layers)
     trainer = _trainer(model, processor, dataset, data_args, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     _save(model, processor, training_args.output_dir)
