@@ -184,6 +184,9 @@ class UniMoEConfig(PreTrainedConfig):
         (speech), `["beats"]` (sounds) or both. Defaults to every audio tower the config has.
     speech_aligner_layers (`int`, *optional*): Whisper decoder layers in the speech aligner (defaults to all of
         `speech_config.decoder_layers`, as in the paper).
+    mask_audio_padding (`bool`, defaults to `True`): the aligners' queries ignore the padding of each 30 s window
+        (the Whisper and BEATs positions past the clip's end). The original attended to it: converted original
+        checkpoints set this to `False` to compute exactly what they were trained to.
     projector_num_experts (`int`, defaults to 1): CuMo option; above 1 the vision projector is a sparse MoE of that
         many `mlp2x_gelu` experts (top-`projector_num_experts_per_tok`), upcycled from a trained projector.
     vision_moe_layers (`list[int]`): CuMo option; CLIP layers whose MLP becomes a sparse MoE of
@@ -217,6 +220,7 @@ class UniMoEConfig(PreTrainedConfig):
     max_audio_windows: int = 20
     audio_towers: list[str] | None = None
     speech_aligner_layers: int | None = None
+    mask_audio_padding: bool = True
     projector_num_experts: int = 1
     projector_num_experts_per_tok: int = 2
     vision_moe_layers: list[int] | None = None

@@ -22,7 +22,8 @@ class UniMoEFeatureExtractor(SequenceFeatureExtractor):
     Cuts each audio item (mono, 16 kHz) into consecutive 30 s windows and computes, per window, the inputs of every
     audio tower in `audio_towers`:
 
-    - `"whisper"`: `input_features` [windows, num_mel_bins, 3000], Whisper's log-mel spectrogram (zero-padded to 30 s);
+    - `"whisper"`: `input_features` [windows, num_mel_bins, 3000], Whisper's log-mel spectrogram (zero-padded to 30 s),
+      and `input_features_mask` [windows, 3000], 1 on frames of real audio;
     - `"beats"`: `input_values` [windows, 2998, 128], BEATs' normalised Kaldi fbank (the last window padded by
       repeating its last sample, as the original did) and `input_values_mask` [windows, 2998], 1 on real frames.
 
@@ -31,7 +32,7 @@ class UniMoEFeatureExtractor(SequenceFeatureExtractor):
     error unless `truncation=True`, which keeps the first windows and logs a warning saying how much was cut.
     """
 
-    model_input_names = ["input_features", "input_values", "input_values_mask"]
+    model_input_names = ["input_features", "input_features_mask", "input_values", "input_values_mask"]
 
     def __init__(
         self,
@@ -129,6 +130,10 @@ class UniMoEFeatureExtractor(SequenceFeatureExtractor):
         if "whisper" in self.audio_towers:
             mel = self._whisper(windows, sampling_rate=self.sampling_rate, return_tensors="np")
             features["input_features"] = mel["input_features"]  # [windows, mel, 3000]
+            hop = self._whisper.hop_length
+            frames = mel["input_features"].shape[-1]
+            real = np.minimum(frames, np.ceil(np.asarray(valid) / hop).astype(np.int64))
+            features["input_features_mask"] = (np.arange(frames)[None, :] < real[:, None]).astype(np.int64)  # 1 = real
         if "beats" in self.audio_towers:
             frames = beats_num_frames(self.window_samples)
             features["input_values"] = torch.stack([self._beats_window_fbank(w) for w in windows]).numpy()

@@ -518,13 +518,21 @@ class SpeechQueryAligner(nn.Module):
         self.layer_norm = nn.LayerNorm(speech.d_model)
         self.projector = nn.Linear(speech.d_model, config.text_config.hidden_size)
 
-    def forward(self, encoder_states: torch.Tensor) -> torch.Tensor:
-        # encoder_states [N windows, frames, d] -> [N, Q, text hidden]
+    def forward(self, encoder_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # encoder_states [N windows, positions, d], padding_mask [N, positions] (True = padding) -> [N, Q, text hidden]
         num_queries = self.query_tokens.shape[1]
         hidden = self.query_tokens.expand(encoder_states.shape[0], -1, -1) + self.embed_positions.weight[:num_queries]
-        causal = torch.full((num_queries, num_queries), torch.finfo(hidden.dtype).min, device=hidden.device).triu(1)
+        minimum = torch.finfo(hidden.dtype).min
+        causal = torch.full((num_queries, num_queries), minimum, device=hidden.device).triu(1)
+        cross = None
+        if padding_mask is not None:
+            cross = torch.zeros(padding_mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(padding_mask, minimum)
+            cross = cross[:, None, None, :]  # [N, 1, 1, positions]
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=causal[None, None], encoder_hidden_states=encoder_states, use_cache=False)
+            hidden = layer(
+                hidden, attention_mask=causal[None, None], encoder_hidden_states=encoder_states,
+                encoder_attention_mask=cross, use_cache=False,
+            )
         return self.projector(self.layer_norm(hidden))
 
     def load_whisper_decoder(self, decoder_state: dict[str, torch.Tensor]):
@@ -751,12 +759,22 @@ class UniMoEModel(UniMoEPreTrainedModel):
         pooled = frames.mean(dim=1) if self.config.video_pooling == "mean" else frames.flatten(1, 2)
         return BaseModelOutputWithPooling(last_hidden_state=frames, pooler_output=pooled)
 
-    def get_speech_features(self, input_features: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
-        """input_features [N windows, mel, 3000] (Whisper log-mel) -> `last_hidden_state`: Whisper encoder states
-        [N, 1500, d]; `pooler_output`: aligned query tokens [N, Q, D]."""
+    def get_speech_features(
+        self, input_features: torch.FloatTensor, input_features_mask: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """input_features [N windows, mel, 3000] (Whisper log-mel), input_features_mask [N, 3000] (1 = real audio) ->
+        `last_hidden_state`: Whisper encoder states [N, 1500, d]; `pooler_output`: aligned query tokens [N, Q, D].
+        The encoder sees the whole padded window (as Whisper was trained); with `mask_audio_padding` the aligner's
+        queries only read positions of real audio."""
         self._require("speech_tower", "speech")
         encoder_states = self.speech_tower(input_features.to(self.speech_tower.dtype), return_dict=True).last_hidden_state
-        return BaseModelOutputWithPooling(last_hidden_state=encoder_states, pooler_output=self.speech_aligner(encoder_states))
+        padding = None
+        if input_features_mask is not None and self.config.mask_audio_padding:
+            stride = input_features.shape[-1] // encoder_states.shape[1]  # Whisper's conv stride: 2 frames/position
+            padding = ~input_features_mask[:, ::stride].bool()[:, : encoder_states.shape[1]]
+        return BaseModelOutputWithPooling(
+            last_hidden_state=encoder_states, pooler_output=self.speech_aligner(encoder_states, padding)
+        )
 
     def get_sound_features(
         self, input_values: torch.FloatTensor, input_values_mask: torch.Tensor | None = None, **kwargs
@@ -766,7 +784,8 @@ class UniMoEModel(UniMoEPreTrainedModel):
         self._require("audio_tower", "sound")
         padding_mask = None if input_values_mask is None else ~input_values_mask.bool()
         tower_output = self.audio_tower(input_values.to(self.audio_tower.dtype), padding_mask=padding_mask, return_dict=True)
-        features, patch_padding = tower_output.last_hidden_state, tower_output.padding_mask
+        features = tower_output.last_hidden_state
+        patch_padding = tower_output.padding_mask if self.config.mask_audio_padding else None
         return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=self.audio_aligner(features, patch_padding))
 
     def get_audio_features(
@@ -774,6 +793,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
         input_features: torch.FloatTensor | None = None,
         input_values: torch.FloatTensor | None = None,
         input_values_mask: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         """Every 30 s window of every `<audio>` item through each tower of `config.audio_towers`; per window the
@@ -783,7 +803,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
             if tower == "whisper":
                 if input_features is None:
                     raise ValueError("audio_towers includes 'whisper' but no `input_features` (Whisper log-mel) were given")
-                per_tower.append(self.get_speech_features(input_features).pooler_output)
+                per_tower.append(self.get_speech_features(input_features, input_features_mask).pooler_output)
             else:
                 if input_values is None:
                     raise ValueError("audio_towers includes 'beats' but no `input_values` (BEATs fbank) were given")
@@ -813,6 +833,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         pixel_values_videos: torch.FloatTensor | None = None,
         input_features: torch.FloatTensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
         input_values: torch.FloatTensor | None = None,
         input_values_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -829,7 +850,8 @@ class UniMoEModel(UniMoEPreTrainedModel):
         output_router_logits = kwargs.get("output_router_logits", self.config.text_config.output_router_logits)
         with self._record_multimodal_router_logits(output_router_logits) as multimodal_router_logits:
             inputs_embeds = self._merge_media(
-                input_ids, inputs_embeds, pixel_values, pixel_values_videos, input_features, input_values, input_values_mask
+                input_ids, inputs_embeds, pixel_values, pixel_values_videos, input_features, input_features_mask,
+                input_values, input_values_mask,
             )
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -856,7 +878,10 @@ class UniMoEModel(UniMoEPreTrainedModel):
             for handle in handles:
                 handle.remove()
 
-    def _merge_media(self, input_ids, inputs_embeds, pixel_values, pixel_values_videos, input_features, input_values, input_values_mask):
+    def _merge_media(
+        self, input_ids, inputs_embeds, pixel_values, pixel_values_videos, input_features, input_features_mask,
+        input_values, input_values_mask,
+    ):
         config = self.config
         if pixel_values is not None:
             features = self.get_image_features(pixel_values).pooler_output
@@ -865,7 +890,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
             features = self.get_video_features(pixel_values_videos).pooler_output
             inputs_embeds = self._scatter(input_ids, inputs_embeds, features, config.video_token_id, "video")
         if input_features is not None or input_values is not None:
-            features = self.get_audio_features(input_features, input_values, input_values_mask).pooler_output
+            features = self.get_audio_features(input_features, input_values, input_values_mask, input_features_mask).pooler_output
             inputs_embeds = self._scatter(input_ids, inputs_embeds, features, config.audio_token_id, "audio")
         return inputs_embeds
 
@@ -893,6 +918,7 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         pixel_values_videos: torch.FloatTensor | None = None,
         input_features: torch.FloatTensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
         input_values: torch.FloatTensor | None = None,
         input_values_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -918,6 +944,7 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             pixel_values_videos=pixel_values_videos,
             input_features=input_features,
+            input_features_mask=input_features_mask,
             input_values=input_values,
             input_values_mask=input_values_mask,
             attention_mask=attention_mask,

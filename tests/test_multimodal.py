@@ -204,3 +204,20 @@ def test_clip_large_336_gives_576_tokens_per_image(tiny_processor):
     with torch.device("meta"):
         model = UniMoEForCausalLM(config)
     assert model.model.vision_tower.embeddings.num_patches == 576
+
+
+def test_aligners_read_only_real_audio(tiny_multimodal_model, tiny_processor):
+    model = tiny_multimodal_model.model
+    inputs = tiny_processor(text="<audio>", audio=[tone(2.0)])
+    assert inputs["input_features_mask"].sum() == 200  # 2 s of 10 ms frames, out of 3000
+    states = model.speech_tower(inputs["input_features"]).last_hidden_state
+    padding = ~inputs["input_features_mask"][:, ::2].bool()
+    garbage = states.clone()
+    garbage[padding] = 100.0  # whatever the encoder put past the clip's end
+    with torch.no_grad():
+        torch.testing.assert_close(model.speech_aligner(garbage, padding), model.speech_aligner(states, padding))
+        assert not torch.allclose(model.speech_aligner(garbage), model.speech_aligner(states))
+        masked = model.get_audio_features(**{k: inputs[k] for k in ("input_features", "input_features_mask", "input_values", "input_values_mask")})
+        model.config.mask_audio_padding = False  # the original's behaviour: padding read too
+        unmasked = model.get_audio_features(**{k: inputs[k] for k in ("input_features", "input_features_mask", "input_values", "input_values_mask")})
+        assert not torch.allclose(masked.pooler_output, unmasked.pooler_output)
