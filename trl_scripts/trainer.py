@@ -79,14 +79,15 @@ class UniMoETrainer(Trainer):
         for index, name in enumerate(MODALITIES[1:], start=1):
             if self._token_ids[name] is not None:
                 modality[ids == self._token_ids[name]] = index
+        keep = valid.cpu()
+        modality = modality.cpu()[keep, None]  # [real tokens, 1]; padding counts nowhere
         top_k = _unwrap(self.model).config.text_config.num_experts_per_tok
         num_experts = self.expert_load_counts.shape[-1]
         for layer, logits in enumerate(outputs.router_logits):
-            chosen = logits.topk(top_k, dim=-1).indices.cpu()  # [tokens, k]
-            for index in range(len(MODALITIES)):
-                rows = (modality.cpu() == index) & valid.cpu()
-                counts = torch.bincount(chosen[rows].reshape(-1), minlength=num_experts).float()
-                self._window_counts[index, layer] += counts
+            chosen = logits.topk(top_k, dim=-1).indices.cpu()[keep]  # [real tokens, k]
+            pairs = (modality * num_experts + chosen).reshape(-1)  # one bincount for every (modality, expert)
+            counts = torch.bincount(pairs, minlength=len(MODALITIES) * num_experts).float()
+            self._window_counts[:, layer] += counts.view(len(MODALITIES), num_experts)
 
     def log(self, logs: dict[str, float], *args, **kwargs):
         if "loss" in logs and self._pending:
