@@ -1,0 +1,521 @@
+"""Evaluate a saved Uni-MoE checkpoint: batched greedy generation, then metrics through the packaged `evaluate` modules.
+
+    python -m trl_scripts.evaluate --model DIR --data FILE --task {vqa,mcq,caption,asr} [--media_root DIR] \
+        [--batch_size 8] [--max_new_tokens 32] [--output_dir outputs/eval] [--group_by modality]
+
+The model loads with `AutoModelForCausalLM` / `AutoProcessor` (`trust_remote_code=True`), so any checkpoint written by
+`save_pretrained` works, with or without this package installed. The data file (JSON list or JSONL) may hold:
+
+- our conversation rows (`trl_scripts.data`): LLaVA-style `conversations` with `image` / `video` / `audio` / `voice`
+  keys, or HF chat `messages`; the final assistant turn is the reference answer;
+- the original Uni-MoE evaluation files (`Uni_MoE/data_sample/*.json`): `question_id` or `id`, `image` (a path or a
+  list), `video` (a video file, or a list of frame images), `voice` (speech), `text`, `category`, `conversations`
+  ending with an empty `gpt` turn, and the references in `gt` (the human answers, e.g. A-OKVQA's 10) or `answer`
+  (e.g. MMBench's `["B"]`). Rows whose text has no placeholder for their media (MMBench) get them prepended to the
+  first question, image then audio then video, as the original inference did. Question files without answers
+  (OK-VQA's, TextVQA's: the original joins them with a separate annotation file) need a `gt` field added first.
+
+An explicit `references`, `answers`, `gt` or `answer` field always wins over the final assistant turn. Media paths are
+resolved against `--media_root` (default: the data file's folder); an absolute path that does not exist is also tried
+under the root (the original files write `/coco_images/...` relative to an image folder). A row whose media file is
+missing, or that has no reference, stops the run before the model is loaded, with an error naming the row and path.
+
+Tasks and metrics (all from `trl_scripts/metrics`, plain floats): `vqa` -> vqa_accuracy, exact_match; `mcq` ->
+mcq_accuracy, mcq_unparsed (options read from the row's `options` / `choices` or from "A. ..." lines of the question);
+`caption` -> bleu (sacrebleu, 0-100); `asr` -> wer, cer. Accuracy metrics are also reported per group
+(`<metric>/<group>`) when the rows fall into two or more groups of `--group_by` (default `modality`: the row's
+`modality` field, else the media it uses).
+
+Outputs in `--output_dir`: `predictions.jsonl` (one line per row: id, prompt, prediction, references, and the group
+and options when used) and `metrics.json`:
+`{"task": ..., "dataset": {"name": ..., "type": ..., "split": ...}, "metrics": {name: float}, "num_samples": N}`.
+"""
+
+import json
+import logging
+import re
+import string
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
+
+from .data import ROLES, modality_mix, to_messages
+from .metrics import load_metric
+
+
+logger = logging.getLogger(__name__)
+
+TASK_METRICS = {
+    "vqa": ("vqa_accuracy", "exact_match"),
+    "mcq": ("mcq_accuracy",),
+    "caption": ("bleu",),
+    "asr": ("wer",),
+}
+GROUPED_METRICS = {"vqa_accuracy", "exact_match", "mcq_accuracy"}  # the metrics that take `groups`
+REFERENCE_KEYS = ("references", "answers", "gt", "answer")
+OPTION_KEYS = ("options", "choices")
+ID_KEYS = ("id", "question_id")
+# row key -> modality; the original files call speech "voice"
+MEDIA_KEYS = {"image": "image", "video": "video", "audio": "audio", "voice": "audio"}
+# the original inference put the media placeholders before the question in this order
+PLACEHOLDER_ORDER = ("image", "audio", "video")
+FRAME_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPTION_LINE = re.compile(r"^\s*\(?([A-Z])\)?\s*[.):\uff1a]\s*(\S.*?)\s*$", re.MULTILINE)
+
+
+@dataclass
+class EvaluationArguments:
+    model: str = field(metadata={"help": "A checkpoint folder written by save_pretrained (model + processor)."})
+    data: str = field(
+        metadata={"help": "JSON or JSONL evaluation file (our conversation rows or the original format)."}
+    )
+    task: Literal["vqa", "mcq", "caption", "asr"] = field(metadata={"help": "Which metrics to compute."})
+    media_root: str | None = field(
+        default=None, metadata={"help": "Media paths are relative to this folder (default: the data file's)."}
+    )
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    output_dir: str = field(default="outputs/eval", metadata={"help": "Where predictions.jsonl and metrics.json go."})
+    group_by: str | None = field(
+        default="modality",
+        metadata={
+            "help": "Row field for per-group accuracies ('modality' falls back to the media used); 'none' to disable."
+        },
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Name in metrics.json (default: the data file's stem)."}
+    )
+    dataset_type: str | None = field(default=None, metadata={"help": "Dataset id in metrics.json (default: the name)."})
+    dataset_split: str = field(default="test", metadata={"help": "Split named in metrics.json."})
+    max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N rows."})
+    device: str | None = field(
+        default=None, metadata={"help": "cpu, cuda, cuda:1, ... (default: cuda when available)."}
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": "Model dtype: auto (the checkpoint's), float32, bfloat16 or float16."}
+    )
+
+
+@dataclass
+class EvalSample:
+    """One evaluation row, ready for generation."""
+
+    id: str
+    messages: list[dict]  # the prompt as chat messages (no answer turn), media paths resolved
+    prompt: str  # the prompt's text with media placeholders, for the predictions file
+    references: list[str]
+    group: str | None = None
+    options: dict[str, str] | None = None
+
+
+# --------------------------------------------------------------------------------------------------------- reading
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a JSON list or a JSONL file (`.jsonl`, or any file that is not one JSON document)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    text = path.read_text(encoding="utf-8")
+    rows = None
+    if path.suffix != ".jsonl":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    if rows is None:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}: line {number} is not valid JSON ({error})") from error
+    if isinstance(rows, dict):
+        raise ValueError(f"{path}: expected a JSON list of rows (or JSONL), got an object with keys {sorted(rows)[:8]}")
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {index} is a {type(row).__name__}, expected an object")
+    return rows
+
+
+def row_id(row: dict, index: int) -> str:
+    for key in ID_KEYS:
+        if row.get(key) not in (None, ""):
+            return str(row[key])
+    return f"row-{index}"
+
+
+def _text_of(content) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(block.get("text", "") for block in content if block.get("type") == "text")
+
+
+def row_references(row: dict, answer_turn: str | None) -> list[str] | None:
+    """The reference answers: an explicit field (VQA-style `{"answer": ...}` dicts accepted), else the answer turn."""
+    for key in REFERENCE_KEYS:
+        value = row.get(key)
+        if value in (None, "", []):
+            continue
+        values = value if isinstance(value, list) else [value]
+        references = [str(v["answer"] if isinstance(v, dict) and "answer" in v else v).strip() for v in values]
+        references = [reference for reference in references if reference]
+        if references:
+            return references
+    if answer_turn is not None and answer_turn.strip():
+        return [answer_turn.strip()]
+    return None
+
+
+def resolve_media_path(path: str, root: Path, rid: str, modality: str) -> str:
+    """`path` relative to `root`; an absolute path that does not exist is tried under `root` as well."""
+    candidates = [Path(path)] if Path(path).is_absolute() else []
+    candidates.append(root / str(path).lstrip("/"))
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    tried = " or ".join(repr(str(candidate)) for candidate in candidates)
+    raise FileNotFoundError(f"row {rid}: {modality} file {path!r} not found (looked for {tried})")
+
+
+def _media_lists(row: dict, root: Path, rid: str) -> dict[str, list]:
+    """{modality: [resolved path, or a list of frame paths for a video given as frames]} in placeholder order."""
+    media = {}
+    for key, modality in MEDIA_KEYS.items():
+        value = row.get(key)
+        if not value:
+            continue
+        values = [value] if isinstance(value, str) else list(value)
+        if (
+            modality == "video"
+            and len(values) > 1
+            and all(Path(str(v)).suffix.lower() in FRAME_SUFFIXES for v in values)
+        ):
+            # the original format gives a video as its frame images
+            media.setdefault(modality, []).append([resolve_media_path(v, root, rid, "video frame") for v in values])
+        else:
+            media.setdefault(modality, []).extend(resolve_media_path(v, root, rid, modality) for v in values)
+    return media
+
+
+def _add_missing_placeholders(turns: list[dict], media: dict[str, list]) -> list[dict]:
+    """Prepend `<image>` / `<audio>` / `<video>` to the first human turn for media that has no placeholder at all."""
+    text = "".join(turn["value"] for turn in turns)
+    missing = "".join(f"<{m}>\n" * len(media[m]) for m in PLACEHOLDER_ORDER if media.get(m) and f"<{m}>" not in text)
+    if not missing:
+        return turns
+    turns = [dict(turn) for turn in turns]
+    first = next(i for i, turn in enumerate(turns) if ROLES.get(turn["from"]) == "user")
+    turns[first]["value"] = missing + turns[first]["value"]
+    return turns
+
+
+def _conversation_messages(row: dict, root: Path, rid: str) -> tuple[list[dict], str | None]:
+    """(prompt messages, answer turn text or None) of a `conversations` or `text` row."""
+    if row.get("conversations"):
+        turns = [dict(turn) for turn in row["conversations"]]
+    elif isinstance(row.get("text"), str):
+        turns = [{"from": "human", "value": row["text"]}]
+    else:
+        raise ValueError(f"row {rid}: no prompt (expected 'conversations', 'messages' or 'text')")
+    for turn in turns:
+        if not isinstance(turn, dict) or "from" not in turn or not isinstance(turn.get("value"), str):
+            raise ValueError(f"row {rid}: every conversation turn needs 'from' and a string 'value', got {turn!r}")
+    answer = None
+    if ROLES.get(turns[-1]["from"]) == "assistant":
+        answer = turns.pop()["value"]
+    if not any(ROLES.get(turn["from"]) == "user" for turn in turns):
+        raise ValueError(f"row {rid}: the conversation has no question (no human turn before the answer)")
+
+    media = _media_lists(row, root, rid)
+    turns = _add_missing_placeholders(turns, media)
+    # to_messages pairs the k-th placeholder with the k-th path; a frame list goes through as one key, swapped back after
+    frames = {}
+    plain = {"id": rid, "conversations": turns}
+    for modality, items in media.items():
+        paths = []
+        for item in items:
+            if isinstance(item, list):
+                key = f"<frames {len(frames)}>"
+                frames[key] = item
+                paths.append(key)
+            else:
+                paths.append(item)
+        plain[modality] = paths
+    messages = to_messages(plain)
+    for message in messages:
+        for block in message["content"]:
+            if block.get("path") in frames:
+                block["frames"] = frames[block.pop("path")]
+    return messages, answer
+
+
+def _chat_messages(row: dict, root: Path, rid: str) -> tuple[list[dict], str | None]:
+    """(prompt messages, answer text or None) of an HF `messages` row, media paths resolved."""
+    messages = []
+    for message in row["messages"]:
+        content = message["content"]
+        if not isinstance(content, str):
+            content = [
+                {**block, "path": resolve_media_path(block["path"], root, rid, block["type"])}
+                if block.get("path")
+                else dict(block)
+                for block in content
+            ]
+        messages.append({"role": message["role"], "content": content})
+    answer = None
+    if messages and messages[-1]["role"] == "assistant":
+        answer = _text_of(messages.pop()["content"])
+    if not any(message["role"] == "user" for message in messages):
+        raise ValueError(f"row {rid}: the messages have no user turn before the answer")
+    return messages, answer
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """The prompt as readable text: media as their placeholders, one line per earlier turn when there are several."""
+    rendered = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            text = content
+        else:
+            text = "".join(
+                f"<{block['type']}>\n" if block["type"] in ("image", "video", "audio") else block.get("text", "")
+                for block in content
+            )
+        rendered.append((message["role"], text))
+    if len(rendered) == 1:
+        return rendered[0][1]
+    return "\n".join(f"{role.upper()}: {text}" for role, text in rendered)
+
+
+def parse_options(text: str) -> dict[str, str] | None:
+    """Options written as "A. ...", "(B) ...", "C) ..." lines, when they run A, B, C, ... (at least two)."""
+    options = {}
+    for letter, option in OPTION_LINE.findall(text):
+        if letter == string.ascii_uppercase[len(options)]:
+            options[letter] = option
+        elif letter == "A":  # a new list starts: keep the last one, nearest to the question's end
+            options = {"A": option}
+    return options if len(options) >= 2 else None
+
+
+def row_options(row: dict, prompt: str, rid: str) -> dict[str, str] | None:
+    for key in OPTION_KEYS:
+        value = row.get(key)
+        if value:
+            if isinstance(value, dict):
+                return {str(letter).strip().upper(): str(text) for letter, text in value.items()}
+            if not isinstance(value, list) or len(value) > 26:
+                raise ValueError(
+                    f"row {rid}: '{key}' must be a list of at most 26 option texts or a {{letter: text}} object"
+                )
+            return {string.ascii_uppercase[i]: str(text) for i, text in enumerate(value)}
+    return parse_options(prompt)
+
+
+def _group_value(row: dict, group_by: str) -> str | None:
+    value = row.get(group_by)
+    if value is None and group_by == "modality":
+        return modality_mix(row)
+    if isinstance(value, list):
+        return "+".join(sorted(str(v) for v in value))
+    return None if value is None else str(value)
+
+
+def load_eval_samples(
+    data_file: str | Path,
+    task: str,
+    media_root: str | Path | None = None,
+    group_by: str | None = "modality",
+    max_samples: int | None = None,
+) -> list[EvalSample]:
+    """Every row of `data_file` as an `EvalSample`, checked: media files exist, references are present."""
+    if task not in TASK_METRICS:
+        raise ValueError(f"unknown task {task!r}: expected one of {sorted(TASK_METRICS)}")
+    data_file = Path(data_file)
+    root = Path(media_root) if media_root is not None else data_file.resolve().parent
+    rows = read_rows(data_file)[:max_samples]
+    if not rows:
+        raise ValueError(f"{data_file}: no rows to evaluate")
+    samples, groups = [], []
+    for index, row in enumerate(rows):
+        rid = row_id(row, index)
+        messages, answer = (
+            _chat_messages(row, root, rid) if row.get("messages") else _conversation_messages(row, root, rid)
+        )
+        references = row_references(row, answer)
+        if references is None:
+            raise ValueError(
+                f"row {rid} in {data_file}: no reference answer (expected a non-empty final assistant turn or one of "
+                f"the fields {', '.join(REFERENCE_KEYS)})"
+            )
+        if task == "asr" and len(references) != 1:
+            raise ValueError(
+                f"row {rid} in {data_file}: the asr task takes one reference transcript, got {len(references)}"
+            )
+        prompt = prompt_text(messages)
+        sample = EvalSample(rid, messages, prompt, references)
+        if task == "mcq":
+            sample.options = row_options(row, prompt, rid)
+        samples.append(sample)
+        groups.append(_group_value(row, group_by) if group_by else None)
+    if any(group is not None for group in groups):
+        missing = [sample.id for sample, group in zip(samples, groups) if group is None]
+        if missing:
+            raise ValueError(f"{data_file}: rows {missing[:5]} have no {group_by!r} field while other rows do")
+        for sample, group in zip(samples, groups):
+            sample.group = group
+    return samples
+
+
+# -------------------------------------------------------------------------------------------------------- generating
+
+
+def _with_frames_loaded(messages: list[dict]) -> list[dict]:
+    """Videos given as frame files become frame lists (decoded here, at batch time, not for the whole set at once)."""
+    loaded = []
+    for message in messages:
+        content = message["content"]
+        if not isinstance(content, str) and any("frames" in block for block in content):
+            content = [
+                {"type": "video", "video": [_open_rgb(path) for path in block["frames"]]}
+                if "frames" in block
+                else block
+                for block in content
+            ]
+        loaded.append({**message, "content": content})
+    return loaded
+
+
+def _open_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:
+        raise ValueError(f"cannot read video frame {path!r} ({error})") from error
+
+
+def load_model_and_processor(model_path: str, device: str | None = None, dtype: str = "auto"):
+    """The checkpoint's model (eval mode, on `device`) and processor (left padding), both through the Auto classes."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: expected one of {DTYPES}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model = (
+        AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype).to(device).eval()
+    )
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+    processor.tokenizer.padding_side = "left"  # decoder-only batch generation continues from the last position
+    return model, processor
+
+
+@torch.inference_mode()
+def generate_predictions(
+    model, processor, samples: list[EvalSample], batch_size: int = 8, max_new_tokens: int = 32
+) -> list[str]:
+    """Greedy answers for `samples`, `batch_size` prompts at a time, left-padded."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be positive, got {batch_size} and {max_new_tokens}")
+    processor.tokenizer.padding_side = "left"
+    predictions = []
+    for start in tqdm(range(0, len(samples), batch_size), desc="generating", unit="batch"):
+        batch = samples[start : start + batch_size]
+        try:
+            inputs = processor.apply_chat_template(
+                [_with_frames_loaded(sample.messages) for sample in batch],
+                tokenize=True,
+                return_dict=True,
+                add_generation_prompt=True,
+                processor_kwargs={"padding": True},
+            )
+        except (ValueError, OSError) as error:
+            raise ValueError(
+                f"rows {[sample.id for sample in batch]}: cannot build the model inputs ({error})"
+            ) from error
+        inputs = inputs.to(model.device)
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        predictions.extend(text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True))
+    return predictions
+
+
+# ---------------------------------------------------------------------------------------------------------- scoring
+
+
+def compute_metrics(task: str, samples: list[EvalSample], predictions: list[str]) -> dict[str, float]:
+    """The task's metrics; per-group accuracies too when the samples fall into two or more groups."""
+    if len(predictions) != len(samples):
+        raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
+    groups = [sample.group for sample in samples]
+    grouped = groups if None not in groups and len(set(groups)) > 1 else None
+    references = [sample.references for sample in samples]
+    results = {}
+    for name in TASK_METRICS[task]:
+        metric = load_metric(name, keep_in_memory=True)
+        kwargs = {"groups": grouped} if name in GROUPED_METRICS and grouped else {}
+        if name == "mcq_accuracy":
+            kwargs["options"] = [sample.options for sample in samples]
+        refs = [refs[0] for refs in references] if name == "wer" else references
+        results.update(metric.compute(predictions=predictions, references=refs, **kwargs))
+    return results
+
+
+def write_outputs(
+    output_dir: str | Path, task: str, samples: list[EvalSample], predictions: list[str], metrics: dict, dataset: dict
+) -> dict:
+    """`predictions.jsonl` and `metrics.json` in `output_dir`; returns the metrics.json content."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as file:
+        for sample, prediction in zip(samples, predictions):
+            line = {"id": sample.id, "prompt": sample.prompt, "prediction": prediction, "references": sample.references}
+            if sample.group is not None:
+                line["group"] = sample.group
+            if sample.options:
+                line["options"] = sample.options
+            file.write(json.dumps(line, ensure_ascii=False) + "\n")
+    result = {"task": task, "dataset": dataset, "metrics": metrics, "num_samples": len(samples)}
+    (output_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def evaluate_checkpoint(args: EvaluationArguments) -> dict:
+    """Read and check the data, generate, score and write the outputs; returns the metrics.json content."""
+    group_by = None if args.group_by in (None, "", "none") else args.group_by
+    samples = load_eval_samples(args.data, args.task, args.media_root, group_by, args.max_samples)
+    logger.info("Evaluating %d rows of %s (task %s)", len(samples), args.data, args.task)
+    model, processor = load_model_and_processor(args.model, args.device, args.dtype)
+    predictions = generate_predictions(model, processor, samples, args.batch_size, args.max_new_tokens)
+    metrics = compute_metrics(args.task, samples, predictions)
+    name = args.dataset_name or Path(args.data).stem
+    dataset = {"name": name, "type": args.dataset_type or name, "split": args.dataset_split}
+    return write_outputs(args.output_dir, args.task, samples, predictions, metrics, dataset)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(args=argv)
+    result = evaluate_checkpoint(args)
+    summary = ", ".join(f"{name} {value:.4f}" for name, value in result["metrics"].items())
+    print(f"{args.task} on {result['dataset']['name']} ({result['num_samples']} samples): {summary}")
+    print(f"wrote {Path(args.output_dir) / 'predictions.jsonl'} and {Path(args.output_dir) / 'metrics.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
