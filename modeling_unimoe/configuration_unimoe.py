@@ -178,13 +178,17 @@ class UniMoEConfig(PreTrainedConfig):
     projector_hidden_act (`str`, defaults to `"gelu"`): activation of the `mlp2x_gelu` vision projector.
     video_pooling (`str`, defaults to `"mean"`): `"mean"` averages the frames' features (the paper: one image's
         worth of tokens per video, frame order lost); `"none"` keeps every frame's tokens in sequence.
-    num_query_tokens (`int`, defaults to 50): audio tokens per 30 s window and per audio tower.
-    max_audio_windows (`int`, defaults to 20): the most 30 s windows one audio item may use (10 minutes).
+    num_query_tokens (`int`, defaults to 50): audio tokens per audio window and per audio tower.
+    audio_window_seconds (`int`, defaults to 30): length of the windows an audio item is cut into; each window is
+        encoded on its own. Whisper's encoder reads exactly `2 * speech_config.max_source_positions` mel frames
+        (100 per second), so with a speech tower the two must agree (30 s and 1500 positions for real Whisper; the
+        `tiny` preset uses 4 s windows).
+    max_audio_windows (`int`, defaults to 20): the most windows one audio item may use (10 minutes of 30 s windows).
     audio_towers (`list[str]`, *optional*): which towers encode an `<audio>` item, in token order: `["whisper"]`
         (speech), `["beats"]` (sounds) or both. Defaults to every audio tower the config has.
     speech_aligner_layers (`int`, *optional*): Whisper decoder layers in the speech aligner (defaults to all of
         `speech_config.decoder_layers`, as in the paper).
-    mask_audio_padding (`bool`, defaults to `True`): the aligners' queries ignore the padding of each 30 s window
+    mask_audio_padding (`bool`, defaults to `True`): the aligners' queries ignore the padding of each audio window
         (the Whisper and BEATs positions past the clip's end). The original attended to it: converted original
         checkpoints set this to `False` to compute exactly what they were trained to.
     projector_num_experts (`int`, defaults to 1): CuMo option; above 1 the vision projector is a sparse MoE of that
@@ -217,6 +221,7 @@ class UniMoEConfig(PreTrainedConfig):
     projector_hidden_act: str = "gelu"
     video_pooling: str = "mean"
     num_query_tokens: int = 50
+    audio_window_seconds: int = 30
     max_audio_windows: int = 20
     audio_towers: list[str] | None = None
     speech_aligner_layers: int | None = None
@@ -266,6 +271,15 @@ class UniMoEConfig(PreTrainedConfig):
             bad("num_query_tokens", self.num_query_tokens, "at least 1")
         if self.max_audio_windows < 1:
             bad("max_audio_windows", self.max_audio_windows, "at least 1")
+        if self.audio_window_seconds < 1:
+            bad("audio_window_seconds", self.audio_window_seconds, "at least 1")
+        if self.speech_config is not None and self.speech_config.max_source_positions * 2 != self.audio_window_seconds * 100:
+            bad(
+                "audio_window_seconds", self.audio_window_seconds,
+                f"{self.speech_config.max_source_positions * 2 // 100} s: the Whisper encoder's "
+                f"max_source_positions={self.speech_config.max_source_positions} reads "
+                f"{self.speech_config.max_source_positions * 2} mel frames, 100 per second",
+            )
         if self.speech_config is not None and self.num_query_tokens > self.speech_config.max_target_positions:
             bad("num_query_tokens", self.num_query_tokens, f"at most the speech aligner's {self.speech_config.max_target_positions} positions")
         if self.speech_config is not None and not 1 <= self.speech_aligner_layers <= self.speech_config.decoder_layers:

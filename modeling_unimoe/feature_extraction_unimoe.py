@@ -19,11 +19,12 @@ AUDIO_TOWERS = ("whisper", "beats")
 
 class UniMoEFeatureExtractor(SequenceFeatureExtractor):
     r"""
-    Cuts each audio item (mono, 16 kHz) into consecutive 30 s windows and computes, per window, the inputs of every
-    audio tower in `audio_towers`:
+    Cuts each audio item (mono, 16 kHz) into consecutive windows of `window_seconds` (30 s, Whisper's window, unless
+    the model's Whisper reads shorter ones) and computes, per window, the inputs of every audio tower in
+    `audio_towers` (shapes for 30 s windows):
 
-    - `"whisper"`: `input_features` [windows, num_mel_bins, 3000], Whisper's log-mel spectrogram (zero-padded to 30 s),
-      and `input_features_mask` [windows, 3000], 1 on frames of real audio;
+    - `"whisper"`: `input_features` [windows, num_mel_bins, 3000], Whisper's log-mel spectrogram (zero-padded to the
+      window), and `input_features_mask` [windows, 3000], 1 on frames of real audio;
     - `"beats"`: `input_values` [windows, 2998, 128], BEATs' normalised Kaldi fbank (the last window padded by
       repeating its last sample, as the original did) and `input_values_mask` [windows, 2998], 1 on real frames.
 
@@ -89,11 +90,11 @@ class UniMoEFeatureExtractor(SequenceFeatureExtractor):
         return windows
 
     def _beats_window_fbank(self, window: np.ndarray) -> torch.Tensor:
-        """BEATs fbank of one window padded to 30 s by repeating its last sample (the original's padding).
+        """BEATs fbank of one window padded to the window length by repeating its last sample (the original's padding).
 
         Frames that start after the real samples see only that constant, which the fbank maps to one fixed vector
         (DC removal zeroes the frame): compute the frames touching real samples and fill the rest with that vector,
-        instead of running the fbank over up to 30 s of padding.
+        instead of running the fbank over the padding.
         """
         frames = beats_num_frames(self.window_samples)
         shift, length = self.sampling_rate // 100, self.sampling_rate // 40  # 10 ms hop, 25 ms frames
@@ -129,7 +130,7 @@ class UniMoEFeatureExtractor(SequenceFeatureExtractor):
         features = {"audio_windows": counts}
         if "whisper" in self.audio_towers:
             mel = self._whisper(windows, sampling_rate=self.sampling_rate, return_tensors="np")
-            features["input_features"] = mel["input_features"]  # [windows, mel, 3000]
+            features["input_features"] = mel["input_features"]  # [windows, mel, 100 * window_seconds]
             hop = self._whisper.hop_length
             frames = mel["input_features"].shape[-1]
             real = np.minimum(frames, np.ceil(np.asarray(valid) / hop).astype(np.int64))

@@ -501,7 +501,7 @@ class MultimodalSparseMoE(nn.Module):
 
 
 class SpeechQueryAligner(nn.Module):
-    """Whisper decoder layers run over learned query tokens that cross-attend to one 30 s window's encoder states,
+    """Whisper decoder layers run over learned query tokens that cross-attend to one audio window's encoder states,
     then a Linear to the LLM width: `num_query_tokens` soft tokens per window (Uni-MoE's speech Q-Former).
 
     As in the original, the queries enter like decoder inputs: learned positions added, causal self-attention among
@@ -547,7 +547,7 @@ class SpeechQueryAligner(nn.Module):
 
 class AudioQFormerAligner(nn.Module):
     """Uni-MoE's audio connector: a BLIP-2 Q-Former whose learned queries cross-attend to one window's BEATs
-    features, then a Linear to the LLM width: `num_query_tokens` soft tokens per 30 s window."""
+    features, then a Linear to the LLM width: `num_query_tokens` soft tokens per audio window."""
 
     def __init__(self, config: UniMoEConfig):
         super().__init__()
@@ -762,7 +762,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
     def get_speech_features(
         self, input_features: torch.FloatTensor, input_features_mask: torch.Tensor | None = None, **kwargs
     ) -> BaseModelOutputWithPooling:
-        """input_features [N windows, mel, 3000] (Whisper log-mel), input_features_mask [N, 3000] (1 = real audio) ->
+        """input_features [N windows, mel, 3000] (Whisper log-mel, 30 s windows), input_features_mask [N, 3000] (1 = real audio) ->
         `last_hidden_state`: Whisper encoder states [N, 1500, d]; `pooler_output`: aligned query tokens [N, Q, D].
         The encoder sees the whole padded window (as Whisper was trained); with `mask_audio_padding` the aligner's
         queries only read positions of real audio."""
@@ -796,7 +796,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
         input_features_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
-        """Every 30 s window of every `<audio>` item through each tower of `config.audio_towers`; per window the
+        """Every window (`config.audio_window_seconds`) of every `<audio>` item through each tower of `config.audio_towers`; per window the
         towers' tokens are concatenated in that order. `pooler_output` [N windows, towers * Q, D]."""
         per_tower = []
         for tower in self.config.audio_towers:

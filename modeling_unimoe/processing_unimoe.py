@@ -189,7 +189,7 @@ class UniMoEProcessor(ProcessorMixin):
     image_seq_length (`int`): soft tokens per image (576 for CLIP ViT-L/14 at 336 px: (336/14)^2).
     num_frames (`int`): frames sampled uniformly from each video.
     video_pooling (`str`): `"mean"` (a video costs one image's tokens) or `"none"` (`num_frames` times that).
-    num_query_tokens (`int`): audio tokens per 30 s window and audio tower.
+    num_query_tokens (`int`): audio tokens per audio window and audio tower.
     """
 
     def __init__(
@@ -237,7 +237,10 @@ class UniMoEProcessor(ProcessorMixin):
         )
         num_mel_bins = config.speech_config.num_mel_bins if config.speech_config is not None else 80
         feature_extractor = UniMoEFeatureExtractor(
-            audio_towers=config.audio_towers or ["whisper"], num_mel_bins=num_mel_bins, max_audio_windows=config.max_audio_windows
+            audio_towers=config.audio_towers or ["whisper"],
+            num_mel_bins=num_mel_bins,
+            window_seconds=config.audio_window_seconds,
+            max_audio_windows=config.max_audio_windows,
         )
         return cls(
             image_processor,

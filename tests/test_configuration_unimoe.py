@@ -138,3 +138,10 @@ def test_invalid_multimodal_values_name_field_and_value(overrides, field):
 def test_audio_towers_default_to_the_configured_towers():
     assert load_preset("tiny").audio_towers == ["whisper", "beats"]
     assert load_preset("tiny", text_only=True).audio_towers == []
+
+
+def test_audio_window_must_match_the_whisper_encoder():
+    tiny = load_preset("tiny").to_dict()
+    assert UniMoEConfig.from_dict(tiny).audio_window_seconds == 4  # max_source_positions 200 = 400 mel frames
+    with pytest.raises(ValueError, match=r"`audio_window_seconds`=30.*4 s: the Whisper encoder's max_source_positions=200"):
+        UniMoEConfig.from_dict(tiny | {"audio_window_seconds": 30})

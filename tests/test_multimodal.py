@@ -211,7 +211,7 @@ def test_clip_large_336_gives_576_tokens_per_image(tiny_processor):
 def test_aligners_read_only_real_audio(tiny_multimodal_model, tiny_processor):
     model = tiny_multimodal_model.model
     inputs = tiny_processor(text="<audio>", audio=[tone(2.0)])
-    assert inputs["input_features_mask"].sum() == 200  # 2 s of 10 ms frames, out of 3000
+    assert inputs["input_features_mask"].sum() == 200  # 2 s of 10 ms frames, out of 400 (4 s windows)
     states = model.speech_tower(inputs["input_features"]).last_hidden_state
     padding = ~inputs["input_features_mask"][:, ::2].bool()
     garbage = states.clone()

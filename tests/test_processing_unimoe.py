@@ -16,7 +16,7 @@ def test_placeholders_expand_to_the_soft_token_counts(tiny_processor, tmp_path):
     processor = tiny_processor
     image = write_image(tmp_path / "red.png")
     video = write_video(tmp_path / "move.mp4")
-    audio = write_audio(tmp_path / "beep.wav", seconds=40.0)  # two 30 s windows
+    audio = write_audio(tmp_path / "beep.wav", seconds=6.0)  # two windows (the tiny preset's are 4 s long)
     inputs = processor(
         text="<image>\n<video>\n<audio>\nWhat is it?", images=[image], videos=[video], audio=[audio]
     )
@@ -26,9 +26,9 @@ def test_placeholders_expand_to_the_soft_token_counts(tiny_processor, tmp_path):
     assert (ids == processor.audio_token_id).sum() == 2 * 4 * 2  # 2 windows x 4 query tokens x 2 towers
     assert inputs["pixel_values"].shape == (1, 3, 28, 28)
     assert inputs["pixel_values_videos"].shape == (1, processor.num_frames, 3, 28, 28)
-    assert inputs["input_features"].shape == (2, 80, 3000)  # Whisper log-mel per window
-    assert inputs["input_values"].shape == (2, 2998, 128)  # BEATs fbank per window
-    assert inputs["input_values_mask"][1].sum() < 2998 == inputs["input_values_mask"][0].sum()  # 10 s of 30 real
+    assert inputs["input_features"].shape == (2, 80, 400)  # Whisper log-mel per window: 100 frames per second
+    assert inputs["input_values"].shape == (2, 398, 128)  # BEATs fbank per window
+    assert inputs["input_values_mask"][1].sum() < 398 == inputs["input_values_mask"][0].sum()  # 2 s of 4 real
 
 
 def test_video_tokens_without_pooling(tiny_processor):
@@ -140,13 +140,13 @@ def test_audio_is_resampled_and_mixed_to_mono(tiny_processor, tmp_path):
 def test_empty_and_overlong_audio(tiny_processor, caplog):
     with pytest.raises(ValueError, match="audio 0 is empty"):
         tiny_processor(text="<audio>", audio=[np.zeros(0, np.float32)])
-    too_long = np.zeros(16000 * 30 * 5, dtype=np.float32)  # 5 windows, tiny allows 4
-    with pytest.raises(ValueError, match=r"audio item 0 lasts 150\.0 s \(5 windows .*max_audio_windows=4"):
+    too_long = np.zeros(16000 * 4 * 5, dtype=np.float32)  # 5 windows of 4 s, tiny allows 4
+    with pytest.raises(ValueError, match=r"audio item 0 lasts 20\.0 s \(5 windows of 4 s\).*max_audio_windows=4"):
         tiny_processor(text="<audio>", audio=[too_long])
     with caplog.at_level("WARNING"):
         out = tiny_processor(text="<audio>", audio=[too_long], truncation=True)
     assert out["input_features"].shape[0] == 4
-    assert "truncated to the first 120 s" in caplog.text
+    assert "truncated to the first 16 s" in caplog.text
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK", "I;16"])

@@ -109,6 +109,8 @@ def assemble_unimoe(
         vision_feature_layer=vision_feature_layer,
         video_pooling=video_pooling,
         num_query_tokens=num_query_tokens,
+        # Whisper's window: max_source_positions encoder positions = 2 x that many mel frames, 100 per second
+        audio_window_seconds=speech.config.max_source_positions // 50 if speech is not None else 30,
     )
     model = UniMoEForCausalLM(config).to(lm.dtype)
 
