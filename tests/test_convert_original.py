@@ -44,15 +44,17 @@ def expected_weights(checkpoint, towers) -> dict[str, torch.Tensor]:
     stage3 = checkpoint.stage3_dir is not None
     scaling = LORA_ALPHA / LORA_R
     adapter = files.get("stage3/adapter_model.bin", {})
+    lora_targets = set(linear_modules(variant)) if stage3 else set()
 
     def merged(module: str, weight: torch.Tensor) -> torch.Tensor:
-        key = f"base_model.model.{module}.lora_"
-        if not stage3 or key + "A.weight" not in adapter:
+        if module not in lora_targets:
             return weight.float()
+        key = f"base_model.model.{module}.lora_"
         return weight.float() + scaling * adapter[key + "B.weight"].float() @ adapter[key + "A.weight"].float()
 
     expected = {}
-    for name, source in (("model.language_model.embed_tokens.weight", "model.embed_tokens.weight"), ("lm_head.weight", "lm_head.weight")):
+    vocabulary = (("model.language_model.embed_tokens.weight", "model.embed_tokens.weight"), ("lm_head.weight", "lm_head.weight"))
+    for name, source in vocabulary:
         rows = base[source].float()
         expected[name] = torch.cat([rows, rows.mean(0, keepdim=True).expand(len(PLACEHOLDERS), -1)])
     expected["model.language_model.norm.weight"] = base["model.norm.weight"].float()
@@ -338,4 +340,13 @@ def test_unreadable_sentencepiece_tokenizer_says_what_it_needs(towers, tmp_path)
     (checkpoint.base_dir / "tokenizer.model").write_bytes(b"\x00not a sentencepiece model")
     (checkpoint.base_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
     with pytest.raises(ValueError, match=r"Cannot load the tokenizer of .*base: .*`sentencepiece` and `protobuf`"):
+        convert_original("speech-4e", **checkpoint.arguments(towers))
+
+
+def test_keys_that_collapse_under_the_prefix_clean_up_are_an_error(towers, tmp_path):
+    checkpoint = write_original_checkpoint(tmp_path, "speech-4e")
+    trainables = dict(checkpoint.files["stage3/non_lora_trainables.bin"])
+    trainables["model.model.mm_projector.0.weight"] = torch.zeros(32, 16)  # same weight once `base_model.` is gone
+    torch.save(trainables, checkpoint.stage3_dir / "non_lora_trainables.bin")
+    with pytest.raises(ValueError, match=r"non_lora_trainables.bin: these keys become the same weight .*mm_projector\.0\.weight"):
         convert_original("speech-4e", **checkpoint.arguments(towers))

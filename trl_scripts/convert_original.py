@@ -126,13 +126,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def normalise_keys(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """The original loader's key clean-up for files saved from the PEFT-wrapped model: drop a leading `base_model.`,
-    then, if any key starts with `model.model.`, drop one leading `model.` everywhere."""
-    state = {(key[len("base_model.") :] if key.startswith("base_model.") else key): value for key, value in state.items()}
-    if any(key.startswith("model.model.") for key in state):
-        state = {(key[len("model.") :] if key.startswith("model.") else key): value for key, value in state.items()}
-    return state
+    then, if any key starts with `model.model.`, drop one leading `model.` everywhere. Two keys that become one would
+    lose a tensor: that is an error naming them."""
+    renamed = {key: key.removeprefix("base_model.") for key in state}
+    if any(key.startswith("model.model.") for key in renamed.values()):
+        renamed = {key: new.removeprefix("model.") for key, new in renamed.items()}
+    by_new_name = defaultdict(list)
+    for key, new in renamed.items():
+        by_new_name[new].append(key)
+    collisions = [keys for keys in by_new_name.values() if len(keys) > 1]
+    if collisions:
+        raise ValueError(f"{path}: these keys become the same weight after the original's prefix clean-up: {collisions[:5]}")
+    return {renamed[key]: value for key, value in state.items()}
 
 
 def base_shard_files(base_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
@@ -558,10 +565,10 @@ def target_shapes(model: UniMoEForCausalLM, original_vocab_size: int) -> dict[Sl
 # --------------------------------------------------------------------------------------------------- the sources
 
 
-def _read_into_plan(plan: WeightPlan, mapper: OriginalKeyMapper, path: Path, *, normalise: bool = True) -> None:
+def _read_into_plan(plan: WeightPlan, mapper: OriginalKeyMapper, path: Path) -> None:
     state = read_state_dict(path)
     plan.report.tensors_read[str(path)] = len(state)
-    for key, tensor in (normalise_keys(state) if normalise else state).items():
+    for key, tensor in normalise_keys(state, path).items():
         plan.place(mapper.map(key), tensor, f"{path.name}:{key}")
 
 
@@ -636,7 +643,7 @@ def read_8e_experts(
     )
     for expert, name in enumerate(tqdm(expert_files, desc="Reading experts", unit="expert")):
         lora_path = stage3_dir / f"{expert}_mlp_experts.bin"
-        lora_state = normalise_keys(read_state_dict(lora_path))
+        lora_state = normalise_keys(read_state_dict(lora_path), lora_path)
         plan.report.tensors_read[str(lora_path)] = len(lora_state)
         pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = defaultdict(dict)
         local_indices = set()
