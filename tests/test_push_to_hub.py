@@ -1,0 +1,407 @@
+"""Publishing to the Hub: `python -m trl_scripts.push_to_hub`, plain `model.push_to_hub` / `processor.push_to_hub` and a
+peft adapter, against the Hub-compatible endpoint of `local_hub.py` on 127.0.0.1; the published repositories are
+loaded back in fresh processes (our packages unimportable there) through `from_pretrained("org/name")`."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import RepositoryNotFoundError
+from peft import LoraConfig, get_peft_model
+
+from conftest import REPO_ROOT, make_tiny_model, random_ids, run_fresh_python
+from local_hub import LocalHub
+from media import write_audio, write_image, write_video
+from modeling_unimoe import UniMoEForCausalLM
+from trl_scripts import load_preset, load_tiny_processor
+from trl_scripts.model_card import build_model_card, load_eval_result
+from trl_scripts.push_to_hub import check_model_folder, push_folder_to_hub
+
+
+TOKEN = "hf_local_test_token"
+BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+CODE_FILES = {
+    "configuration_unimoe.py", "configuration_beats.py", "modeling_unimoe.py", "modeling_beats.py",
+    "pipeline_unimoe.py", "processing_unimoe.py", "feature_extraction_unimoe.py", "feature_extraction_beats.py",
+}
+PROCESSOR_FILES = {"processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with LocalHub(tokens={TOKEN}) as server:
+        yield server
+
+
+def hub_env(hub: LocalHub, tmp_path, token: str | None = TOKEN) -> dict:
+    """Environment of a process that talks to the local hub: endpoint, private HF_HOME, token (or none at all)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("HF_")}
+    env |= {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home_push"), "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO_ROOT)}
+    if token is not None:
+        env["HF_TOKEN"] = token
+    return env
+
+
+def run_cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "trl_scripts.push_to_hub", *args], cwd=REPO_ROOT, env=env, capture_output=True,
+        text=True, timeout=300,
+    )
+
+
+def run_with_package(code: str, env: dict, tmp_path) -> str:
+    """A fresh process that imports our packages (the publishing side), talking to the local hub."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, f"process failed:\n{result.stdout}\n{result.stderr[-4000:]}"
+    return result.stdout
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """Lets this process talk to the local hub (conftest makes the test session offline)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture
+def hub_client_env(hub, monkeypatch):
+    """For `run_fresh_python` (which forces HF_HUB_OFFLINE=1): the hub endpoint and token; the code re-enables HTTP."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def run_hub_client(code: str, tmp_path) -> str:
+    """A Hub user's fresh process (our packages unimportable) reading from the local hub."""
+    online = 'import os\nos.environ["HF_HUB_OFFLINE"] = "0"  # the local hub is the only endpoint\n'
+    return run_fresh_python(online + textwrap.dedent(code), tmp_path)
+
+
+def save_multimodal(folder, seed: int = 0):
+    model, processor = make_tiny_model(seed=seed, text_only=False), load_tiny_processor()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+def write_eval_result(path, task="vqa", name="Synthetic VQA", metrics=None, **overrides):
+    result = {"task": task, "dataset": {"name": name, "type": f"synthetic-{task}", "split": "test"},
+              "metrics": metrics or {"accuracy": 0.75}, **overrides}
+    path.write_text(json.dumps(result))
+    return path
+
+
+def write_media(folder):
+    write_image(folder / "image.png", color=(0, 0, 255))
+    write_video(folder / "video.mp4")
+    write_audio(folder / "audio.wav", seconds=1.0)
+
+
+def usage_code(readme: str) -> str:
+    return re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+
+
+def test_cli_publishes_checkpoint_with_card_and_fresh_process_loads_it(hub, hub_client_env, online, tmp_path):
+    folder = tmp_path / "stage3"
+    model, processor = save_multimodal(folder)
+    write_image(folder / "routing_heatmap.png", size=(16, 8))  # what the quickstart leaves in the folder
+    write_eval_result(folder / "eval_results_vqa.json")
+    extra = write_eval_result(tmp_path / "mcq.json", task="mcq", name="Synthetic MCQ", metrics={"accuracy": 0.5})
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / "optimizer.pt").write_bytes(b"\x80 pickle")
+    (folder / "training_args.bin").write_bytes(b"\x80 pickle")
+    (folder / "README.md").write_text("stale card")
+
+    result = run_cli(
+        ["--model", str(folder), "--repo-id", "org/tiny-unimoe", "--private", "--eval_results", str(extra),
+         "--base_model", BASE_MODEL, "--datasets", "synthetic-instructions"],
+        hub_env(hub, tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Pushed" in result.stdout and "org/tiny-unimoe" in result.stdout
+
+    repo = hub.repo("org/tiny-unimoe")
+    assert repo.private
+    assert HfApi(endpoint=hub.url, token=TOKEN).model_info("org/tiny-unimoe").private
+    with pytest.raises(RepositoryNotFoundError):  # invisible without a token
+        HfApi(endpoint=hub.url, token=False).model_info("org/tiny-unimoe")
+    assert set(repo.files) == MODEL_FILES | CODE_FILES | PROCESSOR_FILES | {
+        ".gitattributes", "README.md", "routing_heatmap.png", "eval_results_vqa.json"}
+    assert [c.title for c in repo.commits] == ["initial commit", "Upload Uni-MoE model with model card"]
+    assert json.loads(repo.files["config.json"])["auto_map"]["AutoModelForCausalLM"] == "modeling_unimoe.UniMoEForCausalLM"
+    assert repo.files["model.safetensors"] == (folder / "model.safetensors").read_bytes()
+
+    card = ModelCard(repo.files["README.md"].decode())
+    assert card.data.license == "apache-2.0"
+    assert card.data.base_model == [BASE_MODEL]
+    assert card.data.pipeline_tag == "any-to-any"
+    assert card.data.library_name == "transformers"
+    assert {"uni-moe", "mixture-of-experts", "multimodal", "vision", "speech", "audio"} <= set(card.data.tags)
+    assert card.data.datasets == ["synthetic-instructions"]
+    results = {(r.task_type, r.dataset_name, r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results == {
+        ("visual-question-answering", "Synthetic VQA", "test", "accuracy"): 0.75,
+        ("multiple-choice", "Synthetic MCQ", "test", "accuracy"): 0.5,
+    }
+    total, active = model.num_parameters(), model.num_active_parameters()
+    assert active < total
+    assert f"{active:,} of {total:,}" in card.text
+    assert "| Experts | 4 routed per sparse layer" in card.text and "| Top-k | 2 experts per token" in card.text
+    assert "| Sparse layers | all 4 decoder layers |" in card.text
+    assert "| Speech tower | Whisper encoder" in card.text and "| Sound tower | BEATs" in card.text
+    assert "![Expert routing heatmap](routing_heatmap.png)" in card.text
+    assert "| Multiple Choice | Synthetic MCQ | test | accuracy | 0.5 |" in card.text
+
+    # A Hub user: our packages unimportable, everything from org/tiny-unimoe, and the card's own usage snippet.
+    write_media(tmp_path)
+    ids = random_ids(2, 7)
+    messages = [{"role": "user", "content": [
+        {"type": "image", "path": str(tmp_path / "image.png")}, {"type": "text", "text": "Colour?"}]}]
+    inputs = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = {"ids": ids, "logits": model(ids).logits, "messages": messages, "inputs": dict(inputs)}
+    torch.save(expected, tmp_path / "expected.pt")
+    stdout = run_hub_client(
+        f"""
+        import torch
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+        from transformers import AutoModelForCausalLM, AutoProcessor
+        expected = torch.load("expected.pt")
+        model = AutoModelForCausalLM.from_pretrained("org/tiny-unimoe", trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        with torch.no_grad():
+            assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+        processor = AutoProcessor.from_pretrained("org/tiny-unimoe", trust_remote_code=True)
+        inputs = processor.apply_chat_template(expected["messages"], tokenize=True, return_dict=True,
+                                               add_generation_prompt=True, return_tensors="pt")
+        assert inputs.keys() == expected["inputs"].keys()
+        assert all(torch.equal(inputs[k], v) for k, v in expected["inputs"].items())
+        try:
+            hf_hub_download("org/tiny-unimoe", "adapter_config.json")
+            raise AssertionError("a missing file was served")
+        except EntryNotFoundError as error:
+            print("MISSING", type(error).__name__)
+        exec({usage_code(card.text)!r})
+        print("USAGE_OK", type(processor).__name__)
+        """,
+        tmp_path,
+    )
+    assert "MISSING RemoteEntryNotFoundError" in stdout
+    assert "USAGE_OK UniMoEProcessor" in stdout
+
+
+def test_plain_model_and_processor_push_to_hub(hub, hub_client_env, online, tmp_path):
+    folder = tmp_path / "model"
+    model, _ = save_multimodal(folder, seed=3)
+    stdout = run_with_package(
+        f"""
+        from modeling_unimoe import UniMoEForCausalLM, UniMoEProcessor
+        from trl_scripts.push_to_hub import HubTokenError, push_folder_to_hub
+        model = UniMoEForCausalLM.from_pretrained({str(folder)!r})
+        processor = UniMoEProcessor.from_pretrained({str(folder)!r})
+        model.push_to_hub("org/plain")
+        processor.push_to_hub("org/plain")
+        # a card from our CLI survives later plain pushes (transformers keeps the repository's README.md)
+        push_folder_to_hub({str(folder)!r}, "org/carded")
+        model.generation_config.max_new_tokens = 7  # a change, so the plain push makes a commit
+        model.push_to_hub("org/carded", commit_message="plain push")
+        try:
+            push_folder_to_hub({str(folder)!r}, "org/refused", token="hf_wrong")
+        except HubTokenError as error:
+            print("REFUSED", error)
+        """,
+        hub_env(hub, tmp_path), tmp_path,
+    )
+    plain = hub.repo("org/plain")
+    assert not plain.private
+    assert MODEL_FILES | CODE_FILES | PROCESSOR_FILES | {"README.md"} <= set(plain.files)
+    assert "auto_map" in json.loads(plain.files["config.json"])
+    assert ModelCard(plain.files["README.md"].decode()).data.library_name == "transformers"
+    carded = hub.repo("org/carded")
+    assert carded.commits[-1].title == "plain push"
+    assert json.loads(carded.files["generation_config.json"])["max_new_tokens"] == 7
+    assert "## Architecture" in carded.files["README.md"].decode()
+    assert "REFUSED The Hub at" in stdout and "refused the token for org/refused (401" in stdout
+    assert ("model", "org/refused") not in hub.repos
+    # --private on an existing public repository makes it private
+    push_folder_to_hub(folder, "org/plain", private=True, token=TOKEN, endpoint=hub.url)
+    assert plain.private and "## Architecture" in plain.files["README.md"].decode()
+
+    ids = random_ids(1, 9, seed=4)
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "expected.pt")
+    stdout = run_hub_client(
+        """
+        import torch
+        from transformers import AutoModelForCausalLM, AutoProcessor
+        expected = torch.load("expected.pt")
+        model = AutoModelForCausalLM.from_pretrained("org/plain", trust_remote_code=True)
+        with torch.no_grad():
+            assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+        processor = AutoProcessor.from_pretrained("org/plain", trust_remote_code=True)
+        print("LOADED", type(processor).__name__, processor.chat_template is not None)
+        """,
+        tmp_path,
+    )
+    assert "LOADED UniMoEProcessor True" in stdout
+
+
+def test_peft_adapter_pushes_and_loads(hub, hub_client_env, online, tmp_path):
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    make_tiny_model(seed=5).save_pretrained(base_dir)
+    load_tiny_processor().save_pretrained(base_dir)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                      target_parameters=["mlp.experts.gate_up_proj"])
+    model = get_peft_model(UniMoEForCausalLM.from_pretrained(base_dir), lora).eval()
+    torch.manual_seed(6)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: make the adapter change the model
+                parameter.normal_(std=0.05)
+    model.save_pretrained(adapter_dir)
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+
+    # trained on a local folder: Hub users could not resolve that base model
+    with pytest.raises(ValueError, match=r"local folder .* --base_model ORG/NAME"):
+        check_model_folder(adapter_dir)
+
+    push_folder_to_hub(base_dir, "org/lora-base", token=TOKEN, endpoint=hub.url)
+    result = run_cli(["--model", str(adapter_dir), "--repo-id", "org/lora-adapter", "--base_model", "org/lora-base"],
+                     hub_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    adapter = hub.repo("org/lora-adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(adapter.files)
+    assert json.loads(adapter.files["adapter_config.json"])["base_model_name_or_path"] == "org/lora-base"
+    card = ModelCard(adapter.files["README.md"].decode())
+    assert card.data.library_name == "peft" and card.data.base_model == ["org/lora-base"]
+    assert {"lora", "peft", "uni-moe"} <= set(card.data.tags)
+    assert "A LoRA adapter (peft; r=4, alpha=8" in card.text and "`mlp.experts.gate_up_proj`" in card.text
+    assert "PeftModel.from_pretrained(model, \"org/lora-adapter\")" in card.text
+
+    ids = random_ids(2, 6, seed=7)
+    with torch.no_grad(), model.disable_adapter():
+        base_logits = model(ids).logits
+    with torch.no_grad():
+        adapted = model(ids).logits
+    assert not torch.allclose(adapted, base_logits, atol=1e-3)
+    torch.save({"ids": ids, "logits": adapted}, tmp_path / "expected.pt")
+    stdout = run_hub_client(
+        f"""
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        expected = torch.load("expected.pt")
+        base = AutoModelForCausalLM.from_pretrained("org/lora-base", trust_remote_code=True)
+        model = PeftModel.from_pretrained(base, "org/lora-adapter").eval()
+        with torch.no_grad():
+            assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+        exec({usage_code(card.text)!r})
+        print("ADAPTER_OK")
+        """,
+        tmp_path,
+    )
+    assert "ADAPTER_OK" in stdout
+
+
+def test_push_without_token_is_a_clear_error(hub, tmp_path):
+    folder = tmp_path / "model"
+    make_tiny_model().save_pretrained(folder)
+    load_tiny_processor().save_pretrained(folder)
+    result = run_cli(["--model", str(folder), "--repo-id", "org/no-token"], hub_env(hub, tmp_path, token=None))
+    assert result.returncode == 1
+    assert "push_to_hub: error: No Hugging Face token" in result.stderr and "hf auth login" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert ("model", "org/no-token") not in hub.repos
+
+
+@pytest.fixture
+def saved_multimodal(tmp_path):
+    folder = tmp_path / "checkpoint"
+    save_multimodal(folder)
+    return folder
+
+
+def _refused(hub, folder, match, repo_id="org/refused-input", **kwargs):
+    with pytest.raises(ValueError, match=match):
+        push_folder_to_hub(folder, repo_id, token=TOKEN, endpoint=hub.url, **kwargs)
+    assert ("model", repo_id) not in hub.repos  # refused before anything was sent
+
+
+def test_config_without_auto_map_is_refused(hub, saved_multimodal):
+    config_path = saved_multimodal / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["auto_map"]
+    config_path.write_text(json.dumps(config))
+    _refused(hub, saved_multimodal,
+             r"config\.json has no `auto_map` entry for AutoConfig, AutoModelForCausalLM.*save_pretrained")
+
+
+def test_missing_remote_code_is_refused(hub, saved_multimodal):
+    # modeling_beats.py is not named in auto_map: modeling_unimoe.py imports it (relative imports are followed)
+    (saved_multimodal / "modeling_beats.py").unlink()
+    (saved_multimodal / "processing_unimoe.py").unlink()
+    _refused(hub, saved_multimodal, r"lacks the remote-code files modeling_beats\.py, processing_unimoe\.py.*Re-save it")
+
+
+def test_incomplete_folders_are_refused(hub, saved_multimodal, tmp_path):
+    (saved_multimodal / "chat_template.jinja").unlink()
+    _refused(hub, saved_multimodal, r"no chat template")
+    (saved_multimodal / "processor_config.json").unlink()
+    _refused(hub, saved_multimodal, r"multimodal model .* no processor_config\.json.*processor\.save_pretrained")
+    (saved_multimodal / "model.safetensors").rename(saved_multimodal / "pytorch_model.bin")
+    _refused(hub, saved_multimodal, r"No model\.safetensors .*found pytorch_model\.bin: only safetensors")
+    _refused(hub, tmp_path / "nowhere", r"does not exist")
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    _refused(hub, tmp_path / "llama", r"model_type 'llama', not 'unimoe'")
+    _refused(hub, saved_multimodal, r"ORG/NAME", repo_id="no-namespace")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"task": None}, r"`task`"),
+        ({"dataset": {"name": "x", "type": "y"}}, r"`dataset\.split`"),
+        ({"metrics": {"accuracy": "high"}}, r"`metrics\.accuracy`"),
+        ({"metrics": {"wer": float("nan")}}, r"`metrics\.wer`"),
+        ({"metrics": {}}, r"`metrics`"),
+    ],
+)
+def test_bad_eval_results_name_file_and_key(tmp_path, change, message):
+    path = tmp_path / "eval_results_bad.json"
+    result = {"task": "asr", "dataset": {"name": "n", "type": "t", "split": "test"}, "metrics": {"wer": 0.1}} | change
+    path.write_text(json.dumps(result))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: .*{message}"):
+        load_eval_result(path)
+
+
+def test_eval_results_file_that_is_not_json(hub, saved_multimodal):
+    (saved_multimodal / "eval_results_asr.json").write_text("{not json")
+    _refused(hub, saved_multimodal, r"eval_results_asr\.json is not valid JSON")
+
+
+def test_card_of_a_text_only_model(tmp_path):
+    config = load_preset("tiny", text_only=True, moe_layers="even", num_shared_experts=1)
+    card = build_model_card(tmp_path, "org/text-moe", config, license="mit", has_processor=False,
+                            eval_results=[{"task": "asr", "dataset": {"name": "Tones", "type": "tones", "split": "dev"},
+                                           "metrics": {"wer": 0.25}}])
+    assert card.data.pipeline_tag == "text-generation" and card.data.license == "mit"
+    assert "multimodal" not in card.data.tags and card.data.base_model is None
+    assert card.data.eval_results[0].task_type == "automatic-speech-recognition"
+    assert "| Sparse layers | 2 of 4 decoder layers (even layers) |" in card.text
+    assert "| Experts | 4 routed + 1 shared per sparse layer" in card.text
+    assert "AutoTokenizer.from_pretrained(\"org/text-moe\", trust_remote_code=True)" in card.text
+    assert "routing_heatmap" not in card.text  # none in the folder: no section
+    assert "| Speech Recognition | Tones | dev | wer | 0.25 |" in card.text
