@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoProcessor, HfArgumentParser, TrainingArguments
+from transformers import AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_unimoe import UniMoEForCausalLM
 
@@ -46,6 +46,9 @@ class StageArguments:
     router_type: str = "topk_softmax"
     lora_r: int = 8
     lora_alpha: int = 16
+    router_aux_loss_coef: float | None = field(
+        default=None, metadata={"help": "Stage 3: weight of the balance loss (default: keep the stage-2 model's)."}
+    )
     train_output_layers: bool = field(
         default=False,
         metadata={"help": "Also train the final norm and LM head (needed when the LM starts random; not the paper's recipe)."},
@@ -146,6 +149,8 @@ def run_stage3(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
         dense, ffns, num_experts=len(ffns), num_experts_per_tok=stage_args.num_experts_per_tok,
         moe_layers=moe_layers, router_type=stage_args.router_type,
     )
+    if stage_args.router_aux_loss_coef is not None:
+        model.config.text_config.router_aux_loss_coef = stage_args.router_aux_loss_coef
     peft_model = prepare_stage3(
         model, lora_r=stage_args.lora_r, lora_alpha=stage_args.lora_alpha, train_output_layers=stage_args.train_output_layers
     )
@@ -165,6 +170,8 @@ def run(stage_args: StageArguments, data_args: DataArguments, training_args: Tra
     if stage_args.stage not in STAGES:
         raise ValueError(f"--stage must be 1, 2 or 3, got {stage_args.stage}")
     training_args.remove_unused_columns = False  # rows carry media paths the collator needs
+    # before any model is built: fresh weights (routers, LoRA) are then the same in every process and every launch
+    set_seed(training_args.seed)
     logger.info("stage %d on %d process(es), %s", stage_args.stage, training_args.world_size, training_args.parallel_mode.value)
     dataset = validate_dataset(load_conversations(data_args.train_files), data_args.media_root, data_args.skip_invalid)
     return STAGES[stage_args.stage](stage_args, data_args, training_args, dataset)
