@@ -94,3 +94,28 @@ def test_sampler_gives_one_modality_mix_per_global_batch():
     first, second = (sampler.set_epoch(0), list(sampler))[1], (sampler.set_epoch(1), list(sampler))[1]
     assert first != second
     assert Counter(first).most_common(1)[0][1] <= 2
+
+
+def test_text_warmup_rows_replace_each_placeholder_by_its_media_caption():
+    from trl_scripts.data import text_warmup_rows, with_system_prompt
+
+    captions = [
+        {"id": "c0", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A red circle."}]},
+        {"id": "c1", "audio": "b.wav", "conversations": [{"from": "human", "value": "<audio>\nDescribe."}, {"from": "gpt", "value": "Two beeps."}]},
+    ]
+    row = {
+        "id": "r0", "modality": "image", "image": "a.png", "audio": "b.wav",
+        "conversations": [{"from": "human", "value": "<audio>\n<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}],
+    }
+    (warm,) = text_warmup_rows([row], captions)
+    assert warm == {
+        "id": "text-r0", "modality": "image",
+        "conversations": [{"from": "human", "value": "Two beeps.\nA red circle.\nWhat colour?"}, {"from": "gpt", "value": "red"}],
+    }
+    with pytest.raises(ValueError, match=r"row r1: no caption for its media \['c.png'\]"):
+        text_warmup_rows([{**row, "id": "r1", "image": "c.png"}], captions)
+    messages = [{"role": "user", "content": "hi"}]
+    assert with_system_prompt(messages, None) == messages
+    assert with_system_prompt(messages, "")[0] == {"role": "system", "content": ""}
+    system = [{"role": "system", "content": "kept"}, *messages]
+    assert with_system_prompt(system, "") == system

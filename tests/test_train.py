@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import TrainingArguments
 
@@ -93,3 +94,24 @@ def test_output_layers_train_only_when_asked():
     assert any("lm_head.modules_to_save" in name for name in trainable)
     assert any("language_model.norm.modules_to_save" in name for name in trainable)
     assert not any("input_layernorm" in name for name in trainable)
+
+
+def test_stage0_text_warmup_trains_only_the_language_model(tmp_path):
+    train = write_rows(tmp_path)
+    captions = [
+        {"id": "c-img", "image": "red.png", "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A red square."}]},
+        {"id": "c-aud", "audio": "beep.wav", "conversations": [{"from": "human", "value": "<audio>\nDescribe."}, {"from": "gpt", "value": "One beep."}]},
+    ]
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    data = DataArguments(train_files=[train], media_root=str(tmp_path), captions_file=str(tmp_path / "captions.json"), system_prompt="")
+    trainer = run(StageArguments(stage=0, model_name_or_path="tiny"), data, training_args(tmp_path / "s0"))
+    trainable = {component for component, (t, _) in parameter_counts(trainer.model).items() if t}
+    assert trainable == {"language_model", "lm_head"}
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    assert "pixel_values" not in batch and "input_features" not in batch  # text only: the captions replaced the media
+    assert "USER: A red square.\nWhat colour? ASSISTANT:" in trainer.data_collator.processor.tokenizer.decode(batch["input_ids"][0])
+    # stage 1 continues from the warmed-up folder
+    run(StageArguments(stage=1, model_name_or_path=str(tmp_path / "s0")), data, training_args(tmp_path / "s1"))
+    assert (tmp_path / "s1" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="stage 0 needs --captions_file"):
+        run(StageArguments(stage=0, model_name_or_path="tiny"), DataArguments(train_files=[train], media_root=str(tmp_path)), training_args(tmp_path / "x"))

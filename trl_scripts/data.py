@@ -96,6 +96,40 @@ def to_messages(row: dict, media_root: str | Path | None = None) -> list[dict]:
     return messages
 
 
+def text_warmup_rows(rows: list[dict], caption_rows: list[dict]) -> list[dict]:
+    """`rows` with every media placeholder replaced by its media's caption, media keys dropped: text-only rows that
+    teach a random language model to answer from a description (stage 0). `caption_rows` are stage-1 rows whose
+    answer is the caption of their media; a media item without one is an error naming the row."""
+    captions = {}
+    for row in caption_rows:
+        for paths in row_media(row, None).values():
+            for path in paths:
+                captions[path] = row["conversations"][-1]["value"]
+    warmup = []
+    for row in rows:
+        media = [path for paths in row_media(row, None).values() for path in paths]
+        missing = [path for path in media if path not in captions]
+        if missing:
+            raise ValueError(f"row {row.get('id', '?')}: no caption for its media {missing}")
+        described = {modality: iter(paths) for modality, paths in row_media(row, None).items()}
+
+        def describe(match: re.Match) -> str:
+            return captions[next(described[match.group(1)])] + "\n"
+
+        turns = [{"from": turn["from"], "value": PLACEHOLDER.sub(describe, turn["value"])} for turn in row["conversations"]]
+        extra = {key: row[key] for key in ("modality", "task") if key in row}
+        warmup.append({"id": f"text-{row.get('id', len(warmup))}", **extra, "conversations": turns})
+    return warmup
+
+
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """`messages` with `system_prompt` as their system message, unless they have one or it is None (the chat
+    template's default then applies: Vicuna v1's sentence)."""
+    if system_prompt is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
 def modality_mix(row: dict) -> str:
     """The sorted set of modalities a row uses ("text" when none): the sampler's grouping key."""
     media = row_media(row)
@@ -151,12 +185,13 @@ def validate_dataset(
 class UniMoEDataCollator:
     """Rows -> a padded batch with assistant-only labels, all modalities, through the processor's chat template."""
 
-    def __init__(self, processor, media_root: str | Path | None = None):
+    def __init__(self, processor, media_root: str | Path | None = None, system_prompt: str | None = None):
         self.processor = processor
         self.media_root = media_root
+        self.system_prompt = system_prompt
 
     def __call__(self, rows: list[dict]):
-        conversations = [to_messages(row, self.media_root) for row in rows]
+        conversations = [with_system_prompt(to_messages(row, self.media_root), self.system_prompt) for row in rows]
         return self.processor.apply_chat_template(
             conversations, tokenize=True, return_dict=True, return_labels=True, processor_kwargs={"padding": True}
         )

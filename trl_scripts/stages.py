@@ -1,5 +1,7 @@
 """What trains in each of Uni-MoE's progressive stages.
 
+0. Text warm-up (not in the paper, whose LLM was pretrained): a randomly initialised language model learns to answer
+   from text, the skill the stages assume; towers and connectors untouched.
 1. Alignment: only the connectors (vision projector, speech aligner, audio aligner); towers and LLM frozen.
 2. Modality-specific experts: a dense copy of the LLM's FFNs trains on one modality's data, with the connectors;
    attention, embeddings, norms and towers frozen. Each result becomes one expert (`dense_ffn_state_dict`).
@@ -52,6 +54,14 @@ def _connectors(model: UniMoEForCausalLM):
 def _unfreeze_output_layers(model: UniMoEForCausalLM):
     model.model.language_model.norm.requires_grad_(True)
     model.lm_head.requires_grad_(True)
+
+
+def prepare_stage0(model: UniMoEForCausalLM) -> dict[str, tuple[int, int]]:
+    """Text warm-up: the whole language model (embeddings, attention, FFNs, norms, head); towers and connectors frozen."""
+    model.requires_grad_(False)
+    model.model.language_model.requires_grad_(True)
+    model.lm_head.requires_grad_(True)
+    return log_parameter_counts(model, "stage 0 (text warm-up)")
 
 
 def prepare_stage1(model: UniMoEForCausalLM, train_output_layers: bool = False) -> dict[str, tuple[int, int]]:

@@ -1,5 +1,7 @@
 """Uni-MoE's progressive training, one stage per call, on transformers' Trainer.
 
+    python -m trl_scripts.train --stage 0 --model_name_or_path tiny --train_files train.json captions.json \
+        --captions_file captions.json --output_dir out/stage0        # only for a random LM (not in the paper)
     python -m trl_scripts.train --stage 1 --model_name_or_path tiny --train_files captions.json --media_root DIR \
         --output_dir out/stage1 [TrainingArguments...]
     python -m trl_scripts.train --stage 2 --model_name_or_path out/stage1 --train_files train.json \
@@ -7,6 +9,8 @@
     python -m trl_scripts.train --stage 3 --model_name_or_path out/stage2 --train_files train.json --output_dir out/stage3
     python -m trl_scripts.train configuration/training/stage1.yaml      # the same arguments from a YAML file
 
+Stage 0, the text warm-up, is not in the paper: a randomly initialised language model (the `tiny` preset) first
+learns to answer from text, each media placeholder replaced by its media's caption, as a pretrained LLM already can.
 Stage 1 starts from a preset (`tiny`, `small`, ...: a dense language model with the preset's towers) or a saved
 model; stage 2 trains, for each name in `--experts`, the stage-1 FFNs on the rows whose `modality` is that name
 (the FFNs are reset between experts, the connectors keep learning) and saves each as `experts/<name>.safetensors`;
@@ -21,14 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_unimoe import UniMoEForCausalLM
 
-from .data import UniMoEDataCollator, load_conversations, validate_dataset
+from .data import UniMoEDataCollator, load_conversations, text_warmup_rows, validate_dataset
 from .presets import PRESETS_DIR, load_preset, load_tiny_processor
-from .stages import prepare_stage1, prepare_stage2, prepare_stage3
+from .stages import prepare_stage0, prepare_stage1, prepare_stage2, prepare_stage3
 from .trainer import UniMoETrainer
 from .upcycling import dense_ffn_state_dict, upcycle_unimoe
 
@@ -38,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StageArguments:
-    stage: int = field(metadata={"help": "1 (alignment), 2 (modality experts) or 3 (MoE tuning)."})
+    stage: int = field(metadata={"help": "0 (text warm-up, random LMs only), 1 (alignment), 2 (modality experts) or 3 (MoE tuning)."})
     model_name_or_path: str = field(metadata={"help": "A preset name (stage 1) or the previous stage's output folder."})
     experts: str = field(default="", metadata={"help": "Stage 2: comma-separated modality names, one expert each, in expert order."})
     num_experts_per_tok: int = 2
@@ -61,12 +66,19 @@ class DataArguments:
     media_root: str | None = field(default=None, metadata={"help": "Media paths in the rows are relative to this folder."})
     skip_invalid: bool = field(default=False, metadata={"help": "Drop (and count) rows with missing or unreadable media."})
     group_by_modality: bool = field(default=True, metadata={"help": "One modality mix per global batch."})
+    captions_file: str | None = field(
+        default=None, metadata={"help": "Stage 0: caption rows (stage-1 data) describing the media of --train_files."}
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "System message for rows without one (default: the chat template's, Vicuna v1's sentence)."},
+    )
 
 
 def load_stage_model(name_or_path: str, stage: int) -> tuple[UniMoEForCausalLM, object]:
     """(model, processor): a fresh dense model from a preset for stage 1, else the saved previous stage."""
     if not Path(name_or_path).is_dir() and (PRESETS_DIR / f"{name_or_path}.json").is_file():
-        if stage != 1:
+        if stage > 1:
             raise ValueError(f"stage {stage} continues from the previous stage's output folder, not the preset {name_or_path!r}")
         if name_or_path != "tiny":
             raise ValueError(f"only the `tiny` preset ships a tokenizer; build {name_or_path!r} with trl_scripts.assemble first")
@@ -80,14 +92,28 @@ def _trainer(model, processor, dataset, data_args: DataArguments, training_args:
         model=model,
         args=training_args,
         train_dataset=dataset,
-        data_collator=UniMoEDataCollator(processor, data_args.media_root),
+        data_collator=UniMoEDataCollator(processor, data_args.media_root, data_args.system_prompt),
         group_by_modality=data_args.group_by_modality,
     )
 
 
-def _save(model, processor, output_dir: str):
+def _save(model, processor, output_dir: str, training_args: TrainingArguments):
+    if not training_args.should_save:  # one writer under DDP/DeepSpeed: the main process
+        return
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
+
+
+def run_stage0(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
+    if data_args.captions_file is None:
+        raise ValueError("stage 0 needs --captions_file: the caption rows that describe the media of --train_files")
+    rows = text_warmup_rows(list(dataset), list(load_conversations([data_args.captions_file])))
+    model, processor = load_stage_model(stage_args.model_name_or_path, 0)
+    prepare_stage0(model)
+    trainer = _trainer(model, processor, Dataset.from_list(rows), data_args, training_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    _save(model, processor, training_args.output_dir, training_args)
+    return trainer
 
 
 def run_stage1(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
@@ -95,7 +121,7 @@ def run_stage1(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
     prepare_stage1(model, train_output_layers=stage_args.train_output_layers)
     trainer = _trainer(model, processor, dataset, data_args, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    _save(model, processor, training_args.output_dir)
+    _save(model, processor, training_args.output_dir, training_args)
     return trainer
 
 
@@ -121,7 +147,7 @@ def run_stage2(stage_args, data_args, training_args, dataset) -> list[UniMoETrai
         logger.info("stage 2: expert %r trained on %d rows", name, len(rows))
         trainers.append(trainer)
     _load_ffn(model, base_ffn)
-    _save(model, processor, str(output_dir))
+    _save(model, processor, str(output_dir), training_args)
     (output_dir / "experts" / "experts.json").write_text(json.dumps(experts))
     return trainers
 
@@ -157,18 +183,18 @@ def run_stage3(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
     trainer = _trainer(peft_model, processor, dataset, data_args, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     merged = peft_model.merge_and_unload()
-    _save(merged, processor, training_args.output_dir)
+    _save(merged, processor, training_args.output_dir, training_args)
     (Path(training_args.output_dir) / "experts.json").write_text(json.dumps(names))
     trainer.model = merged
     return trainer
 
 
-STAGES = {1: run_stage1, 2: run_stage2, 3: run_stage3}
+STAGES = {0: run_stage0, 1: run_stage1, 2: run_stage2, 3: run_stage3}
 
 
 def run(stage_args: StageArguments, data_args: DataArguments, training_args: TrainingArguments):
     if stage_args.stage not in STAGES:
-        raise ValueError(f"--stage must be 1, 2 or 3, got {stage_args.stage}")
+        raise ValueError(f"--stage must be 0, 1, 2 or 3, got {stage_args.stage}")
     training_args.remove_unused_columns = False  # rows carry media paths the collator needs
     # before any model is built: fresh weights (routers, LoRA) are then the same in every process and every launch
     set_seed(training_args.seed)
