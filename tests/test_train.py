@@ -115,3 +115,16 @@ def test_stage0_text_warmup_trains_only_the_language_model(tmp_path):
     assert (tmp_path / "s1" / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="stage 0 needs --captions_file"):
         run(StageArguments(stage=0, model_name_or_path="tiny"), DataArguments(train_files=[train], media_root=str(tmp_path)), training_args(tmp_path / "x"))
+
+
+def test_towers_train_in_stage1_only_when_asked():
+    from conftest import make_tiny_model
+    from trl_scripts.stages import prepare_stage1
+
+    model = make_tiny_model(text_only=False, moe_layers=[])
+    frozen = prepare_stage1(model)
+    assert all(frozen[tower][0] == 0 for tower in ("vision_tower", "speech_tower", "audio_tower"))
+    counts = prepare_stage1(model, train_towers=True)
+    for component in ("vision_tower", "speech_tower", "audio_tower", "multi_modal_projector", "speech_aligner", "audio_aligner"):
+        assert counts[component][0] == counts[component][1] > 0, component
+    assert counts["language_model"][0] == counts["lm_head"][0] == 0

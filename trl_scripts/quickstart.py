@@ -6,9 +6,10 @@ fresh-process reload through the Auto classes with `trust_remote_code=True` -> o
 heatmap and loss curve PNGs -> summary.
 
 Beyond the paper's recipe, because the `tiny` preset starts from random weights (its LLM and towers were never
-pretrained): stage 0 teaches the language model to answer from text (each media item replaced by its caption), and
-the prompts carry an empty system message instead of Vicuna's 40-token sentence, which a random 4-layer model learns
-to look past only slowly. Both are printed in the summary.
+pretrained): stage 0 teaches the language model to answer from text (each media item replaced by its caption),
+stage 1 trains the random towers with the connectors (`--train_towers`), and the prompts carry an empty system
+message instead of Vicuna's 40-token sentence, which a random 4-layer model learns to look past only slowly. The
+summary prints all three.
 """
 
 import json
@@ -45,9 +46,9 @@ class QuickstartArguments:
     )
     system_prompt: str = field(default="", metadata={"help": "System message of every prompt (see the module doc)."})
     warmup_epochs: float = 6.0
-    stage1_epochs: float = 10.0
-    stage2_epochs: float = 3.0
-    stage3_epochs: float = 6.0
+    stage1_epochs: float = 30.0
+    stage2_epochs: float = 4.0
+    stage3_epochs: float = 10.0
     learning_rate: float = 3e-3
     batch_size: int = 8
     seed: int = 0
@@ -80,7 +81,7 @@ def train_all_stages(args: QuickstartArguments, data: dict) -> tuple[Path, dict[
     train, captions = str(data["train"]), str(data["captions"])
     plan = [
         ("stage 0: text warm-up", StageArguments(stage=0, model_name_or_path="tiny"), [train, captions], args.warmup_epochs),
-        ("stage 1: alignment", StageArguments(stage=1, model_name_or_path=str(out / "stage0")), [captions], args.stage1_epochs),
+        ("stage 1: alignment", StageArguments(stage=1, model_name_or_path=str(out / "stage0"), train_towers=True), [captions], args.stage1_epochs),
         (
             "stage 2: modality experts",
             StageArguments(stage=2, model_name_or_path=str(out / "stage1"), experts=",".join(MODALITIES)),
@@ -271,7 +272,7 @@ def run(args: QuickstartArguments) -> dict:
           f"{len(text.sparse_layer_indices)} of {text.num_hidden_layers} layers sparse; "
           f"{total / 1e6:.2f} M parameters, {active / 1e6:.2f} M active per token")
     print("  Not in the paper's recipe (the tiny preset starts from random weights): stage 0 text warm-up, "
-          f"system prompt {args.system_prompt!r} instead of Vicuna's sentence.")
+          f"towers trained in stage 1, system prompt {args.system_prompt!r} instead of Vicuna's sentence.")
     print("\nTime (2 CPU cores)")
     for name, seconds in timings.items():
         print(f"  {name:<40} {seconds:6.1f} s")

@@ -64,11 +64,21 @@ def prepare_stage0(model: UniMoEForCausalLM) -> dict[str, tuple[int, int]]:
     return log_parameter_counts(model, "stage 0 (text warm-up)")
 
 
-def prepare_stage1(model: UniMoEForCausalLM, train_output_layers: bool = False) -> dict[str, tuple[int, int]]:
-    """Cross-modal alignment: connectors only (and the output layers with `train_output_layers`)."""
+TOWERS = ("vision_tower", "speech_tower", "audio_tower")
+
+
+def prepare_stage1(
+    model: UniMoEForCausalLM, train_output_layers: bool = False, train_towers: bool = False
+) -> dict[str, tuple[int, int]]:
+    """Cross-modal alignment: connectors only (and the output layers with `train_output_layers`; the towers with
+    `train_towers`, for randomly initialised towers only: pretrained ones stay frozen, as in the paper)."""
     model.requires_grad_(False)
     for connector in _connectors(model):
         connector.requires_grad_(True)
+    if train_towers:
+        for name in TOWERS:
+            if hasattr(model.model, name):
+                getattr(model.model, name).requires_grad_(True)
     if train_output_layers:
         _unfreeze_output_layers(model)
     return log_parameter_counts(model, "stage 1 (alignment)")

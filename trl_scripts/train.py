@@ -54,6 +54,10 @@ class StageArguments:
     router_aux_loss_coef: float | None = field(
         default=None, metadata={"help": "Stage 3: weight of the balance loss (default: keep the stage-2 model's)."}
     )
+    train_towers: bool = field(
+        default=False,
+        metadata={"help": "Stage 1: also train the towers (for random towers like the tiny preset's; not the paper's recipe)."},
+    )
     train_output_layers: bool = field(
         default=False,
         metadata={"help": "Also train the final norm and LM head (needed when the LM starts random; not the paper's recipe)."},
@@ -118,7 +122,7 @@ def run_stage0(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
 
 def run_stage1(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
     model, processor = load_stage_model(stage_args.model_name_or_path, 1)
-    prepare_stage1(model, train_output_layers=stage_args.train_output_layers)
+    prepare_stage1(model, train_output_layers=stage_args.train_output_layers, train_towers=stage_args.train_towers)
     trainer = _trainer(model, processor, dataset, data_args, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     _save(model, processor, training_args.output_dir, training_args)
