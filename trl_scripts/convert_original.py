@@ -1,7 +1,7 @@
 """Convert the released original Uni-MoE v1 checkpoints into this package's format.
 
 The original code (github HITsz-TMG/UMOE-Scaling-Unified-Multimodal-LLMs, folder `Uni_MoE/`) loads a released model
-from several pieces, in a fixed order, with `load_state_dict(strict=False)`. This script reads the same pieces in the
+from several pieces, in a fixed order, each load tolerating absent keys. This script reads the same pieces in the
 same order, merges what the original merged at load time (the PEFT LoRA adapter, the 8-expert LoRA-in-expert MLPs),
 fuses the experts into our `[E, 2I, H]` / `[E, H, I]` layout and saves one self-contained checkpoint (safetensors,
 `config.json` with `auto_map`, the remote code, the processor with the tokenizer and the Vicuna v1 chat template).
@@ -96,8 +96,8 @@ FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 DROP_TOWER_COPY = "tower weights inside the LLM checkpoint: the original re-loaded its towers from their own checkpoints"
 DROP_WHISPER_TOKENS = "Whisper token embedding of the speech aligner: the original feeds its queries as inputs_embeds"
 DROP_ROUTER_LORA_COPY = (
-    "router LoRA saved with the routers: the original loads mlp_gates.bin after merge_and_unload (strict=False), "
-    "when these LoRA modules no longer exist"
+    "router LoRA saved with the routers: the original loads mlp_gates.bin after merge_and_unload, ignoring keys "
+    "of LoRA modules that no longer exist by then"
 )
 DROP_BASE_EXPERTS_UNDER_8E = (
     "the base's 4-expert MoE weights: the 8-expert model has no such modules (its experts come from the expert files, "
