@@ -12,6 +12,7 @@ from trl_scripts.data import (
     modality_mix,
     to_messages,
     validate_dataset,
+    with_system_prompt,
 )
 from media import write_audio, write_image, write_video
 
@@ -77,6 +78,29 @@ def test_collator_builds_a_padded_batch_with_assistant_labels(tmp_path, tiny_pro
     answers = [tokenizer.decode(ids[labels != -100]).replace(" ", "") for ids, labels in zip(batch["input_ids"], batch["labels"])]
     assert answers == ["red</s>", "itmoves</s>nothing</s>", "hello</s>", "square</s>"]
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_labels_are_exactly_what_generation_must_produce(tmp_path, tiny_processor):
+    # "eight" after "ASSISTANT:" is [' ', 'ei', 'ght'] in the tiny vocabulary: a separator space that is never
+    # labelled could never be generated, and the answer would be unreachable from the generation prompt.
+    write_image(tmp_path / "red.png")
+    rows = [
+        {"id": answer, "image": "red.png", "conversations": [
+            {"from": "human", "value": "<image>\nHow many?"}, {"from": "gpt", "value": answer}]}
+        for answer in ("eight", "three", "zero")
+    ]
+    batch = UniMoEDataCollator(tiny_processor, tmp_path, system_prompt="")(rows)
+    tokenizer = tiny_processor.tokenizer
+    assert tokenizer.tokenize(" eight")[0] == "Ġ"  # the case this test is about
+    for row, ids, labels, mask in zip(rows, batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        ids, labels = ids[mask.bool()], labels[mask.bool()]
+        prompt = tiny_processor.apply_chat_template(
+            [with_system_prompt(to_messages(row, tmp_path)[:1], "")], tokenize=True, return_dict=True, add_generation_prompt=True
+        )["input_ids"][0]
+        assert ids[: len(prompt)].tolist() == prompt.tolist()
+        assert (labels[: len(prompt)] == -100).all()
+        assert labels[len(prompt) :].tolist() == ids[len(prompt) :].tolist()
+        assert tokenizer.decode(labels[len(prompt) :]) == f" {row['id']}</s>"
 
 
 def test_sampler_gives_one_modality_mix_per_global_batch():
