@@ -125,7 +125,7 @@ def test_paper_presets_moe_fields():
         (dict(audio_token_id=600), "audio_token_id"),
         (dict(projector_num_experts=0), "projector_num_experts"),
         (dict(projector_num_experts=2, projector_num_experts_per_tok=3), "projector_num_experts_per_tok"),
-        (dict(vision_moe_layers=[1]), "vision_moe_layers"),  # its output never reaches hidden_states[-2]
+        (dict(vision_moe_layers=[1], vision_feature_layer=-2), "vision_moe_layers"),  # never reaches hidden_states[-2]
         (dict(vision_moe_layers=[0], vision_num_experts=2, vision_num_experts_per_tok=3), "vision_num_experts_per_tok"),
     ],
 )

@@ -284,15 +284,29 @@ def test_recipe_list_covers_the_configs():
     assert set(RECIPES) <= {path.stem for path in TRAINING_CONFIGS}
 
 
+def test_tiny_configs_are_the_quickstart_recipe():
+    from trl_scripts.quickstart import QuickstartArguments
+
+    recipe = QuickstartArguments()
+    epochs = [recipe.warmup_epochs, recipe.stage1_epochs, recipe.stage2_epochs, recipe.stage3_epochs]
+    for stage in range(4):
+        stage_args, data_args, training_args = parse_training_config(REPO / "configuration" / "training" / f"tiny-stage{stage}.yaml")
+        assert training_args.num_train_epochs == epochs[stage]
+        assert (training_args.learning_rate, training_args.per_device_train_batch_size) == (recipe.learning_rate, recipe.batch_size)
+        assert (training_args.lr_scheduler_type, training_args.warmup_steps) == ("cosine", 0.05)
+        assert data_args.system_prompt == recipe.system_prompt
+        assert stage_args.train_towers == (stage == 1) and not stage_args.train_output_layers
+
+
 def test_tiny_configs_run_a_step(tmp_path, monkeypatch):
-    """configuration/training/tiny-stage{1,2,3}.yaml, chained as written (paths relative to the working directory),
+    """configuration/training/tiny-stage{0,1,2,3}.yaml, chained as written (paths relative to the working directory),
     one optimizer step each, on a small synthetic dataset."""
     from trl_scripts.make_synthetic_data import make_synthetic_dataset
 
     monkeypatch.chdir(tmp_path)
     make_synthetic_dataset(tmp_path / "outputs/synthetic_data", num_train_per_task=2, num_eval_per_task=1,
                            use_espeak=False)
-    for stage in (1, 2, 3):
+    for stage in (0, 1, 2, 3):
         config = REPO / "configuration" / "training" / f"tiny-stage{stage}.yaml"
         stage_args, data_args, training_args = parse_training_config(config)
         training_args.max_steps = 1

@@ -38,7 +38,8 @@ def test_image_features_are_the_clip_patch_features(tiny_multimodal_model):
     pixels = torch.randn(2, 3, 28, 28)
     clip = CLIPVisionModel(model.config.vision_config)
     clip.load_state_dict(model.vision_tower.state_dict())
-    expected = clip(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    layer = model.config.vision_feature_layer  # the tiny preset's -1: with 2 CLIP layers, -2 would leave one unused
+    expected = clip(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
     out = model.get_image_features(pixels)
     torch.testing.assert_close(out.last_hidden_state, expected)
     assert out.pooler_output.shape == (2, 16, model.config.text_config.hidden_size)

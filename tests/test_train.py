@@ -49,6 +49,10 @@ def test_three_stages(tmp_path):
     audio_ffn = load_file(tmp_path / "s2" / "experts" / "audio.safetensors")
     key = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(image_ffn[key], audio_ffn[key])  # two different experts
+    assert not torch.equal(image_ffn[key], load_file(tmp_path / "s1" / "model.safetensors")[f"model.language_model.{key[6:]}"])
+    # only the experts' FFNs train in stage 2: the saved model (connectors, attention, towers) is stage 1's
+    stage1, stage2 = (load_file(tmp_path / name / "model.safetensors") for name in ("s1", "s2"))
+    assert stage1.keys() == stage2.keys() and all(torch.equal(stage1[k], stage2[k]) for k in stage1)
 
     trainer = run(StageArguments(stage=3, model_name_or_path=str(tmp_path / "s2")), data, training_args(tmp_path / "s3"))
     experts = trainer.model.model.language_model.layers[0].mlp.experts

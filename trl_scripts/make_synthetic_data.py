@@ -2,19 +2,26 @@
 
 It feeds the quickstart (three progressive stages on the `tiny` preset) and the tests. Four modalities, two splits:
 
-- image  (56x56 PNG): one coloured shape on a plain light background. Tasks: `image_colour`, `image_shape`.
-- video  (48x48 MP4, mpeg4, 8 fps, 8-12 frames): one square moving left, right, up or down on black.
+- image  (56x56 PNG): one coloured shape, 38-50 px across, on a plain light background. Tasks: `image_colour`,
+  `image_shape`.
+- video  (48x48 MP4, mpeg4, 8 fps, 8-12 frames): one square moving left, right, up or down on black, leaving a
+  fading trail, from near the centre towards an edge.
   Tasks: `video_direction`, `video_colour`.
 - audio  (16 kHz mono WAV, 1.5-3 s, the BEATs/Whisper "audio" modality): 1-4 beeps of a high (1500-2000 Hz) or
   low (200-400 Hz) tone over faint noise. Tasks: `audio_count`, `audio_pitch`.
 - speech (16 kHz mono WAV): a spoken digit "zero".."nine". Task: `speech_digit`.
 
 Video direction and mean pooling: Uni-MoE mean-pools the frames of a video by default, which discards their order,
-so a plain moving object would look the same moving left or right. Here the object's brightness ramps up over time
-(25% of its colour in the first frame, 100% in the last) and it leaves no trail: the mean of the frames is dark
-where the object started and bright where it ended, so the direction is "towards the bright end" of the pooled
-image. The hue stays fixed, so `video_colour` is answerable from the pooled frames too. Nothing else encodes the
-answer (no text, no markers); the frames are an honest recording of a dimmed-then-lit moving object.
+so an object crossing the whole frame would look the same moving left or right. Here it starts near the centre and
+moves out towards the edge it is heading for, so the pooled frames lie mostly on that side of the centre. Two
+physical cues say the same: its brightness ramps up over time (25% of its colour in the first frame, 100% in the
+last), so the pooled frames are brightest where it ended; and it leaves a fading trail, as a bright object does on a
+slow-phosphor screen or a long exposure (each earlier position dimmer by `TRAIL_FADE` per frame), so every frame on
+its own runs from dim (where it came from) to bright (where it is going). Moving away from the centre is what makes
+the direction learnable for the tiny quickstart model: with the object crossing the whole frame, the answer hinged
+on comparing the two ends of the pooled track, and the direction stayed at chance in three of five runs. The hue
+stays fixed, so `video_colour` is answerable from the pooled frames too. Nothing else encodes the answer (no text,
+no markers).
 
 Speech: with `espeak-ng` on PATH every clip is synthesised, a speaker being a (voice, speed, pitch) triple. Without
 it (CI machines) the clips come from the committed recordings `trl_scripts/assets/speech/<word>_<variant>.wav`
@@ -60,7 +67,11 @@ SAMPLING_RATE = 16000
 IMAGE_SIZE = 56
 VIDEO_SIZE = 48
 VIDEO_FPS = 8
-VIDEO_DIRECTION_CUE = "the object's brightness ramps from 25% to 100%: mean-pooled frames are brightest where it ends"
+TRAIL_FADE = 0.8
+VIDEO_DIRECTION_CUE = (
+    "the object moves from near the centre towards the edge it heads for, its brightness ramping from 25% to 100%, "
+    f"leaving a trail fading by {TRAIL_FADE} per frame: mean-pooled frames lie and are brightest on that side"
+)
 SPEECH_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "speech"
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
@@ -117,8 +128,8 @@ def write_image(path: Path, answers: dict, rng: np.random.Generator) -> None:
     background = int(rng.integers(200, 256))
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (background,) * 3)
     colour = tuple(int(c) for c in _jitter_colour(answers["image_colour"], rng, 20))
-    # Large enough to keep its shape after the tiny CLIP's resize to 28x28.
-    size = int(rng.integers(28, 41))
+    # Large (38-50 of 56 px): after the tiny CLIP's resize to 28x28 its outline spans several 7-px patches.
+    size = int(rng.integers(38, 51))
     x, y = (int(v) for v in rng.integers(2, IMAGE_SIZE - size - 1, size=2))
     box = (x, y, x + size - 1, y + size - 1)
     draw = ImageDraw.Draw(image)
@@ -133,22 +144,30 @@ def write_image(path: Path, answers: dict, rng: np.random.Generator) -> None:
 
 
 def video_frames(answers: dict, rng: np.random.Generator) -> list[np.ndarray]:
-    """RGB frames of a square moving in the answered direction, its brightness ramping up (see the module doc)."""
+    """RGB frames of a square moving in the answered direction, brightening and trailing (see the module doc)."""
     num_frames = int(rng.integers(8, 13))
     side = int(rng.integers(10, 15))
     colour = _jitter_colour(answers["video_colour"], rng, 15)
-    low, high = 2, VIDEO_SIZE - side - 2
-    start, end = int(rng.integers(low, low + 4)), int(rng.integers(high - 3, high + 1))
-    across = int(rng.integers(low, high + 1))
+    # From near the centre to near the edge it moves towards, along the middle band (never into a corner, where
+    # "ends top-right" would fit both right and up).
+    centre = (VIDEO_SIZE - side) // 2
+    start, across = (int(rng.integers(centre - 3, centre + 4)) for _ in range(2))
     direction = answers["video_direction"]
-    if direction in ("left", "up"):
-        start, end = end, start
-    frames = []
-    for index, brightness in enumerate(np.linspace(0.25, 1.0, num_frames)):
+    far = VIDEO_SIZE - side  # the last corner position that keeps the object inside the frame
+    end = int(rng.integers(1, 4)) if direction in ("left", "up") else int(rng.integers(far - 3, far))
+    brightness = np.linspace(0.25, 1.0, num_frames)
+    corners = []
+    for index in range(num_frames):
         along = round(start + (end - start) * index / (num_frames - 1))
-        x, y = (along, across) if direction in ("left", "right") else (across, along)
+        corners.append((along, across) if direction in ("left", "right") else (across, along))
+    frames = []
+    for index in range(num_frames):
         frame = np.zeros((VIDEO_SIZE, VIDEO_SIZE, 3), dtype=np.uint8)
-        frame[y : y + side, x : x + side] = (colour * brightness).astype(np.uint8)
+        # Oldest first, so the object's current position is drawn over its fading trail.
+        for past in range(index + 1):
+            x, y = corners[past]
+            level = brightness[past] * TRAIL_FADE ** (index - past)
+            frame[y : y + side, x : x + side] = (colour * level).astype(np.uint8)
         frames.append(frame)
     return frames
 
@@ -178,7 +197,8 @@ def _write_wav(path: Path, wave: np.ndarray) -> None:
 def beeps_waveform(answers: dict, rng: np.random.Generator) -> np.ndarray:
     count = COUNTS.index(answers["audio_count"]) + 1
     frequency = rng.uniform(1500, 2000) if answers["audio_pitch"] == "high" else rng.uniform(200, 400)
-    beep, gap = rng.uniform(0.12, 0.2), rng.uniform(0.15, 0.25)
+    # Beep and gap lengths vary little, so the count is not confounded with how long each beep lasts.
+    beep, gap = rng.uniform(0.14, 0.17), rng.uniform(0.18, 0.22)
     span = count * beep + (count - 1) * gap
     duration = rng.uniform(max(1.5, span + 0.3), 3.0)
     onset = rng.uniform(0.1, duration - span - 0.1)

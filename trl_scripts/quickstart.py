@@ -39,16 +39,18 @@ logger = logging.getLogger(__name__)
 @dataclass
 class QuickstartArguments:
     output_dir: str = field(default="outputs/quickstart", metadata={"help": "Data, stage outputs, plots, summary."})
-    num_train_per_task: int = 96
+    num_train_per_task: int = field(
+        default=768, metadata={"help": "Training items per task: many fresh items for few epochs generalise better than few items for many."}
+    )
     num_eval_per_task: int = 24
     use_espeak: bool = field(
         default=False, metadata={"help": "Synthesise speech with espeak-ng (default: the committed clips, the same on every machine)."}
     )
     system_prompt: str = field(default="", metadata={"help": "System message of every prompt (see the module doc)."})
-    warmup_epochs: float = 6.0
-    stage1_epochs: float = 30.0
-    stage2_epochs: float = 4.0
-    stage3_epochs: float = 10.0
+    warmup_epochs: float = 1.0
+    stage1_epochs: float = 5.0
+    stage2_epochs: float = 1.0
+    stage3_epochs: float = 2.0
     learning_rate: float = 3e-3
     batch_size: int = 8
     seed: int = 0

@@ -3,8 +3,9 @@
 0. Text warm-up (not in the paper, whose LLM was pretrained): a randomly initialised language model learns to answer
    from text, the skill the stages assume; towers and connectors untouched.
 1. Alignment: only the connectors (vision projector, speech aligner, audio aligner); towers and LLM frozen.
-2. Modality-specific experts: a dense copy of the LLM's FFNs trains on one modality's data, with the connectors;
-   attention, embeddings, norms and towers frozen. Each result becomes one expert (`dense_ffn_state_dict`).
+2. Modality-specific experts: a dense copy of the LLM's FFNs trains on one modality's data; attention, embeddings,
+   norms, connectors and towers frozen, so every expert is trained against the same stage-1 model whatever the order
+   of the experts. Each result becomes one expert (`dense_ffn_state_dict`).
 3. MoE tuning: routers and connectors train fully; attention and the fused experts train with LoRA (peft:
    `target_modules` for attention, `target_parameters` for the experts).
 """
@@ -85,15 +86,15 @@ def prepare_stage1(
 
 
 def prepare_stage2(model: UniMoEForCausalLM, train_output_layers: bool = False) -> dict[str, tuple[int, int]]:
-    """One modality's expert: the dense FFNs and the connectors; attention, embeddings, norms, head and towers frozen
-    (`train_output_layers` also trains the final norm and the LM head: see `OUTPUT_LAYERS`)."""
+    """One modality's expert: the dense FFNs; attention, embeddings, norms, head, connectors and towers frozen
+    (`train_output_layers` also trains the final norm and the LM head: see `OUTPUT_LAYERS`). Connectors stay as stage 1
+    left them: trained here, they would drift towards each expert's modality in turn (image and video share the
+    projector, speech and audio events the aligners) and the saved ones would suit only the last expert."""
     if model.config.text_config.sparse_layer_indices:
         raise ValueError("stage 2 trains the dense FFNs of a dense language model (moe_layers=[])")
     model.requires_grad_(False)
     for layer in model.model.language_model.layers:
         layer.mlp.requires_grad_(True)
-    for connector in _connectors(model):
-        connector.requires_grad_(True)
     if train_output_layers:
         _unfreeze_output_layers(model)
     return log_parameter_counts(model, "stage 2 (modality expert)")
