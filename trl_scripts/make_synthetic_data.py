@@ -19,7 +19,7 @@ last), so the pooled frames are brightest where it ended; and it leaves a fading
 slow-phosphor screen or a long exposure (each earlier position dimmer by `TRAIL_FADE` per frame), so every frame on
 its own runs from dim (where it came from) to bright (where it is going). Moving away from the centre is what makes
 the direction learnable for the tiny quickstart model: with the object crossing the whole frame, the answer hinged
-on comparing the two ends of the pooled track, and the direction stayed at chance in three of five runs. The hue
+on comparing the two ends of the pooled track, and the direction stayed at chance in four of seven runs. The hue
 stays fixed, so `video_colour` is answerable from the pooled frames too. Nothing else encodes the answer (no text,
 no markers).
 
