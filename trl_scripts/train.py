@@ -216,6 +216,11 @@ def main(argv: list[str] | None = None):
     else:
         stage_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     run(stage_args, data_args, training_args)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every rank waits for the main process's save, then leaves the process group: a rank that exits with the
+        # gloo threads still running can abort ("terminate called without an active exception", SIGABRT).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
