@@ -1,7 +1,8 @@
 """Corpus BLEU for captions through sacrebleu, with any number of references per caption."""
 
-import datasets
 import evaluate
+
+from trl_scripts.metrics import common
 import sacrebleu
 
 
@@ -36,36 +37,16 @@ _CITATION = """
 """
 
 
-def as_reference_lists(references):
-    """One reference string -> a one-element list, so that single and several references can be mixed."""
-    return None if references is None else [[ref] if isinstance(ref, str) else ref for ref in references]
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class Bleu(evaluate.Metric):
+class Bleu(common.MultiReferenceMetric):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
             reference_urls=["https://github.com/mjpost/sacrebleu"],
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
-            ),
+            features=common.MULTI_REFERENCE_FEATURES,
         )
-
-    # evaluate picks one input format from the first sample; wrapping lone strings first lets a batch mix both forms
-    def add_batch(self, *, predictions=None, references=None, **kwargs):
-        """Add a batch of predictions and references (each a string or a list of strings)."""
-        super().add_batch(predictions=predictions, references=as_reference_lists(references), **kwargs)
-
-    def add(self, *, prediction=None, reference=None, **kwargs):
-        """Add one prediction and its reference (a string or a list of strings)."""
-        super().add(prediction=prediction, reference=[reference] if isinstance(reference, str) else reference, **kwargs)
-
-    def compute(self, *, predictions=None, references=None, **kwargs):
-        """Compute the metric over the added and the given predictions and references."""
-        return super().compute(predictions=predictions, references=as_reference_lists(references), **kwargs)
 
     def _compute(self, predictions, references, lowercase=False, tokenize="13a", effective_order=True):
         for index, refs in enumerate(references):

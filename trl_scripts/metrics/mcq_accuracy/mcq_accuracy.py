@@ -2,10 +2,10 @@
 
 import re
 import string
-from collections import defaultdict
 
-import datasets
 import evaluate
+
+from trl_scripts.metrics import common
 
 
 _DESCRIPTION = """
@@ -56,15 +56,6 @@ _AFTER_KEYWORD = re.compile(
     r"(?i:\b(?:answer|option|choice)\b)(?:\s+(?i:is|would be|should be|will be))?\s*[:=]?\s*[(\[]?([A-Z])(?![A-Za-z0-9'])"
 )
 _STANDALONE_LETTER = re.compile(r"(?<![A-Za-z0-9'])([A-Z])(?![A-Za-z0-9'])")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def normalize_text(text: str) -> str:
-    text = text.lower().translate(_PUNCTUATION)
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
 def as_option_dict(options) -> dict[str, str]:
     """None, a list of option texts (A, B, ... in order) or a {letter: text} dict -> {letter: text}."""
     if not options:
@@ -97,8 +88,8 @@ def extract_choice(prediction: str, options=None) -> str | None:
         if match.group(1) in valid:
             return match.group(1)
     if options:
-        answer = normalize_text(text)
-        texts = {letter: normalize_text(option) for letter, option in options.items()}
+        answer = common.normalize_answer(text)
+        texts = {letter: common.normalize_answer(option) for letter, option in options.items()}
         exact = [letter for letter, option in texts.items() if option and option == answer]
         if len(exact) == 1:
             return exact[0]
@@ -123,54 +114,19 @@ def resolve_reference(reference: str, options=None) -> str | None:
     whole = _WHOLE_LETTER.match(reference.strip())
     if whole and (not options or whole.group(1).upper() in options):
         return whole.group(1).upper()
-    matches = [letter for letter, text in options.items() if normalize_text(text) == normalize_text(reference)]
+    matches = [letter for letter, text in options.items() if common.normalize_answer(text) == common.normalize_answer(reference)]
     return matches[0] if len(matches) == 1 else None
 
 
-def grouped_means(name: str, scores: list[float], groups: list[str] | None) -> dict[str, float]:
-    """{name: mean} plus {name/group: mean of that group} for each group."""
-    result = {name: float(sum(scores) / len(scores)) if scores else 0.0}
-    if groups is None:
-        return result
-    if len(groups) != len(scores):
-        raise ValueError(f"got {len(groups)} groups for {len(scores)} predictions; give one group per prediction")
-    by_group = defaultdict(list)
-    for group, score in zip(groups, scores):
-        by_group[str(group)].append(score)
-    for group in sorted(by_group):
-        result[f"{name}/{group}"] = float(sum(by_group[group]) / len(by_group[group]))
-    return result
-
-
-def as_reference_lists(references):
-    """One reference string -> a one-element list, so that single and several references can be mixed."""
-    return None if references is None else [[ref] if isinstance(ref, str) else ref for ref in references]
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class MCQAccuracy(evaluate.Metric):
+class MCQAccuracy(common.MultiReferenceMetric):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
-            ),
+            features=common.MULTI_REFERENCE_FEATURES,
         )
-
-    # evaluate picks one input format from the first sample; wrapping lone strings first lets a batch mix both forms
-    def add_batch(self, *, predictions=None, references=None, **kwargs):
-        """Add a batch of predictions and references (each a string or a list of strings)."""
-        super().add_batch(predictions=predictions, references=as_reference_lists(references), **kwargs)
-
-    def add(self, *, prediction=None, reference=None, **kwargs):
-        """Add one prediction and its reference (a string or a list of strings)."""
-        super().add(prediction=prediction, reference=[reference] if isinstance(reference, str) else reference, **kwargs)
-
-    def compute(self, *, predictions=None, references=None, **kwargs):
-        """Compute the metric over the added and the given predictions and references."""
-        return super().compute(predictions=predictions, references=as_reference_lists(references), **kwargs)
 
     def _compute(self, predictions, references, options=None, groups=None):
         if options is not None and len(options) != len(predictions):
@@ -190,8 +146,8 @@ class MCQAccuracy(evaluate.Metric):
                 if letter is not None:
                     correct |= choice == letter
                 else:
-                    correct |= _contains_phrase(normalize_text(prediction), normalize_text(ref))
+                    correct |= _contains_phrase(common.normalize_answer(prediction), common.normalize_answer(ref))
             scores.append(float(correct))
-        result = grouped_means("mcq_accuracy", scores, groups)
+        result = common.grouped_means("mcq_accuracy", scores, groups)
         result["mcq_unparsed"] = float(unparsed / len(predictions)) if predictions else 0.0
         return result

@@ -2,10 +2,10 @@
 
 import itertools
 import re
-from collections import defaultdict
 
-import datasets
 import evaluate
+
+from trl_scripts.metrics import common
 
 
 _DESCRIPTION = """
@@ -137,51 +137,16 @@ def vqa_score(prediction: str, references: list[str]) -> float:
     return sum(min(1.0, (matches - (answer == prediction)) / 3) for answer in answers) / len(answers)
 
 
-def grouped_means(name: str, scores: list[float], groups: list[str] | None) -> dict[str, float]:
-    """{name: mean} plus {name/group: mean of that group} for each group."""
-    result = {name: float(sum(scores) / len(scores)) if scores else 0.0}
-    if groups is None:
-        return result
-    if len(groups) != len(scores):
-        raise ValueError(f"got {len(groups)} groups for {len(scores)} predictions; give one group per prediction")
-    by_group = defaultdict(list)
-    for group, score in zip(groups, scores):
-        by_group[str(group)].append(score)
-    for group in sorted(by_group):
-        result[f"{name}/{group}"] = float(sum(by_group[group]) / len(by_group[group]))
-    return result
-
-
-def as_reference_lists(references):
-    """One reference string -> a one-element list, so that single and several references can be mixed."""
-    return None if references is None else [[ref] if isinstance(ref, str) else ref for ref in references]
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class VQAAccuracy(evaluate.Metric):
+class VQAAccuracy(common.MultiReferenceMetric):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
             reference_urls=["https://visualqa.org/evaluation.html"],
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
-            ),
+            features=common.MULTI_REFERENCE_FEATURES,
         )
-
-    # evaluate picks one input format from the first sample; wrapping lone strings first lets a batch mix both forms
-    def add_batch(self, *, predictions=None, references=None, **kwargs):
-        """Add a batch of predictions and references (each a string or a list of strings)."""
-        super().add_batch(predictions=predictions, references=as_reference_lists(references), **kwargs)
-
-    def add(self, *, prediction=None, reference=None, **kwargs):
-        """Add one prediction and its reference (a string or a list of strings)."""
-        super().add(prediction=prediction, reference=[reference] if isinstance(reference, str) else reference, **kwargs)
-
-    def compute(self, *, predictions=None, references=None, **kwargs):
-        """Compute the metric over the added and the given predictions and references."""
-        return super().compute(predictions=predictions, references=as_reference_lists(references), **kwargs)
 
     def _compute(self, predictions, references, groups=None):
         scores = []
@@ -189,4 +154,4 @@ class VQAAccuracy(evaluate.Metric):
             if not refs:
                 raise ValueError(f"sample {index} has no reference answer")
             scores.append(vqa_score(prediction, refs))
-        return grouped_means("vqa_accuracy", scores, groups)
+        return common.grouped_means("vqa_accuracy", scores, groups)
