@@ -1,14 +1,15 @@
-"""Writes a small, deterministic multimodal instruction dataset with learnable single-word answers.
+"""Writes a small, deterministic multimodal instruction dataset with learnable short answers.
 
 It feeds the quickstart (three progressive stages on the `tiny` preset) and the tests. Four modalities, two splits:
 
-- image  (56x56 PNG): one coloured shape, 38-50 px across, on a plain light background. Tasks: `image_colour`,
-  `image_shape`.
+- image  (56x56 PNG): one coloured shape (circle, square, triangle or five-pointed star), 38-50 px across, on a plain
+  light background. Tasks: `image_colour`, `image_shape`.
 - video  (48x48 MP4, mpeg4, 8 fps, 8-12 frames): one square moving left, right, up or down on black, leaving a
   fading trail, from near the centre towards an edge.
   Tasks: `video_direction`, `video_colour`.
-- audio  (16 kHz mono WAV, 1.5-3 s, the BEATs/Whisper "audio" modality): 1-4 beeps of a high (1500-2000 Hz) or
-  low (200-400 Hz) tone over faint noise. Tasks: `audio_count`, `audio_pitch`.
+- audio  (16 kHz mono WAV, 3 s, the BEATs/Whisper "audio" modality): 1-4 beeps (0.3 s each, 0.2 s apart) of a
+  tone over faint noise, its pitch in one of four bands (`PITCH_BANDS`: very low 180-250 Hz, low 400-550, high
+  900-1250, very high 2000-2750). Tasks: `audio_count`, `audio_pitch`.
 - speech (16 kHz mono WAV): a spoken digit "zero".."nine". Task: `speech_digit`.
 
 Video direction and mean pooling: Uni-MoE mean-pools the frames of a video by default, which discards their order,
@@ -35,11 +36,12 @@ Files, with media paths relative to the output directory (the Uni-MoE/LLaVA conv
 - `captions.json`  stage 1 (alignment): one caption per training media item.
 - `train.json`, `eval.json`  stages 2-3 and held-out evaluation: one row per (media item, task) with `id`,
   `modality`, `task`, the media key (`image`, `video` or `audio`; speech rows also carry `speaker`) and
-  `conversations` = [question with the placeholder on its first line, single-word answer]. Eval media come from
-  their own random draws, so no eval file is ever seen in training.
+  `conversations` = [question with the placeholder on its first line, answer of one or two words]. Eval media
+  come from their own random draws, so no eval file is ever seen in training.
 - `metadata.json`  seed, counts, tasks with their questions and answer vocabularies, the speech source.
 
-The same seed gives byte-identical JSON and media files. Answers are balanced within each task.
+The same seed gives byte-identical JSON and media files. Answers are balanced within each task, and every task has
+at least four, so chance is at most 25% on every question.
 
     python -m trl_scripts.make_synthetic_data --output_dir outputs/synthetic_data [--use_espeak false]
 """
@@ -67,6 +69,7 @@ SAMPLING_RATE = 16000
 IMAGE_SIZE = 56
 VIDEO_SIZE = 48
 VIDEO_FPS = 8
+BEEP_CLIP_SECONDS = 3.0
 TRAIL_FADE = 0.8
 VIDEO_DIRECTION_CUE = (
     "the object moves from near the centre towards the edge it heads for, its brightness ramping from 25% to 100%, "
@@ -75,10 +78,12 @@ VIDEO_DIRECTION_CUE = (
 SPEECH_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "speech"
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "square", "triangle", "star")
 DIRECTIONS = ("left", "right", "up", "down")
 COUNTS = ("one", "two", "three", "four")
-PITCHES = ("high", "low")
+# Four pitch bands an octave or more apart (Hz), so "high or low" has four answers and chance is 25%, as for the rest.
+PITCH_BANDS = {"very low": (180, 250), "low": (400, 550), "high": (900, 1250), "very high": (2000, 2750)}
+PITCHES = tuple(PITCH_BANDS)
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 # Questions reuse the wording of the tiny tokenizer's corpus (processing/tiny-tokenizer), so they stay short there.
@@ -138,8 +143,14 @@ def write_image(path: Path, answers: dict, rng: np.random.Generator) -> None:
         draw.ellipse(box, fill=colour)
     elif shape == "square":
         draw.rectangle(box, fill=colour)
-    else:
+    elif shape == "triangle":
         draw.polygon([(x + size / 2, y), (x, y + size - 1), (x + size - 1, y + size - 1)], fill=colour)
+    else:  # five-pointed star, inner radius 0.38 of the outer: a third of its box, half as much as the triangle
+        radius = (size - 1) / 2
+        angles = -np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, radius, 0.38 * radius)
+        points = [(x + radius + r * np.cos(a), y + radius + r * np.sin(a)) for r, a in zip(radii, angles)]
+        draw.polygon(points, fill=colour)
     image.save(path)
 
 
@@ -196,11 +207,16 @@ def _write_wav(path: Path, wave: np.ndarray) -> None:
 
 def beeps_waveform(answers: dict, rng: np.random.Generator) -> np.ndarray:
     count = COUNTS.index(answers["audio_count"]) + 1
-    frequency = rng.uniform(1500, 2000) if answers["audio_pitch"] == "high" else rng.uniform(200, 400)
-    # Beep and gap lengths vary little, so the count is not confounded with how long each beep lasts.
-    beep, gap = rng.uniform(0.14, 0.17), rng.uniform(0.18, 0.22)
+    frequency = rng.uniform(*PITCH_BANDS[answers["audio_pitch"]])
+    # Beep and gap lengths vary little, so the count is not confounded with how long each beep lasts, and each beep
+    # is long (0.3 s, a tenth of the clip): pooling over frames then sees the count as a clearly graded share of tone.
+    # With 0.15 s beeps a supervised probe of the tiny towers stayed at chance on the count for 8 epochs; with 0.3 s
+    # it was exact after 2.
+    beep, gap = rng.uniform(0.28, 0.32), rng.uniform(0.18, 0.22)
     span = count * beep + (count - 1) * gap
-    duration = rng.uniform(max(1.5, span + 0.3), 3.0)
+    # Every clip lasts BEEP_CLIP_SECONDS: with clip length varying, the share of tone in the clip (what attention
+    # pooling over frames sees) was confounded with the count, e.g. two beeps in 1.5 s against three in 3 s.
+    duration = BEEP_CLIP_SECONDS
     onset = rng.uniform(0.1, duration - span - 0.1)
     wave = rng.normal(0.0, rng.uniform(0.003, 0.01), int(duration * SAMPLING_RATE))
     length = int(beep * SAMPLING_RATE)
