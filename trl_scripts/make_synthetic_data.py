@@ -66,10 +66,10 @@ from transformers import HfArgumentParser
 logger = logging.getLogger(__name__)
 
 SAMPLING_RATE = 16000
+BEEP_CLIP_SECONDS = 3.0
 IMAGE_SIZE = 56
 VIDEO_SIZE = 48
 VIDEO_FPS = 8
-BEEP_CLIP_SECONDS = 3.0
 TRAIL_FADE = 0.8
 VIDEO_DIRECTION_CUE = (
     "the object moves from near the centre towards the edge it heads for, its brightness ramping from 25% to 100%, "
@@ -441,6 +441,8 @@ def make_synthetic_dataset(
             "video_frames": [8, 12],
             "video_direction_cue": VIDEO_DIRECTION_CUE,
             "sampling_rate": SAMPLING_RATE,
+            "beep_clip_seconds": BEEP_CLIP_SECONDS,
+            "pitch_bands_hz": PITCH_BANDS,
         },
         "speech": {
             "use_espeak": use_espeak,

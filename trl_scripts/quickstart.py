@@ -227,7 +227,7 @@ def run(args: QuickstartArguments) -> dict:
     processor = UniMoEProcessor.from_pretrained(checkpoint)
     rows = json.loads(data["eval"].read_text())
     samples = eval_samples(rows, data["eval"].parent, args.system_prompt)
-    # The whole answer up to </s>: the longest ("very high") is five tokens and the metric normalises case and stops.
+    # The whole answer up to </s> (the longest, "very high", is four tokens); the metric ignores case and punctuation.
     predictions = generate_predictions(model, processor, samples, batch_size=32, max_new_tokens=8)
     groups = [sample.group for sample in samples]
     metrics = load_metric("exact_match").compute(

@@ -13,9 +13,9 @@ Stage 0, the text warm-up, is not in the paper: a randomly initialised language 
 learns to answer from text, each media placeholder replaced by its media's caption, as a pretrained LLM already can.
 Stage 1 starts from a preset (`tiny`, `small`, ...: a dense language model with the preset's towers) or a saved
 model; stage 2 trains, for each name in `--experts`, the stage-1 FFNs on the rows whose `modality` is that name
-(the FFNs are reset between experts; connectors, attention and towers stay frozen) and saves each as `experts/<name>.safetensors`;
-stage 3 builds the sparse model from those FFNs and tunes it with LoRA, then merges the adapters and saves a plain
-checkpoint with its remote code, processor and chat template.
+(the FFNs are reset between experts; connectors, attention and towers stay frozen) and saves each as
+`experts/<name>.safetensors`; stage 3 builds the sparse model from those FFNs and tunes it with LoRA, then merges
+the adapters and saves a plain checkpoint with its remote code, processor and chat template.
 """
 
 import json
