@@ -132,3 +132,13 @@ def test_towers_train_in_stage1_only_when_asked():
     for component in ("vision_tower", "speech_tower", "audio_tower", "multi_modal_projector", "speech_aligner", "audio_aligner"):
         assert counts[component][0] == counts[component][1] > 0, component
     assert counts["language_model"][0] == counts["lm_head"][0] == 0
+
+
+def test_component_learning_rates_parse():
+    from trl_scripts.train import StageArguments
+
+    args = StageArguments(stage=1, model_name_or_path="tiny", component_learning_rates=" speech_tower=1e-3, audio_aligner=2.5e-4,")
+    assert args.learning_rates() == {"speech_tower": 1e-3, "audio_aligner": 2.5e-4}
+    assert StageArguments(stage=1, model_name_or_path="tiny").learning_rates() == {}
+    with pytest.raises(ValueError, match=r"'speech_tower:1e-3' is not 'module=learning_rate'"):
+        StageArguments(stage=1, model_name_or_path="tiny", component_learning_rates="speech_tower:1e-3").learning_rates()

@@ -97,3 +97,44 @@ def test_resumed_run_reaches_the_same_loss(tmp_path, tiny_processor):
     assert len(interrupted) == 3
     resumed, _ = run(tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-3"))
     assert resumed[-1] == pytest.approx(uninterrupted[-1], rel=1e-5)
+
+
+def _snapshot(model, component):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if component in name.split(".") and p.requires_grad}
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_component_learning_rates(tmp_path, tiny_processor, stage):
+    if stage == 1:
+        model = make_tiny_model(text_only=False)
+        prepare_stage1(model, train_towers=True)
+        frozen, moving = "multi_modal_projector", "audio_aligner"
+    else:  # peft names: base_model.model.model.speech_aligner.modules_to_save.default...
+        model, frozen, moving = stage3_model(), "audio_aligner", "multi_modal_projector"
+    before_frozen, before_moving = _snapshot(model, frozen), _snapshot(model, moving)
+    assert before_frozen and before_moving
+    trainer = UniMoETrainer(
+        model=model, args=arguments(tmp_path, lr_scheduler_type="linear"), train_dataset=rows(tmp_path),
+        data_collator=UniMoEDataCollator(tiny_processor), component_learning_rates={frozen: 0.0, "speech_aligner": 1e-4},
+    )
+    trainer.train()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[name], value) for name, value in before_frozen.items())
+    assert any(not torch.equal(after[name], value) for name, value in before_moving.items())
+    groups = {}
+    for group in trainer.optimizer.param_groups:
+        for parameter in group["params"]:
+            groups[id(parameter)] = group["initial_lr"]
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            parts = name.split(".")
+            expected = 0.0 if frozen in parts else 1e-4 if "speech_aligner" in parts else 1e-3
+            assert groups[id(parameter)] == expected, name
+    # the scheduler scales every group alike: linear decay to 0 at the last step
+    assert {group["lr"] for group in trainer.optimizer.param_groups} == {0.0}
+
+
+def test_component_learning_rates_name_real_modules(tmp_path, tiny_processor):
+    with pytest.raises(ValueError, match=r"does not have: \['speech_towr'\]"):
+        UniMoETrainer(model=stage3_model(), args=arguments(tmp_path), train_dataset=rows(tmp_path),
+                      data_collator=UniMoEDataCollator(tiny_processor), component_learning_rates={"speech_towr": 1e-3})

@@ -35,6 +35,8 @@ from .train import DataArguments, StageArguments, run as run_stage
 
 logger = logging.getLogger(__name__)
 
+AUDIO_MODULES = ("speech_tower", "audio_tower", "speech_aligner", "audio_aligner")
+
 
 @dataclass
 class QuickstartArguments:
@@ -42,7 +44,7 @@ class QuickstartArguments:
     num_train_per_task: int = field(
         default=768, metadata={"help": "Training items per task: many fresh items for few epochs generalise better than few items for many."}
     )
-    num_eval_per_task: int = 24
+    num_eval_per_task: int = field(default=100, metadata={"help": "Held-out items per task (100: one item is 1%)."})
     use_espeak: bool = field(
         default=False, metadata={"help": "Synthesise speech with espeak-ng (default: the committed clips, the same on every machine)."}
     )
@@ -52,6 +54,10 @@ class QuickstartArguments:
     stage2_epochs: float = 1.0
     stage3_epochs: float = 2.0
     learning_rate: float = 3e-3
+    stage1_audio_learning_rate: float = field(
+        default=1e-3,
+        metadata={"help": "Stage 1 learning rate of the speech and audio towers and aligners (the rest: --learning_rate)."},
+    )
     batch_size: int = 8
     seed: int = 0
     num_threads: int = field(
@@ -83,7 +89,17 @@ def train_all_stages(args: QuickstartArguments, data: dict) -> tuple[Path, dict[
     train, captions = str(data["train"]), str(data["captions"])
     plan = [
         ("stage 0: text warm-up", StageArguments(stage=0, model_name_or_path="tiny"), [train, captions], args.warmup_epochs),
-        ("stage 1: alignment", StageArguments(stage=1, model_name_or_path=str(out / "stage0"), train_towers=True), [captions], args.stage1_epochs),
+        (
+            "stage 1: alignment",
+            StageArguments(
+                stage=1,
+                model_name_or_path=str(out / "stage0"),
+                train_towers=True,
+                component_learning_rates=",".join(f"{name}={args.stage1_audio_learning_rate}" for name in AUDIO_MODULES),
+            ),
+            [captions],
+            args.stage1_epochs,
+        ),
         (
             "stage 2: modality experts",
             StageArguments(stage=2, model_name_or_path=str(out / "stage1"), experts=",".join(MODALITIES)),
@@ -115,18 +131,27 @@ def eval_samples(rows: list[dict], media_root: Path, system_prompt: str) -> list
 
 
 @torch.no_grad()
-def routing_shares(model, processor, samples: list[EvalSample]) -> torch.Tensor:
+def routing_shares(model, processor, samples: list[EvalSample], batch_size: int = 32) -> torch.Tensor:
     """[modalities, sparse layers, experts]: share of each modality's media tokens (top-k assignments) per expert."""
     text = model.config.text_config
-    counts = torch.zeros(len(MODALITIES), len(text.sparse_layer_indices), text.num_experts)
+    num_experts = text.num_experts
+    counts = torch.zeros(len(MODALITIES), len(text.sparse_layer_indices), num_experts)
     media_ids = torch.tensor([model.config.image_token_id, model.config.video_token_id, model.config.audio_token_id])
-    for sample in tqdm(samples, desc="routing", unit="prompt"):
-        inputs = processor.apply_chat_template([sample.messages], tokenize=True, return_dict=True, add_generation_prompt=True)
+    processor.tokenizer.padding_side = "left"
+    for start in tqdm(range(0, len(samples), batch_size), desc="routing", unit="batch"):
+        batch = samples[start : start + batch_size]
+        inputs = processor.apply_chat_template(
+            [sample.messages for sample in batch], tokenize=True, return_dict=True, add_generation_prompt=True,
+            processor_kwargs={"padding": True},
+        )
         router_logits = model(**inputs, output_router_logits=True).router_logits
-        is_media = torch.isin(inputs["input_ids"].reshape(-1), media_ids)
+        is_media = torch.isin(inputs["input_ids"], media_ids)  # [batch, seq]; padding is never media
+        modality = torch.tensor([MODALITIES.index(sample.group) for sample in batch])[:, None].expand_as(is_media)
+        modality = modality[is_media]  # [media tokens]
         for layer, logits in enumerate(router_logits):
-            chosen = logits.topk(text.num_experts_per_tok, dim=-1).indices[is_media].reshape(-1)
-            counts[MODALITIES.index(sample.group), layer] += torch.bincount(chosen, minlength=text.num_experts).float()
+            chosen = logits.reshape(*is_media.shape, num_experts)[is_media].topk(text.num_experts_per_tok, dim=-1).indices
+            pairs = (modality[:, None] * num_experts + chosen).reshape(-1)  # one bincount for every (modality, expert)
+            counts[:, layer] += torch.bincount(pairs, minlength=len(MODALITIES) * num_experts).view(len(MODALITIES), num_experts)
     return counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
 
 

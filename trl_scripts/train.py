@@ -62,6 +62,26 @@ class StageArguments:
         default=False,
         metadata={"help": "Also train the final norm and LM head (needed when the LM starts random; not the paper's recipe)."},
     )
+    component_learning_rates: str = field(
+        default="",
+        metadata={
+            "help": "Learning rates of named modules, e.g. 'speech_tower=1e-3,speech_aligner=1e-3'; "
+            "the other parameters use --learning_rate."
+        },
+    )
+
+    def learning_rates(self) -> dict[str, float]:
+        """`component_learning_rates` as {module name: learning rate}."""
+        rates = {}
+        for item in filter(None, (part.strip() for part in self.component_learning_rates.split(","))):
+            name, _, value = item.partition("=")
+            try:
+                rates[name.strip()] = float(value)
+            except ValueError:
+                raise ValueError(
+                    f"--component_learning_rates: {item!r} is not 'module=learning_rate' (e.g. speech_tower=1e-3)"
+                ) from None
+        return rates
 
 
 @dataclass
@@ -91,13 +111,14 @@ def load_stage_model(name_or_path: str, stage: int) -> tuple[UniMoEForCausalLM, 
     return UniMoEForCausalLM.from_pretrained(name_or_path), AutoProcessor.from_pretrained(name_or_path)
 
 
-def _trainer(model, processor, dataset, data_args: DataArguments, training_args: TrainingArguments) -> UniMoETrainer:
+def _trainer(model, processor, dataset, stage_args, data_args: DataArguments, training_args: TrainingArguments) -> UniMoETrainer:
     return UniMoETrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
         data_collator=UniMoEDataCollator(processor, data_args.media_root, data_args.system_prompt),
         group_by_modality=data_args.group_by_modality,
+        component_learning_rates=stage_args.learning_rates(),
     )
 
 
@@ -114,7 +135,7 @@ def run_stage0(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
     rows = text_warmup_rows(list(dataset), list(load_conversations([data_args.captions_file])))
     model, processor = load_stage_model(stage_args.model_name_or_path, 0)
     prepare_stage0(model)
-    trainer = _trainer(model, processor, Dataset.from_list(rows), data_args, training_args)
+    trainer = _trainer(model, processor, Dataset.from_list(rows), stage_args, data_args, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     _save(model, processor, training_args.output_dir, training_args)
     return trainer
@@ -123,7 +144,7 @@ def run_stage0(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
 def run_stage1(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
     model, processor = load_stage_model(stage_args.model_name_or_path, 1)
     prepare_stage1(model, train_output_layers=stage_args.train_output_layers, train_towers=stage_args.train_towers)
-    trainer = _trainer(model, processor, dataset, data_args, training_args)
+    trainer = _trainer(model, processor, dataset, stage_args, data_args, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     _save(model, processor, training_args.output_dir, training_args)
     return trainer
@@ -145,7 +166,7 @@ def run_stage2(stage_args, data_args, training_args, dataset) -> list[UniMoETrai
         _load_ffn(model, base_ffn)  # every expert starts from the stage-1 FFNs
         prepare_stage2(model, train_output_layers=stage_args.train_output_layers)
         expert_args = TrainingArguments(**{**training_args.to_dict(), "output_dir": str(output_dir / f"run-{name}")})
-        trainer = _trainer(model, processor, rows, data_args, expert_args)
+        trainer = _trainer(model, processor, rows, stage_args, data_args, expert_args)
         trainer.train()
         save_file(dense_ffn_state_dict(model), output_dir / "experts" / f"{name}.safetensors")
         logger.info("stage 2: expert %r trained on %d rows", name, len(rows))
@@ -184,7 +205,7 @@ def run_stage3(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
     peft_model = prepare_stage3(
         model, lora_r=stage_args.lora_r, lora_alpha=stage_args.lora_alpha, train_output_layers=stage_args.train_output_layers
     )
-    trainer = _trainer(peft_model, processor, dataset, data_args, training_args)
+    trainer = _trainer(peft_model, processor, dataset, stage_args, data_args, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     merged = peft_model.merge_and_unload()
     _save(merged, processor, training_args.output_dir, training_args)

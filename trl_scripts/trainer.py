@@ -8,6 +8,8 @@
   per-layer counts are kept in `expert_load_counts` ([modalities, layers, experts]) for heatmaps.
 - A NaN or infinite loss stops training with an error naming the step.
 - With `group_by_modality`, batches come from `ModalityGroupedSampler`: one modality mix per global batch.
+- With `component_learning_rates` ({"speech_tower": 1e-3, ...}), the parameters under those modules get their own
+  learning rate (the scheduler scales every group alike); the rest keep `args.learning_rate`.
 """
 
 from collections import defaultdict
@@ -29,9 +31,17 @@ def _unwrap(model):
 
 
 class UniMoETrainer(Trainer):
-    def __init__(self, *args, group_by_modality: bool = False, **kwargs):
+    def __init__(
+        self, *args, group_by_modality: bool = False, component_learning_rates: dict[str, float] | None = None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.group_by_modality = group_by_modality
+        self.component_learning_rates = dict(component_learning_rates or {})
+        if self.component_learning_rates:
+            names = {part for name, _ in self.model.named_parameters() for part in name.split(".")}
+            unknown = sorted(set(self.component_learning_rates) - names)
+            if unknown:
+                raise ValueError(f"component_learning_rates names modules the model does not have: {unknown}")
         self._pending = defaultdict(list)
         config = _unwrap(self.model).config
         self._token_ids = {"image": config.image_token_id, "video": config.video_token_id, "audio": config.audio_token_id}
@@ -48,6 +58,25 @@ class UniMoETrainer(Trainer):
         args = self.args
         global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
         return ModalityGroupedSampler(mixes, lengths, global_batch_size=global_batch, seed=args.seed)
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer (its weight-decay groups, its optimizer class), each group then split by component so
+        that `component_learning_rates` apply; built before the scheduler, which therefore scales every group."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if not (fresh and self.component_learning_rates):
+            return optimizer
+        names = {id(p): name.split(".") for name, p in (model or self.model).named_parameters()}
+        for group in list(optimizer.param_groups):
+            split = defaultdict(list)  # component -> its parameters in this group
+            for parameter in group["params"]:
+                parts = names[id(parameter)]
+                split[next((c for c in self.component_learning_rates if c in parts), None)].append(parameter)
+            group["params"] = split.pop(None, [])
+            for component, parameters in split.items():
+                options = {key: value for key, value in group.items() if key != "params"}
+                optimizer.add_param_group({**options, "params": parameters, "lr": self.component_learning_rates[component]})
+        return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {**inputs, "output_router_logits": True}
