@@ -134,7 +134,12 @@ def test_component_learning_rates(tmp_path, tiny_processor, stage):
     assert {group["lr"] for group in trainer.optimizer.param_groups} == {0.0}
 
 
-def test_component_learning_rates_name_real_modules(tmp_path, tiny_processor):
+def test_component_learning_rates_bad_use_is_an_error(tmp_path, tiny_processor):
     with pytest.raises(ValueError, match=r"does not have: \['speech_towr'\]"):
         UniMoETrainer(model=stage3_model(), args=arguments(tmp_path), train_dataset=rows(tmp_path),
                       data_collator=UniMoEDataCollator(tiny_processor), component_learning_rates={"speech_towr": 1e-3})
+    model = stage3_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="not to one passed in `optimizers`"):
+        UniMoETrainer(model=model, args=arguments(tmp_path), train_dataset=rows(tmp_path), optimizers=(optimizer, None),
+                      data_collator=UniMoEDataCollator(tiny_processor), component_learning_rates={"speech_tower": 1e-3})

@@ -37,6 +37,8 @@ class UniMoETrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.group_by_modality = group_by_modality
         self.component_learning_rates = dict(component_learning_rates or {})
+        if self.component_learning_rates and self.optimizer is not None:
+            raise ValueError("component_learning_rates apply to the optimizer the trainer builds, not to one passed in `optimizers`")
         if self.component_learning_rates:
             names = {part for name, _ in self.model.named_parameters() for part in name.split(".")}
             unknown = sorted(set(self.component_learning_rates) - names)
