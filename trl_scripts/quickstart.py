@@ -35,7 +35,6 @@ from .train import DataArguments, StageArguments, run as run_stage
 
 logger = logging.getLogger(__name__)
 
-AUDIO_MODULES = ("speech_tower", "audio_tower", "speech_aligner", "audio_aligner")
 
 
 @dataclass
@@ -53,10 +52,11 @@ class QuickstartArguments:
     stage1_epochs: float = 8.0
     stage2_epochs: float = 1.0
     stage3_epochs: float = 2.0
-    learning_rate: float = 3e-3
-    stage1_audio_learning_rate: float = field(
+    learning_rate: float = field(default=3e-3, metadata={"help": "Stages 0, 2 and 3."})
+    stage1_learning_rate: float = field(
         default=1e-3,
-        metadata={"help": "Stage 1 learning rate of the speech and audio towers and aligners (the rest: --learning_rate)."},
+        metadata={"help": "Stage 1: the random towers learn the beep count and the video direction in a jump after a "
+                  "plateau, which at 3e-3 outlasted stage 1 on some seeds."},
     )
     batch_size: int = 8
     seed: int = 0
@@ -65,12 +65,12 @@ class QuickstartArguments:
     )
 
 
-def _training_args(output_dir: Path, epochs: float, args: QuickstartArguments) -> TrainingArguments:
+def _training_args(output_dir: Path, epochs: float, learning_rate: float, args: QuickstartArguments) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=epochs,
         per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
+        learning_rate=learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
         logging_steps=10,
@@ -91,12 +91,7 @@ def train_all_stages(args: QuickstartArguments, data: dict) -> tuple[Path, dict[
         ("stage 0: text warm-up", StageArguments(stage=0, model_name_or_path="tiny"), [train, captions], args.warmup_epochs),
         (
             "stage 1: alignment",
-            StageArguments(
-                stage=1,
-                model_name_or_path=str(out / "stage0"),
-                train_towers=True,
-                component_learning_rates=",".join(f"{name}={args.stage1_audio_learning_rate}" for name in AUDIO_MODULES),
-            ),
+            StageArguments(stage=1, model_name_or_path=str(out / "stage0"), train_towers=True),
             [captions],
             args.stage1_epochs,
         ),
@@ -110,11 +105,12 @@ def train_all_stages(args: QuickstartArguments, data: dict) -> tuple[Path, dict[
     ]
     histories = {}
     for index, (title, stage_args, files, epochs) in enumerate(plan):
+        learning_rate = args.stage1_learning_rate if stage_args.stage == 1 else args.learning_rate
         start = time.perf_counter()
         data_args = DataArguments(
             train_files=files, media_root=media_root, captions_file=captions, system_prompt=args.system_prompt
         )
-        result = run_stage(stage_args, data_args, _training_args(out / f"stage{index}", epochs, args))
+        result = run_stage(stage_args, data_args, _training_args(out / f"stage{index}", epochs, learning_rate, args))
         trainers = result if isinstance(result, list) else [result]
         histories[title] = [entry for trainer in trainers for entry in trainer.state.log_history if "ce_loss" in entry]
         logger.info("%s done in %.0f s", title, time.perf_counter() - start)
