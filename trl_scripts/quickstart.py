@@ -31,10 +31,10 @@ from .evaluate import EvalSample, generate_predictions, write_outputs
 from .make_synthetic_data import MODALITIES, TASKS, make_synthetic_dataset
 from .metrics import load_metric
 from .train import DataArguments, StageArguments, run as run_stage
+from .trainer import modality_expert_counts
 
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -89,12 +89,7 @@ def train_all_stages(args: QuickstartArguments, data: dict) -> tuple[Path, dict[
     train, captions = str(data["train"]), str(data["captions"])
     plan = [
         ("stage 0: text warm-up", StageArguments(stage=0, model_name_or_path="tiny"), [train, captions], args.warmup_epochs),
-        (
-            "stage 1: alignment",
-            StageArguments(stage=1, model_name_or_path=str(out / "stage0"), train_towers=True),
-            [captions],
-            args.stage1_epochs,
-        ),
+        ("stage 1: alignment", StageArguments(stage=1, model_name_or_path=str(out / "stage0"), train_towers=True), [captions], args.stage1_epochs),
         (
             "stage 2: modality experts",
             StageArguments(stage=2, model_name_or_path=str(out / "stage1"), experts=",".join(MODALITIES)),
@@ -146,8 +141,7 @@ def routing_shares(model, processor, samples: list[EvalSample], batch_size: int 
         modality = modality[is_media]  # [media tokens]
         for layer, logits in enumerate(router_logits):
             chosen = logits.reshape(*is_media.shape, num_experts)[is_media].topk(text.num_experts_per_tok, dim=-1).indices
-            pairs = (modality[:, None] * num_experts + chosen).reshape(-1)  # one bincount for every (modality, expert)
-            counts[:, layer] += torch.bincount(pairs, minlength=len(MODALITIES) * num_experts).view(len(MODALITIES), num_experts)
+            counts[:, layer] += modality_expert_counts(modality, chosen, len(MODALITIES), num_experts)
     return counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
 
 

@@ -23,6 +23,13 @@ from .data import ModalityGroupedSampler, modality_mix, row_media
 MODALITIES = ("text", "image", "video", "audio")
 
 
+def modality_expert_counts(modality: torch.Tensor, chosen: torch.Tensor, num_modalities: int, num_experts: int) -> torch.Tensor:
+    """[modalities, experts] counts of top-k assignments: `modality` [tokens] indexes each token's modality, `chosen`
+    [tokens, k] its experts; one bincount over every (modality, expert) pair."""
+    pairs = (modality[:, None] * num_experts + chosen).reshape(-1)
+    return torch.bincount(pairs, minlength=num_modalities * num_experts).float().view(num_modalities, num_experts)
+
+
 def _unwrap(model):
     """The `UniMoEForCausalLM` inside peft / DDP wrappers."""
     while hasattr(model, "module"):
@@ -37,9 +44,9 @@ class UniMoETrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.group_by_modality = group_by_modality
         self.component_learning_rates = dict(component_learning_rates or {})
-        if self.component_learning_rates and self.optimizer is not None:
-            raise ValueError("component_learning_rates apply to the optimizer the trainer builds, not to one passed in `optimizers`")
         if self.component_learning_rates:
+            if self.optimizer is not None:
+                raise ValueError("component_learning_rates apply to the optimizer the trainer builds, not to one passed in `optimizers`")
             names = {part for name, _ in self.model.named_parameters() for part in name.split(".")}
             unknown = sorted(set(self.component_learning_rates) - names)
             if unknown:
@@ -111,14 +118,12 @@ class UniMoETrainer(Trainer):
             if self._token_ids[name] is not None:
                 modality[ids == self._token_ids[name]] = index
         keep = valid.cpu()
-        modality = modality.cpu()[keep, None]  # [real tokens, 1]; padding counts nowhere
+        modality = modality.cpu()[keep]  # [real tokens]; padding counts nowhere
         top_k = _unwrap(self.model).config.text_config.num_experts_per_tok
         num_experts = self.expert_load_counts.shape[-1]
         for layer, logits in enumerate(outputs.router_logits):
             chosen = logits.topk(top_k, dim=-1).indices.cpu()[keep]  # [real tokens, k]
-            pairs = (modality * num_experts + chosen).reshape(-1)  # one bincount for every (modality, expert)
-            counts = torch.bincount(pairs, minlength=len(MODALITIES) * num_experts).float()
-            self._window_counts[:, layer] += counts.view(len(MODALITIES), num_experts)
+            self._window_counts[:, layer] += modality_expert_counts(modality, chosen, len(MODALITIES), num_experts)
 
     def log(self, logs: dict[str, float], *args, **kwargs):
         if "loss" in logs and self._pending:
