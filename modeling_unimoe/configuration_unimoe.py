@@ -1,5 +1,8 @@
 """Configurations of Uni-MoE: the sparse-MoE LLaMA decoder and the composite multimodal model."""
 
+# First: it refuses a transformers older than the supported range before the imports below need newer names.
+from .transformers_compat import CACHE_NAME  # isort: skip
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
@@ -41,7 +44,7 @@ class UniMoETextConfig(PreTrainedConfig):
 
     model_type = "unimoe_text"
     base_config_key = "text_config"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE_NAME]  # the cache is no prediction (Trainer.prediction_step)
 
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
@@ -199,6 +202,7 @@ class UniMoEConfig(PreTrainedConfig):
     """
 
     model_type = "unimoe"
+    keys_to_ignore_at_inference = [CACHE_NAME]
     # The language model's own plans (text config) apply under `model.language_model`; nothing at this level.
     base_model_fsdp_plan = {}
     sub_configs_defaults = {

@@ -3,7 +3,6 @@ media (checked from the files alone, independently of how they were drawn)."""
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import av
@@ -212,7 +211,6 @@ def test_speech_fallback_clips_say_the_answer(dataset):
         assert max(scores, key=scores.get) == answer(row) and scores[answer(row)] > 0.9
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 def test_espeak_path_has_the_same_schema(dataset, tmp_path):
     result = make_synthetic_dataset(tmp_path, num_train_per_task=2, num_eval_per_task=1, seed=3)
     assert result["use_espeak"] is True and load(tmp_path, "metadata")["speech"]["source"] == "espeak-ng"

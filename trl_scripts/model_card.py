@@ -19,6 +19,7 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM
+from modeling_unimoe.transformers_compat import SUPPORTED_TRANSFORMERS
 
 
 UNIMOE_TAGS = ["uni-moe", "mixture-of-experts", "moe", "custom_code"]
@@ -62,7 +63,8 @@ CARD_TEMPLATE = """---
 ## Usage
 
 The modelling code ships with the checkpoint (`modeling_unimoe.py` and its siblings), so nothing but `transformers`
-is needed; `trust_remote_code=True` lets it run.
+is needed; `trust_remote_code=True` lets it run. It supports, and is tested on, the transformers releases
+`{{ transformers_range }}`: `pip install "transformers{{ transformers_range }}"`.
 
 ```python
 {{ usage }}
@@ -384,4 +386,5 @@ def build_model_card(
         evaluation=evaluation,
         datasets=list(datasets or []),
         citation=CITATION,
+        transformers_range=SUPPORTED_TRANSFORMERS,
     )

@@ -1,0 +1,168 @@
+"""The KV cache is threaded through `generate` on every supported transformers release (see `transformers_compat`).
+
+transformers 5.24 renamed the cache argument (`past_key_values` -> `cache`); a model that reads only one name gets a
+fresh cache at every step and decodes from the newest token alone. These tests count what the decoder sees and
+compare every cached decoding strategy against the same strategy without a cache, text-only and with media.
+"""
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+from modeling_unimoe.transformers_compat import CACHE_NAME, pop_cache
+from conftest import make_tiny_model, random_ids
+from media import tone, write_image
+
+
+def text_prompt(model):
+    return {"input_ids": random_ids(1, 6)}
+
+
+def media_prompt(model, processor, tmp_path):
+    image = write_image(tmp_path / "red.png")
+    return dict(processor(text="<image>\n<audio>\nWhat is it?", images=[image], audio=[tone(1.5)]))
+
+
+@pytest.fixture(params=["text", "media"])
+def model_and_prompt(request, tiny_processor, tmp_path):
+    if request.param == "text":
+        model = make_tiny_model()
+        return model, text_prompt(model)
+    model = make_tiny_model(text_only=False)
+    return model, media_prompt(model, tiny_processor, tmp_path)
+
+
+def record_decoder_steps(model):
+    """Per language-model call: (batch rows, new positions fed, cache length after the call, cache object)."""
+    steps = []
+
+    def hook(module, args, kwargs, output):
+        embeds = kwargs["inputs_embeds"]
+        cache = getattr(output, CACHE_NAME)
+        steps.append((embeds.shape[0], embeds.shape[1], cache.get_seq_length() if cache is not None else None, cache))
+
+    return steps, model.model.language_model.register_forward_hook(hook, with_kwargs=True)
+
+
+def test_each_decoding_step_feeds_one_token_per_row_and_grows_the_cache(model_and_prompt):
+    model, prompt = model_and_prompt
+    prompt_length = prompt["input_ids"].shape[1]
+    steps, handle = record_decoder_steps(model)
+    model.generate(**prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    handle.remove()
+    assert [(rows, fed, length) for rows, fed, length, _ in steps] == [(1, prompt_length, prompt_length)] + [
+        (1, 1, prompt_length + step) for step in range(1, 5)
+    ]
+    assert len({id(cache) for *_, cache in steps}) == 1, "every step must extend the same cache"
+
+
+def test_each_row_of_a_beam_search_gets_one_token_per_step():
+    model = make_tiny_model()
+    prompt = random_ids(2, 5)
+    steps, handle = record_decoder_steps(model)
+    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False)
+    handle.remove()
+    assert [(rows, fed, length) for rows, fed, length, _ in steps] == [(6, 5, 5)] + [(6, 1, 5 + s) for s in range(1, 4)]
+
+
+def generate_both_ways(model, prompt, **kwargs):
+    """The same generate call with and without the KV cache (a sampling call is reseeded for each)."""
+    results = []
+    for use_cache in (True, False):
+        torch.manual_seed(1234)
+        results.append(model.generate(**prompt, use_cache=use_cache, max_new_tokens=8, min_new_tokens=8, **kwargs))
+    return results
+
+
+STRATEGIES = {
+    "greedy": dict(do_sample=False),
+    "beam_search": dict(do_sample=False, num_beams=3),
+    "seeded_sampling": dict(do_sample=True, top_k=0, top_p=1.0),
+    "two_return_sequences": dict(do_sample=True, top_k=0, num_return_sequences=2),
+    "beams_returning_two": dict(do_sample=False, num_beams=3, num_return_sequences=2),
+}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cached_generation_equals_uncached(model_and_prompt, strategy):
+    model, prompt = model_and_prompt
+    cached, uncached = generate_both_ways(model, prompt, **STRATEGIES[strategy])
+    expected_rows = STRATEGIES[strategy].get("num_return_sequences", 1)
+    assert cached.shape == (expected_rows, prompt["input_ids"].shape[1] + 8)
+    assert torch.equal(cached, uncached)
+
+
+def test_static_cache_equals_uncached(model_and_prompt):
+    model, prompt = model_and_prompt
+    static = model.generate(**prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, cache_implementation="static")
+    uncached = model.generate(**prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(static, uncached)
+
+
+def test_assisted_decoding_with_a_draft_model_equals_uncached():
+    model = make_tiny_model()
+    draft = make_tiny_model(seed=7, num_hidden_layers=1)  # a different, smaller model proposes the tokens
+    prompt = {"input_ids": random_ids(1, 6)}
+    assisted = model.generate(**prompt, assistant_model=draft, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    uncached = model.generate(**prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, use_cache=False)
+    assert torch.equal(assisted, uncached)
+
+
+def test_generation_continues_from_a_returned_cache(model_and_prompt):
+    model, prompt = model_and_prompt
+    kwargs = dict(do_sample=False, return_dict_in_generate=True)
+    first = model.generate(**prompt, max_new_tokens=4, min_new_tokens=4, **kwargs)
+    cache = getattr(first, CACHE_NAME)
+    assert cache.get_seq_length() == first.sequences.shape[1] - 1  # the last token has not been fed yet
+    # The continuation gets the whole sequence and the cache: only the uncached tail is fed, media already sits in it.
+    attention_mask = torch.ones_like(first.sequences)
+    continued = model.generate(
+        input_ids=first.sequences, attention_mask=attention_mask, max_new_tokens=4, min_new_tokens=4,
+        **{CACHE_NAME: cache}, **kwargs,
+    )
+    whole = model.generate(**prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(continued.sequences, whole)
+
+
+def test_forward_accepts_the_cache_under_either_name(tiny_model):
+    """Callers written for transformers < 5.24 pass `past_key_values`, newer ones `cache`: both extend the cache."""
+    ids = random_ids(1, 7)
+    with torch.no_grad():
+        full = tiny_model(ids).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            prefix = tiny_model(ids[:, :-1], use_cache=True)
+            cache = getattr(prefix, CACHE_NAME)
+            step = tiny_model(ids[:, -1:], use_cache=True, **{name: cache})
+            assert getattr(step, CACHE_NAME) is cache and cache.get_seq_length() == 7, name
+            torch.testing.assert_close(step.logits[:, -1], full, atol=1e-5, rtol=0)
+
+
+def test_two_different_caches_are_refused():
+    first, second = object(), object()
+    with pytest.raises(ValueError, match="two different caches"):
+        pop_cache(first, {"past_key_values": second})
+    same = {"past_key_values": first}
+    assert pop_cache(first, same) is first and same == {}
+    assert pop_cache(None, {}) is None
+
+
+def test_no_deprecation_warning_from_our_code(tiny_model):
+    """The deprecated cache name never reaches transformers from our code: no `FutureWarning` (deprecated arguments)
+    and no deprecation log line (transformers >= 5.24 logs one when an output is built or read under the old name)."""
+    from transformers.utils import logging as hf_logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logging.warning_once.cache_clear()  # it logs each message once per process
+    hf_logging.get_logger().addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", category=FutureWarning)
+            tiny_model.generate(random_ids(1, 4), max_new_tokens=3, do_sample=False)
+            tiny_model(random_ids(1, 4), use_cache=True)
+    finally:
+        hf_logging.get_logger().removeHandler(handler)
+    assert not [record.getMessage() for record in records if "deprecated" in record.getMessage()]

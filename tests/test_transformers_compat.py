@@ -1,0 +1,27 @@
+"""The supported transformers range is declared once and enforced: setup.cfg, the import check, the model card."""
+
+import configparser
+
+import pytest
+import transformers
+
+from conftest import REPO_ROOT
+from modeling_unimoe.transformers_compat import (
+    MINIMUM_TRANSFORMERS,
+    SUPPORTED_TRANSFORMERS,
+    require_supported_transformers,
+)
+
+
+def test_setup_cfg_declares_the_supported_range():
+    config = configparser.ConfigParser()
+    config.read(REPO_ROOT / "setup.cfg")
+    requirements = [line.split("#")[0].strip() for line in config["options"]["install_requires"].splitlines()]
+    assert f"transformers{SUPPORTED_TRANSFORMERS}" in requirements
+
+
+def test_an_older_transformers_is_refused_by_name():
+    with pytest.raises(ImportError, match=r'needs transformers>=5\.23,<6, but transformers 5\.10\.0 is installed'):
+        require_supported_transformers("5.10.0")
+    for version in (MINIMUM_TRANSFORMERS, "5.23.0.dev0", "5.24.0", transformers.__version__):
+        require_supported_transformers(version)
