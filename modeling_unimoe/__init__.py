@@ -4,6 +4,9 @@ Checkpoints saved by these classes carry the same files as remote code (`trust_r
 not need this package; installing it registers the classes for users who do.
 """
 
+# First: it refuses a transformers older than the supported range before the imports below need newer names.
+from .transformers_compat import SUPPORTED_TRANSFORMERS  # isort: skip
+
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoProcessor
 
 from .configuration_beats import BEATsConfig
@@ -53,4 +56,5 @@ __all__ = [
     "load_beats_checkpoint",
     "router_balance_loss",
     "router_z_loss",
+    "SUPPORTED_TRANSFORMERS",
 ]

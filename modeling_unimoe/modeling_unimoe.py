@@ -34,7 +34,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_unimoe import UniMoEConfig, UniMoETextConfig
 from .modeling_beats import BEATsModel
-from .transformers_compat import CACHE_NAME, build_causal_mask, cache_field, output_cache, pop_cache
+from .transformers_compat import build_causal_mask, cache_field, output_cache, pop_cache
 
 
 class UniMoERMSNorm(nn.Module):
@@ -363,6 +363,7 @@ class UniMoEDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        cache = pop_cache(cache, kwargs)  # `past_key_values` before transformers 5.24
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             self.input_layernorm(hidden_states),
@@ -569,7 +570,7 @@ class UniMoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["UniMoEDecoderLayer"]
-    _skip_keys_device_placement = [CACHE_NAME]
+    _skip_keys_device_placement = ["cache", "past_key_values"]  # both names a caller may use
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -686,8 +687,9 @@ class UniMoETextModel(UniMoEPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
-                cache=cache,
                 position_embeddings=position_embeddings,
+                # under the running release's name: activation checkpointing drops the cache by that name
+                **cache_field(cache),
                 **kwargs,
             )
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **cache_field(cache))

@@ -47,7 +47,10 @@ def pop_cache(cache, kwargs: dict):
     if legacy is None:
         return cache
     if cache is not None and cache is not legacy:
-        raise ValueError("Got two different caches, as `cache` and as `past_key_values`: pass one (`cache`).")
+        raise ValueError(
+            f"Got two different caches, as `cache` and as `past_key_values`: pass one, as `{CACHE_NAME}` (the name "
+            f"transformers {transformers.__version__} uses)"
+        )
     return legacy
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from modeling_unimoe import UniMoEForCausalLM, router_balance_loss, router_z_loss
+from modeling_unimoe.transformers_compat import CACHE_NAME
 from conftest import make_tiny_model, random_ids
 
 
@@ -119,6 +120,19 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_activation_checkpointing_never_fills_a_given_cache():
+    """The checkpointing wrapper drops the cache by the name its transformers release uses; the decoder layers get it
+    under that name, so the backward's recomputation cannot append the same keys a second time."""
+    from transformers.cache_utils import DynamicCache
+
+    model = make_tiny_model().train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    cache = DynamicCache(config=model.config.text_config)
+    ids = random_ids(1, 6)
+    model(ids, labels=ids, use_cache=True, **{CACHE_NAME: cache}).loss.backward()
+    assert cache.get_seq_length() == 0
 
 
 def test_shared_experts_are_always_added():
