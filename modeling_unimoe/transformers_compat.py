@@ -32,6 +32,7 @@ def require_supported_transformers(version: str):
 # Before the imports below, which an older release would fail with an unrelated missing name.
 require_supported_transformers(transformers.__version__)
 
+from transformers.cache_utils import Cache  # noqa: E402
 from transformers.masking_utils import create_causal_mask  # noqa: E402
 
 
@@ -42,16 +43,22 @@ LEGACY_CACHE_NAME = "past_key_values"
 
 def pop_cache(cache, kwargs: dict):
     """The cache a forward was given: `cache` (transformers >= 5.24) or `past_key_values` (earlier releases, and
-    callers written for them), popped from `kwargs`. Raises `ValueError` when both name different caches."""
+    callers written for them), popped from `kwargs`. Raises `ValueError` when both name different caches, `TypeError`
+    when it is not a `Cache` (the legacy tuple of per-layer (key, value) pairs is gone from transformers 5)."""
     legacy = kwargs.pop(LEGACY_CACHE_NAME, None)
-    if legacy is None:
-        return cache
-    if cache is not None and cache is not legacy:
-        raise ValueError(
-            f"Got two different caches, as `cache` and as `past_key_values`: pass one, as `{CACHE_NAME}` (the name "
-            f"transformers {transformers.__version__} uses)"
+    if legacy is not None:
+        if cache is not None and cache is not legacy:
+            raise ValueError(
+                f"Got two different caches, as `cache` and as `past_key_values`: pass one, as `{CACHE_NAME}` (the name "
+                f"transformers {transformers.__version__} uses)"
+            )
+        cache = legacy
+    if cache is not None and not isinstance(cache, Cache):
+        raise TypeError(
+            f"`{CACHE_NAME}` must be a transformers `Cache` (e.g. `DynamicCache`), got {type(cache).__name__}; tuples of "
+            "per-layer (key, value) tensors are not supported"
         )
-    return legacy
+    return cache
 
 
 def build_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids):

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicCache
 
 from modeling_unimoe.transformers_compat import CACHE_NAME, pop_cache
 from conftest import make_tiny_model, random_ids
@@ -140,12 +141,21 @@ def test_forward_accepts_the_cache_under_either_name(tiny_model):
 
 
 def test_two_different_caches_are_refused():
-    first, second = object(), object()
+    first, second = DynamicCache(), DynamicCache()
     with pytest.raises(ValueError, match=rf"two different caches.*pass one, as `{CACHE_NAME}`"):
         pop_cache(first, {"past_key_values": second})
     same = {"past_key_values": first}
     assert pop_cache(first, same) is first and same == {}
     assert pop_cache(None, {}) is None
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_a_legacy_tuple_cache_is_refused_by_name(tiny_model, name):
+    ids = random_ids(1, 5)
+    with torch.no_grad():
+        legacy = tuple((key, value) for key, value in zip(*[[torch.zeros(1, 2, 4, 16)] * 4] * 2))
+        with pytest.raises(TypeError, match=r"must be a transformers `Cache` .*got tuple"):
+            tiny_model(ids[:, -1:], **{name: legacy})
 
 
 def test_no_deprecation_warning_from_our_code(tiny_model):
