@@ -808,13 +808,16 @@ class UniMoEModel(UniMoEPreTrainedModel):
         tokens = torch.cat(per_tower, dim=1)
         return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=tokens)
 
+    def get_placeholder_mask(self, input_ids, inputs_embeds, token_id: int) -> torch.Tensor:
+        """[B, S] True at the placeholder tokens `token_id`, read from `input_ids` or, without them, `inputs_embeds`."""
+        if input_ids is not None:
+            return input_ids == token_id
+        placeholder = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+        return (inputs_embeds == placeholder).all(-1)
+
     def _scatter(self, input_ids, inputs_embeds, features: torch.Tensor, token_id: int, modality: str) -> torch.Tensor:
         """Put `features` [items, tokens, D] into the embeddings at the placeholder positions, in order."""
-        if input_ids is not None:
-            mask = input_ids == token_id
-        else:
-            placeholder = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
-            mask = (inputs_embeds == placeholder).all(-1)
+        mask = self.get_placeholder_mask(input_ids, inputs_embeds, token_id)
         num_placeholders = int(mask.sum())
         num_features = features.shape[0] * features.shape[1]
         if num_placeholders != num_features:
@@ -908,6 +911,41 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
+        """`GenerationMixin`'s expansion for `num_return_sequences` / `num_beams` (each row repeated `expand_size` times),
+        except that the media inputs hold one entry per item (image, video, audio window), not per row: each row's own
+        items are repeated with it, in order, so every expanded row scatters exactly its own media."""
+        if expand_size == 1:
+            return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        config = self.config
+        per_item = {
+            "image": (config.image_token_id, ("pixel_values",)),
+            "video": (config.video_token_id, ("pixel_values_videos",)),
+            "audio": (config.audio_token_id, ("input_features", "input_features_mask", "input_values", "input_values_mask")),
+        }
+        ids = input_ids if input_ids is not None and input_ids.shape[-1] > 0 else None  # empty when generating from embeds
+        expanded = {}
+        for modality, (token_id, names) in per_item.items():
+            present = [name for name in names if model_kwargs.get(name) is not None]
+            if not present:
+                continue
+            tokens_per_row = self.model.get_placeholder_mask(ids, model_kwargs.get("inputs_embeds"), token_id).sum(-1)  # [B]
+            num_items, num_tokens = model_kwargs[present[0]].shape[0], int(tokens_per_row.sum())
+            tokens_per_item = num_tokens // num_items if num_items else 0
+            if tokens_per_item == 0 or num_tokens % num_items or (tokens_per_row % tokens_per_item).any():
+                raise ValueError(
+                    f"{modality}: the batch has {num_tokens} {modality} placeholder tokens "
+                    f"({tokens_per_row.tolist()} per row), which do not split into its {num_items} {modality} items"
+                )
+            ends = (tokens_per_row // tokens_per_item).cumsum(0).tolist()
+            starts = [0, *ends[:-1]]
+            index = torch.cat([torch.arange(start, end).repeat(expand_size) for start, end in zip(starts, ends)])
+            for name in present:
+                value = model_kwargs.pop(name)
+                expanded[name] = value.index_select(0, index.to(value.device))
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        return input_ids, {**model_kwargs, **expanded}
 
     @can_return_tuple
     def forward(

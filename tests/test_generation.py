@@ -14,7 +14,7 @@ from transformers.cache_utils import DynamicCache
 
 from modeling_unimoe.transformers_compat import CACHE_NAME, pop_cache
 from conftest import make_tiny_model, random_ids
-from media import tone, write_image
+from media import tone, write_image, write_video
 
 
 def text_prompt(model):
@@ -179,3 +179,77 @@ def test_no_deprecation_warning_from_our_code(tiny_model):
         hf_logging.get_logger().removeHandler(handler)
         hf_logging.set_verbosity(verbosity)
     assert not [record.getMessage() for record in records if "deprecated" in record.getMessage()]
+
+
+# Media inputs hold one entry per item (image, video, audio window), not per row: `num_return_sequences` and beams
+# must repeat each row's own items with it.
+def media_prompts(tmp_path):
+    blue, red = write_image(tmp_path / "blue.png", color=(0, 0, 255)), write_image(tmp_path / "red.png")
+    right, left = write_video(tmp_path / "right.mp4"), write_video(tmp_path / "left.mp4", moving="left")
+    return {
+        "two_images": ("<image>\n<image>\nWhat?", dict(images=[blue, red])),
+        "two_audio_windows": ("<audio>\nWhat?", dict(audio=[tone(6.0)])),  # 4 s windows in the tiny preset
+        "two_videos_and_image": ("<video>\n<video>\n<image>\nWhat?", dict(videos=[str(right), str(left)], images=[red])),
+    }
+
+
+@pytest.mark.parametrize("case", ["two_images", "two_audio_windows", "two_videos_and_image"])
+def test_every_returned_sequence_sees_its_own_media(tiny_multimodal_model, tiny_processor, tmp_path, case):
+    text, media = media_prompts(tmp_path)[case]
+    inputs = tiny_processor(text=text, **media)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6)
+    greedy = tiny_multimodal_model.generate(**inputs, do_sample=False, **kwargs)
+    # top_k=1 sampling is greedy: both returned sequences must equal it
+    twice = tiny_multimodal_model.generate(**inputs, do_sample=True, top_k=1, num_return_sequences=2, **kwargs)
+    assert torch.equal(twice, greedy.expand(2, -1))
+
+
+@pytest.mark.parametrize("case", ["two_images", "two_audio_windows", "two_videos_and_image"])
+def test_expanded_rows_get_their_items_in_order(tiny_multimodal_model, tiny_processor, tmp_path, case):
+    """With 3 sequences per prompt the towers must see the prompt's items 3 times over, each time in prompt order."""
+    text, media = media_prompts(tmp_path)[case]
+    inputs = tiny_processor(text=text, **media)
+    seen = {"vision_tower": [], "speech_tower": []}
+    for tower, calls in seen.items():
+        getattr(tiny_multimodal_model.model, tower).register_forward_hook(lambda _, args, __, calls=calls: calls.append(args[0]))
+    tiny_multimodal_model.generate(**inputs, max_new_tokens=2, do_sample=True, top_k=1, num_return_sequences=3)
+    thrice = lambda items: torch.cat([items] * 3)  # noqa: E731
+    if case == "two_images":
+        assert torch.equal(seen["vision_tower"][0], thrice(inputs["pixel_values"]))
+    elif case == "two_audio_windows":
+        assert torch.equal(seen["speech_tower"][0], thrice(inputs["input_features"]))
+    else:
+        image_call, video_call = seen["vision_tower"]
+        assert torch.equal(image_call, thrice(inputs["pixel_values"]))
+        assert torch.equal(video_call, thrice(inputs["pixel_values_videos"]).flatten(0, 1))
+
+
+def test_beam_search_on_a_mixed_batch_equals_each_prompt_alone(tiny_multimodal_model, tiny_processor, tmp_path):
+    prompts = media_prompts(tmp_path)
+    texts = [prompts["two_images"][0], prompts["two_audio_windows"][0]]
+    batch = tiny_processor(text=texts, images=[prompts["two_images"][1]["images"], []], audio=[[], [tone(6.0)]], padding=True)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, num_beams=2)
+    seen = {"vision_tower": [], "speech_tower": []}
+    handles = [
+        getattr(tiny_multimodal_model.model, tower).register_forward_hook(lambda _, args, __, calls=calls: calls.append(args[0]))
+        for tower, calls in seen.items()
+    ]
+    together = tiny_multimodal_model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1]:]
+    for handle in handles:
+        handle.remove()
+    # both beams of row 0 see its two images in order, both beams of row 1 its two audio windows
+    assert torch.equal(seen["vision_tower"][0], torch.cat([batch["pixel_values"]] * 2))
+    assert torch.equal(seen["speech_tower"][0], torch.cat([batch["input_features"]] * 2))
+    for row, name in enumerate(("two_images", "two_audio_windows")):
+        text, media = prompts[name]
+        single = tiny_processor(text=text, **media)
+        alone = tiny_multimodal_model.generate(**single, **kwargs)[0, single["input_ids"].shape[1]:]
+        assert torch.equal(together[row], alone), f"prompt {row} ({name}) differs inside the batch"
+
+
+def test_media_that_does_not_split_over_the_rows_is_named(tiny_multimodal_model, tiny_processor, tmp_path):
+    inputs = tiny_processor(text="<image>\nWhat?", images=[write_image(tmp_path / "red.png")])
+    inputs["pixel_values"] = inputs["pixel_values"].repeat(3, 1, 1, 1)  # three images for one placeholder block
+    split = r"image: the batch has \d+ image placeholder tokens \(\[\d+\] per row\), which do not split into its 3 image"
+    with pytest.raises(ValueError, match=split):
+        tiny_multimodal_model.generate(**inputs, max_new_tokens=2, num_beams=2)
