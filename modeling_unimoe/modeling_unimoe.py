@@ -827,6 +827,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
             )
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features.to(inputs_embeds.dtype))
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

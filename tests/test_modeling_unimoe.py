@@ -243,3 +243,17 @@ def test_router_terms_follow_trainer_token_normalisation():
     accumulated = model(ids, labels=ids, output_router_logits=True, num_items_in_batch=4 * local_items)
     torch.testing.assert_close(accumulated.ce_loss, plain.ce_loss / 4)
     torch.testing.assert_close(accumulated.loss - accumulated.ce_loss, (plain.loss - plain.ce_loss) / 4)
+
+
+@pytest.mark.parametrize("text_only", [True, False])
+@pytest.mark.parametrize("module", ["model", "model.model", "model.model.language_model"])
+def test_every_public_forward_returns_a_tuple_on_request(text_only, module):
+    """`return_dict=False` gives the output's non-None fields as a tuple, in order, from each public forward."""
+    model = make_tiny_model(text_only=text_only)
+    target = model.get_submodule(module.removeprefix("model").removeprefix("."))
+    ids = random_ids(1, 5)
+    with torch.no_grad():
+        as_dict = target(ids, use_cache=True)
+        as_tuple = target(ids, use_cache=True, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(as_dict.to_tuple())
+    torch.testing.assert_close(as_tuple[0], as_dict.to_tuple()[0], atol=0, rtol=0)
