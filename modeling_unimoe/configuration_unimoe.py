@@ -12,6 +12,18 @@ from .configuration_beats import BEATsConfig
 
 
 ROUTER_TYPES = ("topk_softmax", "softmax_topk")
+
+
+def refuse_foreign_model_type(config_class, config_dict: dict):
+    """Raises `ValueError` when a config dict names another architecture: transformers only warns and would build a
+    default-sized Uni-MoE (a 7B-class MoE) around a checkpoint whose weights cannot fit it."""
+    model_type = config_dict.get("model_type")
+    if model_type is not None and model_type != config_class.model_type:
+        raise ValueError(
+            f"{config_class.__name__} reads `model_type` {config_class.model_type!r}, but this config is {model_type!r}: "
+            "the folder holds another architecture. Build Uni-MoE from a dense LLaMA with `unimoe-upcycle`, or from an "
+            "original Uni-MoE checkpoint with `unimoe-convert-original`."
+        )
 MOE_LAYER_PATTERNS = ("all", "even", "odd")
 
 
@@ -103,6 +115,11 @@ class UniMoETextConfig(PreTrainedConfig):
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
     output_router_logits: bool = False
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        refuse_foreign_model_type(cls, config_dict)
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -238,6 +255,11 @@ class UniMoEConfig(PreTrainedConfig):
     mm_router_aux_loss_coef: float = 0.01
     mm_router_z_loss_coef: float = 0.001
     tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        refuse_foreign_model_type(cls, config_dict)
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
         if self.audio_config is not None and self.audio_qformer_config is None:

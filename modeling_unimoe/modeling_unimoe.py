@@ -608,18 +608,30 @@ class UniMoEPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, except that missing, unexpected or mis-shaped weights are an error.
+        """`PreTrainedModel.from_pretrained`, except that missing, unexpected or mis-shaped weights are an error unless
+        `output_loading_info=True` asks for them (then `(model, info)` is returned, as in transformers).
 
         transformers only warns about them and initialises missing weights at random; a Uni-MoE checkpoint with a
-        missing expert or router would then silently produce garbage.
+        missing expert or router would then silently produce garbage. A string `experts_implementation` applies to the
+        language model's experts (the towers have none).
         """
         return_info = kwargs.pop("output_loading_info", False)
+        implementation = kwargs.get("experts_implementation")
+        if isinstance(implementation, str) and cls.config_class is UniMoEConfig:
+            # Only the language model has experts: transformers would also hand the choice to CLIP / Whisper, which
+            # refuse any kernel but eager.
+            kwargs["experts_implementation"] = {"": implementation, "text_config": implementation}
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if return_info:  # asked for: the caller inspects the missing / unexpected / mismatched keys (transformers' contract)
+            return model, info
         problems = {name: sorted(map(str, keys)) for name, keys in info.items() if name != "error_msgs" and keys}
         if problems:
             listing = "; ".join(f"{name}: {', '.join(keys)}" for name, keys in problems.items())
-            raise ValueError(f"Checkpoint does not match {cls.__name__}: {listing}")
-        return (model, info) if return_info else model
+            raise ValueError(
+                f"Checkpoint does not match {cls.__name__}: {listing} (pass `output_loading_info=True` to load it anyway "
+                "and inspect these keys)"
+            )
+        return model
 
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
         """Saves the fused expert layout (`save_original_format=True` writes the original per-expert keys)."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from modeling_unimoe import UniMoEForCausalLM
+from modeling_unimoe import UniMoEForCausalLM, UniMoETextConfig
 from conftest import make_tiny_model, random_ids
 
 
@@ -84,3 +84,39 @@ def test_unexpected_weights_are_an_error(tmp_path):
     write_original_checkpoint(model, tmp_path / "extra", state)
     with pytest.raises(ValueError, match=r"unexpected_keys: .*weight_extra"):
         UniMoEForCausalLM.from_pretrained(tmp_path / "extra")
+
+
+def test_loading_info_on_request_returns_the_problems_instead_of_raising(tmp_path):
+    model = make_tiny_model()
+    state = original_layout_state_dict(model)
+    del state["model.layers.1.mlp.gate.weight"]
+    state["model.layers.0.extra.weight"] = torch.zeros(2)
+    write_original_checkpoint(model, tmp_path / "odd", state)
+    loaded, info = UniMoEForCausalLM.from_pretrained(tmp_path / "odd", output_loading_info=True)
+    assert isinstance(loaded, UniMoEForCausalLM)
+    assert set(info["missing_keys"]) == {"model.language_model.layers.1.mlp.gate.weight"}
+    assert any("extra.weight" in key for key in info["unexpected_keys"])
+    model.save_pretrained(tmp_path / "clean")
+    _, clean = UniMoEForCausalLM.from_pretrained(tmp_path / "clean", output_loading_info=True)
+    assert not clean["missing_keys"] and not clean["unexpected_keys"] and not clean["mismatched_keys"]
+
+
+def test_a_config_of_another_architecture_is_refused(tmp_path):
+    """transformers only warns, and would build a default-sized (7B-class) Uni-MoE around the foreign weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=64)).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match=r"UniMoEConfig reads `model_type` 'unimoe', but this config is 'llama'"):
+        UniMoEForCausalLM.from_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match=r"UniMoETextConfig reads `model_type` 'unimoe_text', but this config is 'llama'"):
+        UniMoETextConfig.from_pretrained(tmp_path / "llama")
+
+
+def test_a_kernel_name_applies_to_the_experts_and_leaves_the_towers_alone(tmp_path):
+    make_tiny_model(text_only=False).save_pretrained(tmp_path / "multimodal")
+    for implementation in ("grouped_mm", "batched_mm", "eager"):
+        loaded = UniMoEForCausalLM.from_pretrained(tmp_path / "multimodal", experts_implementation=implementation)
+        chosen = loaded.get_experts_implementation()
+        assert chosen[""] == chosen["text_config"] == implementation
+        assert chosen["vision_config"] == "eager"
