@@ -36,7 +36,8 @@ def step(module, hidden, backward: bool):
         if backward:
             module.zero_grad(set_to_none=True)
             hidden.grad = None
-            module(hidden).sum().backward()
+            output = module(hidden)
+            (output[0] if isinstance(output, tuple) else output).sum().backward()  # the MoE block also returns router logits
         else:
             with torch.no_grad():
                 module(hidden)

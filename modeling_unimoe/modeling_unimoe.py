@@ -323,6 +323,10 @@ class UniMoETopKRouter(nn.Module):
 
 
 class UniMoESparseMoeBlock(nn.Module):
+    """Router (`gate`), routed experts and optional shared experts. Returns the output and the router logits: the
+    decoder layer hands the logits on as its own output, so they keep their gradient under re-entrant activation
+    checkpointing, whose first forward runs without autograd (a hook on the router would record those copies)."""
+
     def __init__(self, config: UniMoETextConfig):
         super().__init__()
         self.gate = UniMoETopKRouter(config)
@@ -333,14 +337,14 @@ class UniMoESparseMoeBlock(nn.Module):
             else None
         )
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch_size, seq_len, hidden_dim = hidden_states.shape
         flat = hidden_states.reshape(-1, hidden_dim)  # [T, H]
-        _, top_weights, top_index = self.gate(flat)
+        router_logits, top_weights, top_index = self.gate(flat)  # [T, E], [T, k], [T, k]
         output = self.experts(flat, top_index, top_weights)
         if self.shared_experts is not None:
             output = output + self.shared_experts(flat)
-        return output.reshape(batch_size, seq_len, hidden_dim)
+        return output.reshape(batch_size, seq_len, hidden_dim), router_logits
 
 
 class UniMoEDecoderLayer(GradientCheckpointingLayer):
@@ -362,7 +366,8 @@ class UniMoEDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> hidden states [B, S, H] and, for a sparse layer, its router logits [B*S, E] (None for a dense one)."""
         cache = pop_cache(cache, kwargs)  # `past_key_values` before transformers 5.24
         residual = hidden_states
         hidden_states, _ = self.self_attn(
@@ -374,7 +379,11 @@ class UniMoEDecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        mlp_output = self.mlp(self.post_attention_layernorm(hidden_states))
+        router_logits = None
+        if isinstance(mlp_output, tuple):
+            mlp_output, router_logits = mlp_output
+        return hidden_states + mlp_output, router_logits
 
 
 @dataclass
@@ -577,7 +586,8 @@ class UniMoEPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # the eager experts loop reads expert counts on the host
     _can_record_outputs = {
-        "router_logits": OutputRecorder(UniMoETopKRouter, index=0),
+        # from the layer, not the router: see UniMoESparseMoeBlock (None from dense layers is skipped)
+        "router_logits": OutputRecorder(UniMoEDecoderLayer, index=1),
         "hidden_states": UniMoEDecoderLayer,
         "attentions": UniMoEAttention,
     }
@@ -695,7 +705,7 @@ class UniMoETextModel(UniMoEPreTrainedModel):
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer in self.layers:
-            hidden_states = layer(
+            hidden_states, _ = layer(
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,

@@ -122,6 +122,28 @@ def test_gradient_checkpointing_gives_same_gradients():
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_router_losses_keep_their_gradient_under_activation_checkpointing(use_reentrant):
+    """Re-entrant checkpointing (what many peft recipes set) runs the first forward without autograd: router logits
+    recorded there would carry no gradient, and the balance and z-losses would silently stop training the routers."""
+    ids = random_ids(2, 8)
+    reference = make_tiny_model(router_z_loss_coef=0.01).train()
+    expected = reference(ids, labels=ids, output_router_logits=True)
+    expected.loss.backward()
+    checkpointed = make_tiny_model(router_z_loss_coef=0.01).train()
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    got = checkpointed(ids, labels=ids, output_router_logits=True)
+    assert got.aux_loss.requires_grad and got.z_loss.requires_grad
+    torch.testing.assert_close(got.aux_loss, expected.aux_loss)
+    got.loss.backward()
+    routers = [name for name, _ in reference.named_parameters() if name.endswith("mlp.gate.weight")]
+    assert routers
+    for name in routers:
+        torch.testing.assert_close(
+            checkpointed.get_parameter(name).grad, reference.get_parameter(name).grad, atol=1e-6, rtol=1e-5, msg=name
+        )
+
+
 def test_activation_checkpointing_never_fills_a_given_cache():
     """The checkpointing wrapper drops the cache by the name its transformers release uses; the decoder layers get it
     under that name, so the backward's recomputation cannot append the same keys a second time."""
@@ -141,9 +163,9 @@ def test_shared_experts_are_always_added():
     assert block.shared_experts.gate_proj.out_features == 2 * model.config.text_config.moe_intermediate_size
     hidden = torch.randn(1, 5, model.config.text_config.hidden_size)
     with torch.no_grad():
-        full = block(hidden)
+        full, _ = block(hidden)
         block.shared_experts.down_proj.weight.zero_()
-        routed_only = block(hidden)
+        routed_only, _ = block(hidden)
     assert not torch.allclose(full, routed_only)
 
 
