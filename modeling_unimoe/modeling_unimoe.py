@@ -392,9 +392,15 @@ class UniMoEModelOutputWithPast(MoeModelOutputWithPast):
     multimodal_router_logits (`list[tuple[torch.FloatTensor, int]]`, *optional*):
         `(router logits [tokens, experts], top_k)` of each CuMo MoE block (vision projector, CLIP MLPs) that ran,
         when router logits are requested.
+    image_hidden_states / video_hidden_states / audio_hidden_states (`torch.FloatTensor`, *optional*):
+        The projected media features that replaced the placeholder tokens, as LLaVA's `image_hidden_states`:
+        [images, P, D], [videos, P or F*P, D], [audio windows, towers * Q, D]; set when the batch has that medium.
     """
 
     multimodal_router_logits: list | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+    video_hidden_states: torch.FloatTensor | None = None
+    audio_hidden_states: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -411,12 +417,18 @@ class UniMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
         The unweighted router z-loss (only with `output_router_logits=True`).
     multimodal_aux_loss / multimodal_z_loss (`torch.FloatTensor`, *optional*):
         The same two losses for the CuMo MoE blocks in the vision projector and CLIP, averaged over blocks.
+    image_hidden_states / video_hidden_states / audio_hidden_states (`torch.FloatTensor`, *optional*):
+        The projected media features that replaced the placeholder tokens, as LLaVA's `image_hidden_states`:
+        [images, P, D], [videos, P or F*P, D], [audio windows, towers * Q, D]; set when the batch has that medium.
     """
 
     ce_loss: torch.FloatTensor | None = None
     z_loss: torch.FloatTensor | None = None
     multimodal_aux_loss: torch.FloatTensor | None = None
     multimodal_z_loss: torch.FloatTensor | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+    video_hidden_states: torch.FloatTensor | None = None
+    audio_hidden_states: torch.FloatTensor | None = None
 
 
 def _token_mask(attention_mask: torch.Tensor | None, num_rows: int) -> torch.Tensor | None:
@@ -760,75 +772,129 @@ class UniMoEModel(UniMoEPreTrainedModel):
         if not hasattr(self, tower):
             raise ValueError(f"This Uni-MoE checkpoint has no {modality} tower (`{tower}`), but {modality} inputs were given")
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+    # Feature getters: `output_hidden_states=True` / `output_attentions=True` add the tower's `hidden_states` /
+    # `attentions` (attentions need an attention implementation that returns them, e.g. eager), and
+    # `return_dict=False` gives the non-None fields as a tuple, as in transformers' multimodal models.
+
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutputWithPooling:
         """pixel_values [N, 3, H, W] -> `last_hidden_state`: the CLIP patch features of `vision_feature_layer`
         [N, P, Dv] (CLS dropped); `pooler_output`: projected to the LLM width [N, P, D]."""
         self._require("vision_tower", "image")
         pixel_values = pixel_values.to(self.vision_tower.dtype)
-        tower_output = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        tower_output = self.vision_tower(
+            pixel_values, output_hidden_states=True, output_attentions=kwargs.get("output_attentions", False), return_dict=True
+        )
         selected = tower_output.hidden_states[self.config.vision_feature_layer][:, 1:]
-        return BaseModelOutputWithPooling(last_hidden_state=selected, pooler_output=self.multi_modal_projector(selected))
+        return BaseModelOutputWithPooling(
+            last_hidden_state=selected,
+            pooler_output=self.multi_modal_projector(selected),
+            hidden_states=tower_output.hidden_states if kwargs.get("output_hidden_states") else None,
+            attentions=tower_output.attentions,
+        )
 
-    def get_video_features(self, pixel_values_videos: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+    @can_return_tuple
+    def get_video_features(
+        self, pixel_values_videos: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
         """pixel_values_videos [V, F, 3, H, W] -> `last_hidden_state`: per-frame projected features [V, F, P, D];
-        `pooler_output`: [V, P, D] averaged over frames (`video_pooling="mean"`) or [V, F*P, D] (`"none"`)."""
+        `pooler_output`: [V, P, D] averaged over frames (`video_pooling="mean"`) or [V, F*P, D] (`"none"`); the tower's
+        hidden states and attentions have one row per frame [V*F, ...]."""
         num_videos, num_frames = pixel_values_videos.shape[:2]
-        frames = self.get_image_features(pixel_values_videos.flatten(0, 1)).pooler_output
-        frames = frames.view(num_videos, num_frames, *frames.shape[1:])
+        frame_output = self.get_image_features(pixel_values_videos.flatten(0, 1), **kwargs)
+        frames = frame_output.pooler_output.view(num_videos, num_frames, *frame_output.pooler_output.shape[1:])
         pooled = frames.mean(dim=1) if self.config.video_pooling == "mean" else frames.flatten(1, 2)
-        return BaseModelOutputWithPooling(last_hidden_state=frames, pooler_output=pooled)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=frames, pooler_output=pooled, hidden_states=frame_output.hidden_states,
+            attentions=frame_output.attentions,
+        )
 
+    @can_return_tuple
     def get_speech_features(
-        self, input_features: torch.FloatTensor, input_features_mask: torch.Tensor | None = None, **kwargs
+        self,
+        input_features: torch.FloatTensor,
+        input_features_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         """input_features [N windows, mel, 3000] (Whisper log-mel, 30 s windows), input_features_mask [N, 3000] (1 = real audio) ->
         `last_hidden_state`: Whisper encoder states [N, 1500, d]; `pooler_output`: aligned query tokens [N, Q, D].
         The encoder sees the whole padded window (as Whisper was trained); with `mask_audio_padding` the aligner's
         queries only read positions of real audio."""
         self._require("speech_tower", "speech")
-        encoder_states = self.speech_tower(input_features.to(self.speech_tower.dtype), return_dict=True).last_hidden_state
+        tower_output = self.speech_tower(
+            input_features.to(self.speech_tower.dtype),
+            output_hidden_states=kwargs.get("output_hidden_states", False),
+            output_attentions=kwargs.get("output_attentions", False),
+            return_dict=True,
+        )
+        encoder_states = tower_output.last_hidden_state
         padding = None
         if input_features_mask is not None and self.config.mask_audio_padding:
             stride = input_features.shape[-1] // encoder_states.shape[1]  # Whisper's conv stride: 2 frames/position
             padding = ~input_features_mask[:, ::stride].bool()[:, : encoder_states.shape[1]]
         return BaseModelOutputWithPooling(
-            last_hidden_state=encoder_states, pooler_output=self.speech_aligner(encoder_states, padding)
+            last_hidden_state=encoder_states, pooler_output=self.speech_aligner(encoder_states, padding),
+            hidden_states=tower_output.hidden_states, attentions=tower_output.attentions,
         )
 
+    @can_return_tuple
     def get_sound_features(
-        self, input_values: torch.FloatTensor, input_values_mask: torch.Tensor | None = None, **kwargs
+        self,
+        input_values: torch.FloatTensor,
+        input_values_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         """input_values [N windows, 2998, 128] (BEATs fbank), input_values_mask [N, 2998] (1 = real frame) ->
         `last_hidden_state`: BEATs features [N, patches, d]; `pooler_output`: Q-Former query tokens [N, Q, D]."""
         self._require("audio_tower", "sound")
         padding_mask = None if input_values_mask is None else ~input_values_mask.bool()
-        tower_output = self.audio_tower(input_values.to(self.audio_tower.dtype), padding_mask=padding_mask, return_dict=True)
+        tower_output = self.audio_tower(
+            input_values.to(self.audio_tower.dtype),
+            padding_mask=padding_mask,
+            output_hidden_states=kwargs.get("output_hidden_states", False),
+            output_attentions=kwargs.get("output_attentions", False),
+            return_dict=True,
+        )
         features = tower_output.last_hidden_state
         patch_padding = tower_output.padding_mask if self.config.mask_audio_padding else None
-        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=self.audio_aligner(features, patch_padding))
+        return BaseModelOutputWithPooling(
+            last_hidden_state=features, pooler_output=self.audio_aligner(features, patch_padding),
+            hidden_states=tower_output.hidden_states, attentions=tower_output.attentions,
+        )
 
+    @can_return_tuple
     def get_audio_features(
         self,
         input_features: torch.FloatTensor | None = None,
         input_values: torch.FloatTensor | None = None,
         input_values_mask: torch.Tensor | None = None,
         input_features_mask: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         """Every window (`config.audio_window_seconds`) of every `<audio>` item through each tower of `config.audio_towers`; per window the
-        towers' tokens are concatenated in that order. `pooler_output` [N windows, towers * Q, D]."""
+        towers' tokens are concatenated in that order. `pooler_output` [N windows, towers * Q, D]; `hidden_states` /
+        `attentions`: each tower's, concatenated in `audio_towers` order."""
+        if not self.config.audio_towers:
+            raise ValueError("This Uni-MoE checkpoint has no audio tower (`audio_towers` is empty), but audio inputs were given")
         per_tower = []
         for tower in self.config.audio_towers:
             if tower == "whisper":
                 if input_features is None:
                     raise ValueError("audio_towers includes 'whisper' but no `input_features` (Whisper log-mel) were given")
-                per_tower.append(self.get_speech_features(input_features, input_features_mask).pooler_output)
+                per_tower.append(self.get_speech_features(input_features, input_features_mask, **kwargs))
             else:
                 if input_values is None:
                     raise ValueError("audio_towers includes 'beats' but no `input_values` (BEATs fbank) were given")
-                per_tower.append(self.get_sound_features(input_values, input_values_mask).pooler_output)
-        tokens = torch.cat(per_tower, dim=1)
-        return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=tokens)
+                per_tower.append(self.get_sound_features(input_values, input_values_mask, **kwargs))
+        tokens = torch.cat([output.pooler_output for output in per_tower], dim=1)
+
+        def joined(field):
+            parts = [getattr(output, field) for output in per_tower if getattr(output, field) is not None]
+            return tuple(item for part in parts for item in part) or None
+
+        return BaseModelOutputWithPooling(
+            last_hidden_state=tokens, pooler_output=tokens, hidden_states=joined("hidden_states"), attentions=joined("attentions")
+        )
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, token_id: int) -> torch.Tensor:
         """[B, S] True at the placeholder tokens `token_id`, read from `input_ids` or, without them, `inputs_embeds`."""
@@ -873,7 +939,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         output_router_logits = kwargs.get("output_router_logits", self.config.text_config.output_router_logits)
         with self._record_multimodal_router_logits(output_router_logits) as multimodal_router_logits:
-            inputs_embeds = self._merge_media(
+            inputs_embeds, media_features = self._merge_media(
                 input_ids, inputs_embeds, pixel_values, pixel_values_videos, input_features, input_features_mask,
                 input_values, input_values_mask,
             )
@@ -885,7 +951,9 @@ class UniMoEModel(UniMoEPreTrainedModel):
             use_cache=use_cache,
             **kwargs,
         )
-        return UniMoEModelOutputWithPast(**outputs, multimodal_router_logits=multimodal_router_logits or None)
+        return UniMoEModelOutputWithPast(
+            **outputs, multimodal_router_logits=multimodal_router_logits or None, **media_features
+        )
 
     @contextmanager
     def _record_multimodal_router_logits(self, enabled: bool):
@@ -906,17 +974,21 @@ class UniMoEModel(UniMoEPreTrainedModel):
         self, input_ids, inputs_embeds, pixel_values, pixel_values_videos, input_features, input_features_mask,
         input_values, input_values_mask,
     ):
+        """-> the embeddings with every medium's projected features scattered in, and those features by output name."""
         config = self.config
+        media = {}
         if pixel_values is not None:
-            features = self.get_image_features(pixel_values).pooler_output
-            inputs_embeds = self._scatter(input_ids, inputs_embeds, features, config.image_token_id, "image")
+            media["image_hidden_states"] = self.get_image_features(pixel_values).pooler_output
+            inputs_embeds = self._scatter(input_ids, inputs_embeds, media["image_hidden_states"], config.image_token_id, "image")
         if pixel_values_videos is not None:
-            features = self.get_video_features(pixel_values_videos).pooler_output
-            inputs_embeds = self._scatter(input_ids, inputs_embeds, features, config.video_token_id, "video")
+            media["video_hidden_states"] = self.get_video_features(pixel_values_videos).pooler_output
+            inputs_embeds = self._scatter(input_ids, inputs_embeds, media["video_hidden_states"], config.video_token_id, "video")
         if input_features is not None or input_values is not None:
-            features = self.get_audio_features(input_features, input_values, input_values_mask, input_features_mask).pooler_output
-            inputs_embeds = self._scatter(input_ids, inputs_embeds, features, config.audio_token_id, "audio")
-        return inputs_embeds
+            media["audio_hidden_states"] = self.get_audio_features(
+                input_features, input_values, input_values_mask, input_features_mask
+            ).pooler_output
+            inputs_embeds = self._scatter(input_ids, inputs_embeds, media["audio_hidden_states"], config.audio_token_id, "audio")
+        return inputs_embeds, media
 
 
 class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
@@ -1057,6 +1129,9 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
+            image_hidden_states=outputs.image_hidden_states,
+            video_hidden_states=outputs.video_hidden_states,
+            audio_hidden_states=outputs.audio_hidden_states,
         )
 
 

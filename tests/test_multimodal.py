@@ -54,6 +54,61 @@ def test_video_pooling(tiny_multimodal_model):
     torch.testing.assert_close(model.get_video_features(videos).pooler_output, per_frame.flatten(1, 2))
 
 
+def feature_inputs(model, tiny_processor):
+    """One input per getter, in the shapes the processor makes: (getter name, positional inputs, tower attribute)."""
+    audio = tiny_processor(text="<audio>", audio=[tone(5.0)])  # two 4 s windows
+    return [
+        ("get_image_features", (torch.randn(2, 3, 28, 28),), model.vision_tower),
+        ("get_video_features", (torch.randn(1, 3, 3, 28, 28),), model.vision_tower),
+        ("get_speech_features", (audio["input_features"], audio["input_features_mask"]), model.speech_tower),
+        ("get_sound_features", (audio["input_values"], audio["input_values_mask"]), model.audio_tower),
+    ]
+
+
+def test_feature_getters_honour_hidden_states_attentions_and_tuples(tiny_multimodal_model, tiny_processor):
+    model = tiny_multimodal_model.model
+    model.set_attn_implementation("eager")  # sdpa returns no attention weights
+    for name, args, tower in feature_inputs(model, tiny_processor):
+        getter = getattr(model, name)
+        plain = getter(*args)
+        assert plain.hidden_states is None and plain.attentions is None, name
+        full = getter(*args, output_hidden_states=True, output_attentions=True)
+        num_layers = len(tower.encoder.layers) if hasattr(tower, "encoder") else len(tower.layers)
+        assert len(full.hidden_states) == num_layers + 1 and len(full.attentions) == num_layers, name
+        as_tuple = getter(*args, return_dict=False)
+        assert isinstance(as_tuple, tuple) and len(as_tuple) == 2, name
+        torch.testing.assert_close(as_tuple[1], plain.pooler_output, msg=name)
+    audio = feature_inputs(model, tiny_processor)[2][1] + feature_inputs(model, tiny_processor)[3][1]
+    both = model.get_audio_features(audio[0], audio[2], audio[3], audio[1], output_hidden_states=True)
+    assert len(both.hidden_states) == len(model.speech_tower.layers) + 1 + len(model.audio_tower.encoder.layers) + 1
+
+
+def test_a_getter_for_a_missing_tower_names_it():
+    model = make_tiny_model(text_only=True).model
+    with pytest.raises(ValueError, match=r"no audio tower \(`audio_towers` is empty\)"):
+        model.get_audio_features(input_features=torch.zeros(1, 80, 400))
+    with pytest.raises(ValueError, match=r"no image tower \(`vision_tower`\)"):
+        model.get_image_features(torch.zeros(1, 3, 28, 28))
+
+
+def test_the_output_carries_the_media_features_it_scattered(tiny_multimodal_model, tiny_processor, tmp_path):
+    inputs = tiny_processor.apply_chat_template(
+        mixed_messages(tmp_path), tokenize=True, return_dict=True, add_generation_prompt=True
+    )
+    out = tiny_multimodal_model(**inputs)
+    model = tiny_multimodal_model.model
+    expected = {
+        "image_hidden_states": model.get_image_features(inputs["pixel_values"]).pooler_output,
+        "video_hidden_states": model.get_video_features(inputs["pixel_values_videos"]).pooler_output,
+        "audio_hidden_states": model.get_audio_features(
+            inputs["input_features"], inputs["input_values"], inputs["input_values_mask"], inputs["input_features_mask"]
+        ).pooler_output,
+    }
+    for name, features in expected.items():
+        torch.testing.assert_close(getattr(out, name), features, msg=name)
+    assert tiny_multimodal_model(**tiny_processor(text="hello")).image_hidden_states is None
+
+
 def test_text_only_batch_touches_no_tower(tiny_multimodal_model, tiny_processor):
     calls = count_tower_calls(tiny_multimodal_model)
     inputs = tiny_processor(text=["hello", "how many beeps"], padding=True)
