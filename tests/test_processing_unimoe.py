@@ -215,3 +215,12 @@ def test_beats_fbank_of_short_windows_equals_the_full_padded_computation(seconds
     windows = [wave[i : i + 480000] for i in range(0, len(wave), 480000)]
     expected = torch.stack([beats_fbank(np.pad(w, (0, 480000 - len(w)), mode="edge")) for w in windows])
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("empty", ["", [], [{"type": "text", "text": ""}]])
+def test_an_empty_assistant_message_is_the_generation_prompt(tiny_processor, empty):
+    """The original's `get_prompt` renders an empty message as `ROLE:` with no space and no `</s>`."""
+    question = {"role": "user", "content": "What colour?"}
+    with_empty = tiny_processor.apply_chat_template([question, {"role": "assistant", "content": empty}])
+    assert with_empty.endswith("USER: What colour? ASSISTANT:")
+    assert with_empty == tiny_processor.apply_chat_template([question], add_generation_prompt=True)
