@@ -219,7 +219,9 @@ class UniMoEConfig(PreTrainedConfig):
     """
 
     model_type = "unimoe"
-    keys_to_ignore_at_inference = [CACHE_NAME]
+    # Not predictions (Trainer.prediction_step): the cache, and the media features, which only batches with that
+    # medium carry (Trainer would zip them away across batches).
+    keys_to_ignore_at_inference = [CACHE_NAME, "image_hidden_states", "video_hidden_states", "audio_hidden_states"]
     # The language model's own plans (text config) apply under `model.language_model`; nothing at this level.
     base_model_fsdp_plan = {}
     sub_configs_defaults = {

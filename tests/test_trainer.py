@@ -143,3 +143,22 @@ def test_component_learning_rates_bad_use_is_an_error(tmp_path, tiny_processor):
     with pytest.raises(ValueError, match="not to one passed in `optimizers`"):
         UniMoETrainer(model=model, args=arguments(tmp_path), train_dataset=rows(tmp_path), optimizers=(optimizer, None),
                       data_collator=UniMoEDataCollator(tiny_processor), component_learning_rates={"speech_tower": 1e-3})
+
+
+def test_predictions_are_the_logits_not_the_media_features(tmp_path, tiny_processor):
+    """Only batches with a medium carry its features: as predictions, Trainer would zip them away across batches."""
+    from transformers import Trainer
+
+    image = write_image(tmp_path / "red.png")
+    row = {"id": "a", "image": str(image), "conversations": [
+        {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]}
+    model = make_tiny_model(text_only=False)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, data_collator=UniMoEDataCollator(tiny_processor))
+    batch = trainer.data_collator([row])
+    assert "pixel_values" in batch
+    _, predictions, _ = trainer.prediction_step(model, batch, prediction_loss_only=False)
+    predictions = predictions if isinstance(predictions, tuple) else (predictions,)
+    features = model(**batch).image_hidden_states
+    assert not any(p.shape == features.shape for p in predictions)
+    assert predictions[0].shape == (1, batch["input_ids"].shape[1], model.config.text_config.vocab_size)
