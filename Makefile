@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_processor.py
 	$(PY) benchmarks/bench_text_only_step.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_checkpoint_layout.py
 
 clean:
 	rm -rf $(VENV) .venv-compat-* outputs
