@@ -31,6 +31,10 @@ class UniMoEFeatureExtractor(SequenceFeatureExtractor):
     `audio_windows` lists the window count of each item: the processor expands each `<audio>` placeholder to
     `windows * num_query_tokens * len(audio_towers)` tokens. An item longer than `max_audio_windows` windows is an
     error unless `truncation=True`, which keeps the first windows and logs a warning saying how much was cut.
+
+    `window_stride` (samples, default: the window length) is the distance between window starts. The original
+    Uni-MoE sliced `window length + 1` samples and cut each slice to the window length (`Uni_MoE_speech` data loading),
+    so converted original checkpoints use `window_stride = window length + 1`; new models keep every sample.
     """
 
     model_input_names = ["input_features", "input_features_mask", "input_values", "input_values_mask"]
@@ -43,6 +47,7 @@ class UniMoEFeatureExtractor(SequenceFeatureExtractor):
         window_seconds: int = 30,
         max_audio_windows: int = 20,
         padding_value: float = 0.0,
+        window_stride: int | None = None,
         **kwargs,
     ):
         kwargs.pop("feature_size", None)  # derived from num_mel_bins (present when reloading a saved config)
@@ -54,6 +59,12 @@ class UniMoEFeatureExtractor(SequenceFeatureExtractor):
         self.num_mel_bins = num_mel_bins
         self.window_seconds = window_seconds
         self.max_audio_windows = max_audio_windows
+        if window_stride is not None and window_stride < self.window_seconds * sampling_rate:
+            raise ValueError(
+                f"window_stride={window_stride} samples is shorter than a window ({self.window_seconds * sampling_rate}): "
+                "windows would overlap"
+            )
+        self.window_stride = window_stride
         self._whisper = WhisperFeatureExtractor(
             feature_size=num_mel_bins, sampling_rate=sampling_rate, chunk_length=window_seconds
         )
@@ -67,15 +78,22 @@ class UniMoEFeatureExtractor(SequenceFeatureExtractor):
     def window_samples(self) -> int:
         return self.window_seconds * self.sampling_rate
 
+    @property
+    def stride_samples(self) -> int:
+        """Samples from one window's start to the next: the window length by default (every sample in exactly one
+        window). Converted original checkpoints use the window length + 1, as the original sliced (each slice then
+        cut to the window length, so one sample per window is dropped): `convert_original` sets it."""
+        return self.window_stride or self.window_samples
+
     def num_windows(self, num_samples: int) -> int:
-        return max(1, math.ceil(num_samples / self.window_samples))
+        return max(1, math.ceil(num_samples / self.stride_samples))
 
     def _windows(self, waveform: np.ndarray, index: int, truncation: bool) -> list[np.ndarray]:
         if waveform.ndim != 1:
             raise ValueError(f"audio item {index}: expected a mono 1-D waveform, got shape {tuple(waveform.shape)}")
         if waveform.size == 0:
             raise ValueError(f"audio item {index} is empty (0 samples)")
-        windows = [waveform[start : start + self.window_samples] for start in range(0, waveform.size, self.window_samples)]
+        windows = [waveform[start : start + self.window_samples] for start in range(0, waveform.size, self.stride_samples)]
         if len(windows) > self.max_audio_windows:
             seconds = waveform.size / self.sampling_rate
             limit = self.max_audio_windows * self.window_seconds

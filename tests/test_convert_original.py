@@ -154,6 +154,9 @@ def test_every_tensor_arrives_where_it_belongs(variant, towers, tmp_path):
     assert (config.image_token_id, config.video_token_id, config.audio_token_id) == (512, 513, 514)
     assert processor.tokenizer.convert_ids_to_tokens([512, 513, 514]) == PLACEHOLDERS
     assert type(processor.image_processor).__name__ == "CLIPImageProcessorPil"  # stage 3 trained with "square"
+    # the original sliced audio every window + 1 samples (its off-by-one), each slice cut to the window
+    extractor = processor.feature_extractor
+    assert extractor.window_stride == extractor.window_samples + 1
     assert model.generation_config.suppress_tokens == [512, 513, 514]  # the original could never emit them
 
     # the load order's overrides and the unused groups are reported, not silent

@@ -224,3 +224,23 @@ def test_an_empty_assistant_message_is_the_generation_prompt(tiny_processor, emp
     with_empty = tiny_processor.apply_chat_template([question, {"role": "assistant", "content": empty}])
     assert with_empty.endswith("USER: What colour? ASSISTANT:")
     assert with_empty == tiny_processor.apply_chat_template([question], add_generation_prompt=True)
+
+
+def test_original_windowing_for_converted_checkpoints():
+    """The original slices `window + 1` samples at a time, each cut to the window: `window_stride` reproduces it."""
+    from modeling_unimoe import UniMoEFeatureExtractor
+
+    ours = UniMoEFeatureExtractor(audio_towers=["whisper"], window_seconds=4)
+    original = UniMoEFeatureExtractor(audio_towers=["whisper"], window_seconds=4, window_stride=4 * 16000 + 1)
+    window = 4 * 16000
+    assert ours(np.zeros(window + 1, np.float32))["audio_windows"].tolist() == [2]
+    assert original(np.zeros(window + 1, np.float32))["audio_windows"].tolist() == [1]
+    wave = np.random.default_rng(0).standard_normal(int(2.5 * window)).astype(np.float32)
+    slices = [wave[start : start + window + 1][:window] for start in range(0, wave.size, window + 1)]
+    expected = ours(slices)["input_features"]  # the original's slices, one per item
+    torch.testing.assert_close(original(wave)["input_features"], expected)
+    assert not torch.equal(ours(wave)["input_features"][1], expected[1])
+    reloaded = UniMoEFeatureExtractor.from_dict(original.to_dict())
+    assert reloaded.window_stride == window + 1
+    with pytest.raises(ValueError, match="shorter than a window"):
+        UniMoEFeatureExtractor(window_seconds=4, window_stride=window - 1)

@@ -716,6 +716,8 @@ def build_processor(config: UniMoEConfig, tokenizer, clip: Path, image_aspect_ra
     """Our processor with the original's image preprocessing: the CLIP folder's image processor (what the original
     loaded) and, for `image_aspect_ratio="pad"`, LLaVA's pad-to-square with the mean colour (`expand2square`)."""
     processor = UniMoEProcessor.from_model_config(config, tokenizer, chat_template=CHAT_TEMPLATE_PATH.read_text(), num_frames=8)
+    # the original sliced audio every window + 1 samples, each slice cut to the window (one sample dropped per window)
+    processor.feature_extractor.window_stride = processor.feature_extractor.window_samples + 1
     if (clip / "preprocessor_config.json").is_file():
         processor.image_processor = AutoImageProcessor.from_pretrained(clip)
     if image_aspect_ratio == "pad":
