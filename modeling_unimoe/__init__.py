@@ -39,6 +39,7 @@ AutoFeatureExtractor.register(UniMoEConfig, UniMoEFeatureExtractor, exist_ok=Tru
 AutoProcessor.register(UniMoEConfig, UniMoEProcessor, exist_ok=True)
 
 __all__ = [
+    "SUPPORTED_TRANSFORMERS",
     "BEATsConfig",
     "BEATsModel",
     "UniMoECausalLMOutputWithPast",
@@ -56,5 +57,4 @@ __all__ = [
     "load_beats_checkpoint",
     "router_balance_loss",
     "router_z_loss",
-    "SUPPORTED_TRANSFORMERS",
 ]

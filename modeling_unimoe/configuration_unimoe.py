@@ -12,6 +12,7 @@ from .configuration_beats import BEATsConfig
 
 
 ROUTER_TYPES = ("topk_softmax", "softmax_topk")
+MOE_LAYER_PATTERNS = ("all", "even", "odd")
 
 
 def refuse_foreign_model_type(config_class, config_dict: dict):
@@ -24,7 +25,6 @@ def refuse_foreign_model_type(config_class, config_dict: dict):
             "the folder holds another architecture. Build Uni-MoE from a dense LLaMA with `unimoe-upcycle`, or from an "
             "original Uni-MoE checkpoint with `unimoe-convert-original`."
         )
-MOE_LAYER_PATTERNS = ("all", "even", "odd")
 
 
 @strict

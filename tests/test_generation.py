@@ -17,11 +17,7 @@ from conftest import make_tiny_model, random_ids
 from media import tone, write_image, write_video
 
 
-def text_prompt(model):
-    return {"input_ids": random_ids(1, 6)}
-
-
-def media_prompt(model, processor, tmp_path):
+def media_prompt(processor, tmp_path):
     image = write_image(tmp_path / "red.png")
     return dict(processor(text="<image>\n<audio>\nWhat is it?", images=[image], audio=[tone(1.5)]))
 
@@ -29,10 +25,8 @@ def media_prompt(model, processor, tmp_path):
 @pytest.fixture(params=["text", "media"])
 def model_and_prompt(request, tiny_processor, tmp_path):
     if request.param == "text":
-        model = make_tiny_model()
-        return model, text_prompt(model)
-    model = make_tiny_model(text_only=False)
-    return model, media_prompt(model, tiny_processor, tmp_path)
+        return make_tiny_model(), {"input_ids": random_ids(1, 6)}
+    return make_tiny_model(text_only=False), media_prompt(tiny_processor, tmp_path)
 
 
 def record_decoder_steps(model):
