@@ -9,10 +9,14 @@ transformed wrongly shows. The tokenizer is the tiny one without the `<image>`/`
 the original LLaMA tokenizer lacks them.
 """
 
+import io
 import json
+import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sentencepiece
 import torch
 from transformers import (
     Blip2QFormerConfig,
@@ -217,6 +221,57 @@ def write_original_tokenizer(folder: Path) -> None:
         config.pop(name)
     config["padding_side"] = "right"
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_sentencepiece_tokenizer(
+    folder: Path, vocab_size: int = VOCAB, legacy: bool | None = None,
+) -> sentencepiece.SentencePieceProcessor:
+    """A LLaMA-style SentencePiece tokenizer as the released checkpoints ship it, trained here: `tokenizer.model`
+    (BPE with byte fallback and the dummy `▁` prefix, `<unk>`/`<s>`/`</s>` = 0/1/2) and a `tokenizer_config.json`
+    that names `LlamaTokenizer` and sets `legacy` only when given. Returns the SentencePiece model itself."""
+    rand = random.Random(0)
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    words = ["".join(rand.choices(syllables, k=rand.randint(1, 3))) for _ in range(300)]
+    words += "What is in the picture video audio clip Describe it".split()
+    corpus = [
+        f"A chat. USER: {' '.join(rand.choices(words, k=6))}? ASSISTANT: {' '.join(rand.choices(words, k=6))}."
+        for _ in range(3000)
+    ]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink(missing_ok=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    config = {
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+        "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None, "padding_side": "right", "model_max_length": 2048,
+    }
+    if legacy is not None:
+        config["legacy"] = legacy
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def original_input_ids(prompt: str, sp: sentencepiece.SentencePieceProcessor, placeholder_ids: dict[str, int]) -> list[int]:
+    """The token ids the original gave `prompt` (one id per placeholder: the original spliced one negative id per
+    `<image>`/`<video>`/`<audio>`). `tokenizer_image_audio_video_token` (`mm_utils.py`) split the prompt at the
+    placeholders and tokenised each chunk alone, keeping only the first chunk's BOS; its slow LLaMA tokenizer
+    (transformers 4.31, `legacy=True`) split each chunk at the special tokens and SentencePiece-encoded every piece
+    on its own, so each piece got the dummy `▁` prefix."""
+    ids = [sp.bos_id()]
+    for piece in re.split(r"(<image>|<video>|<audio>|</s>)", prompt):
+        if piece in placeholder_ids:
+            ids.append(placeholder_ids[piece])
+        elif piece == "</s>":
+            ids.append(sp.eos_id())
+        else:
+            ids.extend(sp.encode(piece))
+    return ids
 
 
 def _base_tensors(variant: str, rand: _Random) -> dict[str, torch.Tensor]:

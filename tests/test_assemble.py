@@ -1,12 +1,22 @@
 """Assembling Uni-MoE from local pretrained pieces: every piece computes inside our model what it computed alone."""
 
-import torch
-from transformers import CLIPConfig, CLIPModel, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperModel
-
 from pathlib import Path
 
-from trl_scripts.assemble import assemble_unimoe
+import torch
+from transformers import (
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    WhisperConfig,
+    WhisperModel,
+)
+
 from media import tone
+from original_checkpoints import original_input_ids, write_sentencepiece_tokenizer
+from trl_scripts.assemble import assemble_unimoe
 
 
 BEATS_OFFICIAL = Path(__file__).parent / "fixtures" / "beats_tiny_official.pt"
@@ -79,3 +89,19 @@ def test_assembled_pieces_match_their_sources(tmp_path, smollm2):
         inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_the_language_models_tokenizer_options_survive_assembly(tmp_path):
+    """Adding the named placeholders reloads the tokenizer; a LLaMA tokenizer's `legacy=True` (the `▁` prefix after
+    every special token) must survive that reload and the saved processor's."""
+    sp = write_sentencepiece_tokenizer(tmp_path / "sentencepiece")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "sentencepiece", legacy=True)
+    build_pieces(tmp_path, tokenizer)
+    _, processor = assemble_unimoe(tmp_path / "llama", tokenizer, clip=tmp_path / "clip", num_experts=2)
+    processor.save_pretrained(tmp_path / "assembled")
+    prompt = "USER: Describe it. ASSISTANT: A red square.</s>USER: What is it? ASSISTANT:"
+    expected = original_input_ids(prompt, sp, {})
+    assert tokenizer(prompt)["input_ids"] == expected
+    for assembled in (processor.tokenizer, AutoTokenizer.from_pretrained(tmp_path / "assembled")):
+        assert assembled.legacy is True
+        assert assembled(prompt)["input_ids"] == expected

@@ -9,10 +9,10 @@ import json
 
 import pytest
 import torch
-from transformers import CLIPVisionModel, WhisperModel
+from transformers import AutoProcessor, AutoTokenizer, CLIPVisionModel, WhisperModel
 
 from conftest import run_fresh_python
-from media import tone, write_image
+from media import tone, write_audio, write_image, write_video
 from modeling_unimoe import UniMoEForCausalLM, UniMoEProcessor, load_beats_checkpoint
 from original_checkpoints import (
     EXPERT_FILES_8E,
@@ -21,8 +21,10 @@ from original_checkpoints import (
     LORA_R,
     VOCAB,
     linear_modules,
+    original_input_ids,
     sparse_layers,
     write_original_checkpoint,
+    write_sentencepiece_tokenizer,
     write_towers,
 )
 from trl_scripts import load_preset
@@ -236,6 +238,62 @@ def test_cli_conversion_loads_in_a_fresh_process(towers, tmp_path):
         tmp_path,
     )
     assert "LOADED transformers_modules 4" in stdout
+
+
+@pytest.mark.parametrize("location, legacy", [("base", None), ("own folder", None), ("own folder", True)])
+def test_converted_tokenizer_tokenises_prompts_as_the_original(location, legacy, towers, tmp_path):
+    """The released checkpoints ship a SentencePiece LLaMA tokenizer; the original (transformers 4.31) tokenised with
+    legacy=True unless the config said otherwise. The converted checkpoint, reloaded, must give the same ids, whether
+    transformers 5 reads the tokenizer as a `LlamaTokenizer` (its own folder, `--tokenizer`) or, next to the
+    original's `llava` config.json, as a converted `TokenizersBackend`."""
+    checkpoint = write_original_checkpoint(tmp_path, "speech-4e")
+    tokenizer_dir = checkpoint.base_dir if location == "base" else tmp_path / "tokenizer"
+    sp = write_sentencepiece_tokenizer(tokenizer_dir, legacy=legacy)
+    out = tmp_path / "converted"
+    convert_original(
+        "speech-4e", checkpoint.base_dir, stage3_dir=checkpoint.stage3_dir, clip=towers.clip, whisper=towers.whisper,
+        tokenizer_dir=tokenizer_dir, dtype=torch.float32, output_dir=out,
+    )
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    tokenizer = processor.tokenizer
+    placeholder_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in PLACEHOLDERS}
+    image, video, audio = write_image(tmp_path / "red.png"), write_video(tmp_path / "move.mp4"), write_audio(tmp_path / "beep.wav")
+
+    def user(*content):
+        return {"role": "user", "content": [*content]}
+
+    def text(value):
+        return {"type": "text", "text": value}
+
+    conversations = {
+        "single-turn": [user({"type": "image", "path": str(image)}, text("What is in the picture?"))],
+        "multi-turn": [
+            user(text("Describe it.")), {"role": "assistant", "content": [text("A red square.")]}, user(text("What is it?")),
+        ],
+        "all media": [
+            user({"type": "image", "path": str(image)}, {"type": "video", "path": str(video)},
+                 {"type": "audio", "path": str(audio)}, text("What is in the picture, the video and the clip?")),
+            {"role": "assistant", "content": [text("A red square, a moving square and a tone.")]},
+            user({"type": "audio", "path": str(audio)}, text("What is in the audio?")),
+        ],
+    }
+    lone_prefix, newline, eos = sp.piece_to_id("▁"), sp.piece_to_id("<0x0A>"), sp.eos_id()
+    for name, messages in conversations.items():
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
+        ids = inputs["input_ids"][0].tolist()
+        # one id per placeholder, as the original spliced one: collapse each run of expanded media tokens
+        ids = [token for i, token in enumerate(ids) if token not in placeholder_ids.values() or token != ids[i - 1]]
+        assert ids == original_input_ids(prompt, sp, placeholder_ids), name
+        for i, token in enumerate(ids[:-2]):
+            if token in placeholder_ids.values():  # the original's `▁` (LLaMA id 29871) before the newline
+                assert ids[i + 1 : i + 3] == [lone_prefix, newline], name
+            if token == eos:  # `</s>USER` is `</s> ▁USER`
+                assert ids[i + 1] == sp.piece_to_id("▁USER"), name
+    # the case is not vacuous: transformers 5's LlamaTokenizer default (legacy=False) tokenises the prompt otherwise
+    multi_turn = processor.apply_chat_template(conversations["multi-turn"], add_generation_prompt=True)
+    llama_default = AutoTokenizer.from_pretrained(tokenizer_dir, legacy=False)
+    assert llama_default(multi_turn)["input_ids"] != original_input_ids(multi_turn, sp, {})
 
 
 def test_unmapped_sources_and_unset_weights_are_listed(towers, tmp_path):

@@ -31,14 +31,31 @@ logger = logging.getLogger(__name__)
 PLACEHOLDERS = {"image_token": "<image>", "video_token": "<video>", "audio_token": "<audio>"}
 
 
+# Options a tokenizer class consumes in its own `__init__`; transformers saves only the keyword arguments the base
+# class received, so without this they fall back to their defaults on reload. LLaMA's `legacy=True` (the original's
+# transformers 4.31 default) puts the SentencePiece `▁` prefix on the text after every special token: "</s>USER" is
+# `</s> ▁USER`, and "<image>\n" gives the lone `▁` (LLaMA id 29871) before the newline; `legacy=False` gives neither.
+SAVED_TOKENIZER_OPTIONS = ("legacy",)
+
+
+def keep_tokenizer_options(tokenizer):
+    """Record `SAVED_TOKENIZER_OPTIONS` in `tokenizer.init_kwargs`, so `save_pretrained` writes them to
+    `tokenizer_config.json` and a reload tokenises exactly as `tokenizer` does. Returns the tokenizer."""
+    for name in SAVED_TOKENIZER_OPTIONS:
+        if getattr(tokenizer, name, None) is not None:
+            tokenizer.init_kwargs[name] = getattr(tokenizer, name)
+    return tokenizer
+
+
 def _with_placeholders(tokenizer):
     """The tokenizer with `<image>`, `<video>`, `<audio>` as named special tokens (`tokenizer.image_token`, ...;
     the original spliced negative ids instead). Named special tokens are an init-time option in transformers, so a
-    tokenizer lacking them is reloaded with them."""
+    tokenizer lacking them is reloaded with them; the reload keeps `SAVED_TOKENIZER_OPTIONS`."""
+    keep_tokenizer_options(tokenizer)
     if any(getattr(tokenizer, name, None) != token for name, token in PLACEHOLDERS.items()):
         with tempfile.TemporaryDirectory() as folder:
             tokenizer.save_pretrained(folder)
-            tokenizer = AutoTokenizer.from_pretrained(folder, extra_special_tokens=PLACEHOLDERS)
+            tokenizer = keep_tokenizer_options(AutoTokenizer.from_pretrained(folder, extra_special_tokens=PLACEHOLDERS))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "left"  # batched generation

@@ -34,6 +34,7 @@ experts under the 8-expert model, ...); anything else is an error listing the ke
 model that no source set. The towers (CLIP, Whisper, BEATs) come from their own checkpoints, as in the original.
 """
 
+import inspect
 import json
 import logging
 import re
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from tqdm.auto import tqdm
 from transformers import (
     AutoImageProcessor,
@@ -58,7 +60,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 
 from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, UniMoEProcessor, load_beats_checkpoint
 
-from .assemble import _with_placeholders
+from .assemble import _with_placeholders, keep_tokenizer_options
 from .presets import CHAT_TEMPLATE_PATH
 
 
@@ -695,13 +697,30 @@ def read_towers(plan: WeightPlan, vision, speech, sound) -> None:
 
 
 def load_original_tokenizer(folder: Path):
-    """The checkpoint's own tokenizer, as the original loaded it (`AutoTokenizer.from_pretrained(model_base)`)."""
+    """The checkpoint's own tokenizer, as the original loaded it: `AutoTokenizer.from_pretrained(model_base,
+    use_fast=False)` on transformers 4.31, which took the class `tokenizer_config.json` names.
+
+    - The named class is loaded directly. AutoTokenizer would route by the original's config.json instead
+      (`model_type` "llava"), which transformers 5 maps to a generic converted tokenizer (on 5.23 one that drops
+      SentencePiece's `▁` prefix).
+    - A LLaMA tokenizer whose config does not set `legacy` gets `legacy=True`, 4.31's default (transformers 5 defaults
+      to False, which tokenises the text after `</s>` and after each media placeholder otherwise). The option is kept
+      when the converted tokenizer is saved.
+    """
+    settings_path = folder / "tokenizer_config.json"
+    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    named_class = getattr(transformers, str(settings.get("tokenizer_class")), None)
     try:
         with warnings.catch_warnings():
             # AutoTokenizer parses the original config.json (model_type "llava") only to pick a tokenizer class;
             # transformers then warns about that foreign config's legacy fields
             warnings.simplefilter("ignore", FutureWarning)
-            return AutoTokenizer.from_pretrained(folder)
+            if named_class is None:
+                return keep_tokenizer_options(AutoTokenizer.from_pretrained(folder))
+            options = {}
+            if "legacy" in inspect.signature(named_class.__init__).parameters:
+                options["legacy"] = settings.get("legacy", True)
+            return keep_tokenizer_options(named_class.from_pretrained(folder, **options))
     except (ValueError, ImportError, OSError) as error:
         hint = ""
         if (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
