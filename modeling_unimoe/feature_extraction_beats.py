@@ -4,7 +4,9 @@ BEATs (`BEATs.preprocess`) scales the 16 kHz waveform by 2**15, takes a 128-bin 
 defaults (25 ms povey-windowed frames every 10 ms, no dither, DC offset removed, pre-emphasis 0.97, 512-point FFT power
 spectrum, mel filters from 20 Hz to Nyquist triangular in Kaldi's mel scale, natural log floored at float32 epsilon,
 `snip_edges=True`) and normalises it with `(fbank - 15.41663) / (2 * 6.55582)`. This module computes the same numbers
-with `transformers.audio_utils`, as `ASTFeatureExtractor` does when torchaudio is missing.
+with `transformers.audio_utils`, as `ASTFeatureExtractor` does when torchaudio is missing, except on constant frames
+(edge padding): there torchaudio's float32 DC removal leaves a residual that exact arithmetic does not, and
+`beats_constant_frame_fbank` reproduces it.
 """
 
 import warnings
@@ -57,7 +59,7 @@ def beats_num_frames(num_samples: int) -> int:
     return 1 + (num_samples - _FRAME_LENGTH) // _FRAME_SHIFT
 
 
-def _fbank_one(waveform: np.ndarray) -> np.ndarray:
+def _normalised_log_mel(waveform: np.ndarray, remove_dc_offset: bool = True) -> np.ndarray:
     log_mel = spectrogram(
         waveform * 2**15,  # Kaldi works on 16-bit integer amplitudes
         _povey_window(),
@@ -67,13 +69,41 @@ def _fbank_one(waveform: np.ndarray) -> np.ndarray:
         power=2.0,
         center=False,
         preemphasis=0.97,
-        remove_dc_offset=True,
+        remove_dc_offset=remove_dc_offset,
         mel_filters=_kaldi_mel_filters(),
         mel_floor=_LOG_FLOOR,
         log_mel="log",
         dtype=np.float32,
     ).T  # [frames, mel bins]
     return (log_mel - BEATS_FBANK_MEAN) / (2 * BEATS_FBANK_STD)
+
+
+def beats_constant_frame_fbank(value: float) -> torch.Tensor:
+    """Normalised fbank `[1, 128]` of a frame whose 400 samples all hold `value` (in [-1, 1]), such as every frame of
+    the edge padding (the last sample repeated) that BEATs windows are padded with.
+
+    Exact arithmetic removes such a frame's DC offset to zero, leaving every bin at the log floor. torchaudio's fbank,
+    which BEATs was trained with and the original used, subtracts the frame's float32 `torch.mean`; for most values
+    that mean is off by a few ulps, and the constant residual reaches the low mel bins (up to about 0.7 normalised
+    units above the floor). This computes the residual with the same float32 `torch.mean`, then the rest of the fbank.
+    """
+    return torch.from_numpy(_constant_frame_log_mel(float(value)).copy())
+
+
+@lru_cache(maxsize=64)
+def _constant_frame_log_mel(value: float) -> np.ndarray:
+    frame = torch.full((1, _FRAME_LENGTH), value, dtype=torch.float32) * 2**15
+    residual = (frame - frame.mean(dim=1, keepdim=True))[0].numpy().astype(np.float64) / 2**15
+    return _normalised_log_mel(residual, remove_dc_offset=False)
+
+
+def _fbank_one(waveform: np.ndarray) -> np.ndarray:
+    features = _normalised_log_mel(waveform)
+    frames = np.lib.stride_tricks.sliding_window_view(waveform, _FRAME_LENGTH)[::_FRAME_SHIFT]  # [frames, 400] view
+    constant = frames.min(axis=1) == frames.max(axis=1)
+    for value in np.unique(frames[constant, 0]):
+        features[constant & (frames[:, 0] == value)] = _constant_frame_log_mel(float(value))
+    return features
 
 
 def beats_fbank(waveform: np.ndarray | torch.Tensor, sampling_rate: int = BEATS_SAMPLING_RATE) -> torch.Tensor:
@@ -114,4 +144,4 @@ def beats_frame_padding_mask(padding_mask: np.ndarray | torch.Tensor, num_frames
     return padding_mask[:, :usable].reshape(batch, num_frames, -1).all(dim=-1)
 
 
-__all__ = ["beats_fbank", "beats_frame_padding_mask", "beats_num_frames"]
+__all__ = ["beats_constant_frame_fbank", "beats_fbank", "beats_frame_padding_mask", "beats_num_frames"]

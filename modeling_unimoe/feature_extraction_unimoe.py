@@ -9,7 +9,7 @@ from transformers import WhisperFeatureExtractor
 from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
 
-from .feature_extraction_beats import beats_fbank, beats_frame_padding_mask, beats_num_frames
+from .feature_extraction_beats import beats_constant_frame_fbank, beats_fbank, beats_frame_padding_mask, beats_num_frames
 
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class UniMoEFeatureExtractor(SequenceFeatureExtractor):
             return beats_fbank(np.pad(window, (0, self.window_samples - len(window)), mode="edge"), self.sampling_rate)
         needed = (real_frames - 1) * shift + length
         head = beats_fbank(np.pad(window, (0, max(0, needed - len(window))), mode="edge")[:needed], self.sampling_rate)
-        constant = beats_fbank(np.full(length, window[-1], dtype=np.float32), self.sampling_rate)  # [1, bins]
+        constant = beats_constant_frame_fbank(float(window[-1]))  # [1, bins]
         return torch.cat([head, constant.expand(frames - real_frames, -1)])
 
     def __call__(

@@ -376,6 +376,22 @@ def test_fbank_matches_a_handwritten_kaldi_reference():
     np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=0)
 
 
+def test_fbank_reproduces_torchaudio_on_the_edge_padding():
+    """Frames of the edge padding (the last sample repeated) hold one value; torchaudio's float32 DC removal leaves a
+    rounding residual there that reaches the low mel bins, and BEATs and the original saw it. The fixture holds 16
+    clips (0.04 s of tone and noise, then 0.085 s of edge padding) and their fbank, computed with the operations of
+    `torchaudio.compliance.kaldi.fbank` in float32 on CPU (torch 2.13; the same on its AVX512, AVX2 and default
+    kernels); torchaudio itself does not load next to this torch."""
+    recorded = torch.load(Path(__file__).parent / "fixtures" / "beats_fbank_torchaudio.pt", weights_only=True)
+    ours = beats_fbank(recorded["waveforms"])
+    # natural frames agree to 6e-5 (float64 FFT here); padding frames to 4e-6
+    torch.testing.assert_close(ours, recorded["fbank"], atol=2e-4, rtol=0)
+    # not vacuous: exact arithmetic would put every padding frame at the log floor
+    floor = (np.log(np.finfo(np.float32).eps) - 15.41663) / (2 * 6.55582)
+    padding = recorded["fbank"][:, 5:]
+    assert (padding.amax(dim=-1) > floor + 0.2).float().mean() > 0.4
+
+
 def test_fbank_batches_tensors_and_rejects_bad_input():
     waveforms = np.random.RandomState(1).uniform(-0.5, 0.5, (2, 4000)).astype(np.float32)
     batch = beats_fbank(torch.from_numpy(waveforms))
