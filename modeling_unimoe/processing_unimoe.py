@@ -82,13 +82,37 @@ def _decode_video_frames(path: str, num_frames: int, index: int) -> list[np.ndar
     return [kept[i] for i in wanted] if total > 0 else []
 
 
+def is_frame_paths(video) -> bool:
+    """Whether `video` is one video given as its frame image files, in order: a non-empty list or tuple of paths
+    whose extensions Pillow opens (the original Uni-MoE data format, `"video": ["frame_000.jpg", ...]`)."""
+    return (
+        isinstance(video, (list, tuple))
+        and len(video) > 0
+        and all(_is_path(frame) and os.path.splitext(str(frame))[1].lower() in _image_extensions() for frame in video)
+    )
+
+
+def _image_extensions() -> set[str]:
+    return {extension for extension, format in Image.registered_extensions().items() if format in Image.OPEN}
+
+
 def load_video(video, num_frames: int, index: int) -> list[np.ndarray]:
-    """`num_frames` RGB frames [H, W, 3] sampled uniformly from a video file (PyAV) or from given frames."""
+    """`num_frames` RGB frames [H, W, 3] sampled uniformly from a video file (PyAV), from given frames, or from frame
+    image files (`is_frame_paths`; only the sampled files are read)."""
     if isinstance(video, (str, os.PathLike)):
         frames = _decode_video_frames(str(video), num_frames, index)
         if not frames:
             raise ValueError(f"video {index}: video file {str(video)!r} has no frames")
         return frames
+    if is_frame_paths(video):
+        paths = [video[i] for i in _sample_indices(len(video), num_frames)]
+        frames = {}
+        for path in dict.fromkeys(paths):
+            try:
+                frames[path] = np.asarray(load_image(path, index).convert("RGB"))
+            except ValueError as error:
+                raise ValueError(f"video {index}: cannot read frame file {str(path)!r} ({error.__cause__ or error})") from error
+        return [frames[path] for path in paths]
     frames = [np.asarray(load_image(frame, index).convert("RGB")) for frame in _as_numpy(video)]
     if not frames:
         raise ValueError(f"video {index}: the given frames are empty (no frames)")
@@ -165,8 +189,9 @@ def _is_image(x) -> bool:
 
 
 def _is_video(x) -> bool:
-    """A path, a [frames, H, W, C] or [frames, C, H, W] array or tensor, or a sequence of frames (images)."""
-    if _is_path(x) or _is_array(x, 4):
+    """A path, a [frames, H, W, C] or [frames, C, H, W] array or tensor, a sequence of frames (images), or a
+    sequence of frame image files (`is_frame_paths`)."""
+    if _is_path(x) or _is_array(x, 4) or is_frame_paths(x):
         return True
     return isinstance(x, (list, tuple)) and all(_is_image(f) and not _is_path(f) for f in x)
 

@@ -3,7 +3,10 @@
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from trl_scripts.data import (
     ModalityGroupedSampler,
@@ -15,6 +18,12 @@ from trl_scripts.data import (
     with_system_prompt,
 )
 from media import write_audio, write_image, write_video
+
+
+def write_rows(folder, rows):
+    path = folder / "data.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    return path
 
 
 def llava_rows(root):
@@ -143,3 +152,50 @@ def test_text_warmup_rows_replace_each_placeholder_by_its_media_caption():
     assert with_system_prompt(messages, "")[0] == {"role": "system", "content": ""}
     system = [{"role": "system", "content": "kept"}, *messages]
     assert with_system_prompt(system, "") == system
+
+
+def original_video_row(root, frames=8):
+    """A row of the original's samples.json: a video given as its frame images, one `<video>` in the text."""
+    (root / "frames").mkdir()
+    for index in range(frames):
+        write_image(root / f"frames/frame_{index:03d}.jpg", color=(30 * index, 0, 255 - 30 * index), size=(32, 32))
+    return {"id": "video-frames-1", "video": [f"frames/frame_{index:03d}.jpg" for index in range(frames)],
+            "conversations": [{"from": "human", "value": "<video>\nWhat happens in the video?"},
+                              {"from": "gpt", "value": "the colour changes"}]}  # fmt: skip
+
+
+def test_a_video_given_as_frame_images_is_one_video_in_training_and_evaluation(tmp_path, tiny_processor):
+    from trl_scripts.evaluate import load_eval_samples
+
+    row = original_video_row(tmp_path)
+    frames = [str(tmp_path / path) for path in row["video"]]
+    messages = to_messages(row, tmp_path)
+    assert messages[0]["content"] == [{"type": "video", "path": frames}, {"type": "text", "text": "What happens in the video?"}]
+    assert modality_mix(row) == "video"
+    assert len(validate_dataset(load_conversations(str(write_rows(tmp_path, [row]))), tmp_path)) == 1
+
+    # evaluation reads the same row the same way: the same prompt, the same video tensor
+    (tmp_path / "eval.json").write_text(json.dumps([row]))
+    sample = load_eval_samples(tmp_path / "eval.json", "vqa", media_root=tmp_path)[0]
+    assert sample.messages == messages[:1]
+    batch = UniMoEDataCollator(tiny_processor, tmp_path)([row])
+    prompt = tiny_processor.apply_chat_template([sample.messages], tokenize=True, return_dict=True, add_generation_prompt=True)
+    num_frames = tiny_processor.num_frames
+    assert batch["pixel_values_videos"].shape[:2] == prompt["pixel_values_videos"].shape[:2] == (1, num_frames)
+    assert torch.equal(batch["pixel_values_videos"], prompt["pixel_values_videos"])
+    # the sampled frames are the files', in order: frame i of 8 files for each of the num_frames slots
+    direct = tiny_processor(text="<video>", videos=[[frames[i] for i in range(8)]], return_tensors="pt")
+    assert torch.equal(direct["pixel_values_videos"], batch["pixel_values_videos"])
+    expected = tiny_processor(text="<video>", videos=[[np.asarray(Image.open(path).convert("RGB")) for path in frames]], return_tensors="pt")
+    assert torch.equal(expected["pixel_values_videos"], batch["pixel_values_videos"])
+
+
+def test_a_missing_or_broken_frame_file_is_named(tmp_path, tiny_processor):
+    row = original_video_row(tmp_path, frames=4)
+    (tmp_path / "frames/frame_002.jpg").unlink()
+    dataset = load_conversations(str(write_rows(tmp_path, [row])))
+    with pytest.raises(ValueError, match=r"row video-frames-1: video frame file '.*frame_002\.jpg' is missing"):
+        validate_dataset(dataset, tmp_path)
+    (tmp_path / "frames/frame_002.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"video 0: cannot read frame file '.*frame_002\.jpg'"):
+        UniMoEDataCollator(tiny_processor, tmp_path)([row])

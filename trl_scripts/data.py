@@ -6,9 +6,11 @@ Rows follow the original Uni-MoE / LLaVA JSON format
     {"id": "...", "image": "path", "video": "path", "audio": "path" or ["path", ...],
      "conversations": [{"from": "human", "value": "<image>\\nWhat colour?"}, {"from": "gpt", "value": "red"}]}
 
-(`"voice"` is accepted for `"audio"`, as in the original speech data), or carry HF chat `"messages"` with content lists
-(`{"type": "image", "path": ...}`). Media paths are resolved against a root directory and decoded lazily, by the
-processor, when the collator builds a batch. The k-th `<image>` of a row takes the row's k-th image path, and so on.
+(`"voice"` is accepted for `"audio"`, as in the original speech data; a `"video"` list of frame image files,
+`["frame_000.jpg", ...]`, is one video given as its frames, as in the original data), or carry HF chat `"messages"`
+with content lists (`{"type": "image", "path": ...}`; a video block's path may be such a frame list). Media paths are
+resolved against a root directory and decoded lazily, by the processor, when the collator builds a batch. The k-th
+`<image>` of a row takes the row's k-th image, and so on.
 """
 
 import logging
@@ -23,7 +25,7 @@ from pathlib import Path
 import datasets
 from torch.utils.data import Sampler
 
-from modeling_unimoe.processing_unimoe import load_audio, load_image, load_video
+from modeling_unimoe.processing_unimoe import is_frame_paths, load_audio, load_image, load_video
 
 
 logger = logging.getLogger(__name__)
@@ -33,19 +35,40 @@ PLACEHOLDER = re.compile(r"<(image|video|audio)>\n?")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def _paths(row: dict, modality: str) -> list[str]:
-    paths = []
+def _items(row: dict, modality: str) -> list[str | list[str]]:
+    """The row's media of `modality`, one entry per placeholder: a path, or a video's list of frame files."""
+    items = []
     for key, kind in MEDIA_KEYS.items():
         value = row.get(key)
-        if kind == modality and value:
-            paths.extend([value] if isinstance(value, str) else value)
-    return paths
+        if kind != modality or not value:
+            continue
+        if isinstance(value, str) or (modality == "video" and is_frame_paths(value)):
+            items.append(value)
+        else:
+            items.extend(value)
+    return items
 
 
-def row_media(row: dict, media_root: str | Path | None = None) -> dict[str, list[str]]:
-    """{modality: [resolved paths]} of a row, in placeholder order."""
+def _resolver(media_root: str | Path | None):
+    """path (or list of frame paths) -> the same resolved against `media_root`, as strings / a list of strings."""
     root = Path(media_root) if media_root is not None else None
-    resolve = (lambda p: str(root / p)) if root is not None else str
+
+    def resolve(item):
+        if isinstance(item, (list, tuple)):
+            return [resolve(path) for path in item]
+        return str(root / item) if root is not None else str(item)
+
+    return resolve
+
+
+def media_key(item: str | list[str]) -> str | tuple[str, ...]:
+    """A hashable key for a media entry (a video's frame list becomes a tuple)."""
+    return tuple(item) if isinstance(item, list) else item
+
+
+def row_media(row: dict, media_root: str | Path | None = None) -> dict[str, list[str | list[str]]]:
+    """{modality: [resolved path, or a video's resolved frame paths]} of a row, in placeholder order."""
+    resolve = _resolver(media_root)
     if row.get("messages"):
         media = defaultdict(list)
         for message in row["messages"]:
@@ -54,19 +77,19 @@ def row_media(row: dict, media_root: str | Path | None = None) -> dict[str, list
                 if block["type"] in ("image", "video", "audio") and block.get("path"):
                     media[block["type"]].append(resolve(block["path"]))
         return dict(media)
-    return {modality: [resolve(p) for p in _paths(row, modality)] for modality in ("image", "video", "audio") if _paths(row, modality)}
+    return {modality: [resolve(item) for item in _items(row, modality)] for modality in ("image", "video", "audio") if _items(row, modality)}
 
 
 def to_messages(row: dict, media_root: str | Path | None = None) -> list[dict]:
     """The row as HF chat messages with content lists, media paths resolved against `media_root`."""
     row_id = row.get("id", "?")
     if row.get("messages"):
-        root = Path(media_root) if media_root is not None else None
+        resolve = _resolver(media_root)
         messages = []
         for message in row["messages"]:
             content = message["content"]
-            if not isinstance(content, str) and root is not None:
-                content = [{**block, "path": str(root / block["path"])} if block.get("path") else block for block in content]
+            if not isinstance(content, str) and media_root is not None:
+                content = [{**block, "path": resolve(block["path"])} if block.get("path") else block for block in content]
             messages.append({"role": message["role"], "content": content})
         return messages
 
@@ -102,19 +125,19 @@ def text_warmup_rows(rows: list[dict], caption_rows: list[dict]) -> list[dict]:
     answer is the caption of their media; a media item without one is an error naming the row."""
     captions = {}
     for row in caption_rows:
-        for paths in row_media(row, None).values():
-            for path in paths:
-                captions[path] = row["conversations"][-1]["value"]
+        for items in row_media(row, None).values():
+            for item in items:
+                captions[media_key(item)] = row["conversations"][-1]["value"]
     warmup = []
     for row in rows:
-        media = [path for paths in row_media(row, None).values() for path in paths]
-        missing = [path for path in media if path not in captions]
+        media = [item for items in row_media(row, None).values() for item in items]
+        missing = [item for item in media if media_key(item) not in captions]
         if missing:
             raise ValueError(f"row {row.get('id', '?')}: no caption for its media {missing}")
-        described = {modality: iter(paths) for modality, paths in row_media(row, None).items()}
+        described = {modality: iter(items) for modality, items in row_media(row, None).items()}
 
         def describe(match: re.Match) -> str:
-            return captions[next(described[match.group(1)])] + "\n"
+            return captions[media_key(next(described[match.group(1)]))] + "\n"
 
         turns = [{"from": turn["from"], "value": PLACEHOLDER.sub(describe, turn["value"])} for turn in row["conversations"]]
         extra = {key: row[key] for key in ("modality", "task") if key in row}
@@ -166,12 +189,15 @@ def validate_dataset(
         row_id = row.get("id", index)
         try:
             to_messages(row, media_root)
-            for modality, paths in row_media(row, media_root).items():
-                for path in paths:
-                    try:
-                        _check_file(path, modality)
-                    except (OSError, ValueError) as error:
-                        raise ValueError(f"row {row_id}: {modality} file {path!r} is missing or unreadable ({error})") from error
+            for modality, items in row_media(row, media_root).items():
+                for item in items:
+                    # a video given as its frame files: each frame exists and is an image
+                    files = [(path, "image", "video frame") for path in item] if isinstance(item, list) else [(item, modality, modality)]
+                    for path, kind, name in files:
+                        try:
+                            _check_file(path, kind)
+                        except (OSError, ValueError) as error:
+                            raise ValueError(f"row {row_id}: {name} file {path!r} is missing or unreadable ({error})") from error
         except ValueError as error:
             if not skip_invalid:
                 raise

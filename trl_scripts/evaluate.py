@@ -41,9 +41,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
+
+from modeling_unimoe.processing_unimoe import is_frame_paths
 
 from .data import ROLES, modality_mix, to_messages
 from .metrics import load_metric
@@ -65,7 +66,6 @@ ID_KEYS = ("id", "question_id")
 MEDIA_KEYS = {"image": "image", "video": "video", "audio": "audio", "voice": "audio"}
 # the original inference put the media placeholders before the question in this order
 PLACEHOLDER_ORDER = ("image", "audio", "video")
-FRAME_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTION_LINE = re.compile(r"^\s*\(?([A-Z])\)?\s*[.):\uff1a]\s*(\S.*?)\s*$", re.MULTILINE)
 
@@ -194,12 +194,8 @@ def _media_lists(row: dict, root: Path, rid: str) -> dict[str, list]:
         if not value:
             continue
         values = [value] if isinstance(value, str) else list(value)
-        if (
-            modality == "video"
-            and len(values) > 1
-            and all(Path(str(v)).suffix.lower() in FRAME_SUFFIXES for v in values)
-        ):
-            # the original format gives a video as its frame images
+        if modality == "video" and is_frame_paths(values):
+            # the original format gives a video as its frame images (the rule training data follows too)
             media.setdefault(modality, []).append([resolve_media_path(v, root, rid, "video frame") for v in values])
         else:
             media.setdefault(modality, []).extend(resolve_media_path(v, root, rid, modality) for v in values)
@@ -237,24 +233,8 @@ def _conversation_messages(row: dict, root: Path, rid: str) -> tuple[list[dict],
 
     media = _media_lists(row, root, rid)
     turns = _add_missing_placeholders(turns, media)
-    # to_messages pairs the k-th placeholder with the k-th path; a frame list goes through as one key, swapped back after
-    frames = {}
-    plain = {"id": rid, "conversations": turns}
-    for modality, items in media.items():
-        paths = []
-        for item in items:
-            if isinstance(item, list):
-                key = f"<frames {len(frames)}>"
-                frames[key] = item
-                paths.append(key)
-            else:
-                paths.append(item)
-        plain[modality] = paths
-    messages = to_messages(plain)
-    for message in messages:
-        for block in message["content"]:
-            if block.get("path") in frames:
-                block["frames"] = frames[block.pop("path")]
+    # to_messages pairs the k-th placeholder with the k-th entry (a path, or a video's frame files)
+    messages = to_messages({"id": rid, "conversations": turns, **media})
     return messages, answer
 
 
@@ -380,30 +360,6 @@ def load_eval_samples(
 # -------------------------------------------------------------------------------------------------------- generating
 
 
-def _with_frames_loaded(messages: list[dict]) -> list[dict]:
-    """Videos given as frame files become frame lists (decoded here, at batch time, not for the whole set at once)."""
-    loaded = []
-    for message in messages:
-        content = message["content"]
-        if not isinstance(content, str) and any("frames" in block for block in content):
-            content = [
-                {"type": "video", "video": [_open_rgb(path) for path in block["frames"]]}
-                if "frames" in block
-                else block
-                for block in content
-            ]
-        loaded.append({**message, "content": content})
-    return loaded
-
-
-def _open_rgb(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as error:
-        raise ValueError(f"cannot read video frame {path!r} ({error})") from error
-
-
 def load_model_and_processor(model_path: str, device: str | None = None, dtype: str = "auto"):
     """The checkpoint's model (eval mode, on `device`) and processor (left padding), both through the Auto classes."""
     if dtype not in DTYPES:
@@ -431,7 +387,7 @@ def generate_predictions(
         batch = samples[start : start + batch_size]
         try:
             inputs = processor.apply_chat_template(
-                [_with_frames_loaded(sample.messages) for sample in batch],
+                [sample.messages for sample in batch],
                 tokenize=True,
                 return_dict=True,
                 add_generation_prompt=True,
