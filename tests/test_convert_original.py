@@ -6,6 +6,7 @@ per-expert LoRA, the original load order (stage-3 files over the base, `mlp_gate
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -314,10 +315,29 @@ def test_unmapped_sources_and_unset_weights_are_listed(towers, tmp_path):
     assert f"no source sets model.language_model.layers.{layer}.self_attn.k_proj.weight" in message
 
 
-def test_wrong_variant_is_refused(towers, tmp_path):
-    """An even-layer (v1.5) checkpoint converted as speech-4e: the dense odd layers have nowhere to go and the
-    experts and routers of the odd layers are never set; every one of them is named."""
+@pytest.mark.parametrize("written, asked", [
+    ("speech-v1.5", "speech-4e"), ("speech-4e", "speech-v1.5"), ("audio-4e", "speech-4e"), ("8e", "speech-4e"),
+    ("speech-4e", "audio-4e"),
+])
+def test_wrong_variant_names_the_variant_the_checkpoint_looks_like(written, asked, towers, tmp_path):
+    """A checkpoint converted as the wrong variant is refused in one sentence naming the right one (before, an
+    even-layer checkpoint converted as speech-4e listed 212 unmapped or unset weights)."""
+    checkpoint = write_original_checkpoint(tmp_path, written)
+    arguments = {"base_dir": checkpoint.base_dir, "stage3_dir": checkpoint.stage3_dir, **towers.arguments(asked)}
+    with pytest.raises(ValueError, match=rf"--variant {asked} does not match this checkpoint: it looks like {re.escape(written)} .*; pass --variant {re.escape(written)}$"):
+        convert_original(asked, dtype=torch.float32, **arguments)
+
+
+def test_checkpoints_that_do_not_convert_list_every_problem(towers, tmp_path):
+    """Past the variant check (a single unindexed shard does not tell even from all layers), weights with nowhere
+    to go and slots no source sets are all named."""
     checkpoint = write_original_checkpoint(tmp_path, "speech-v1.5")
+    index = checkpoint.base_dir / "pytorch_model.bin.index.json"
+    merged = {}
+    for name in json.loads(index.read_text())["weight_map"].values():
+        merged |= torch.load(checkpoint.base_dir / name, weights_only=True)
+    torch.save(merged, checkpoint.base_dir / "pytorch_model.bin")
+    index.unlink()
     with pytest.raises(ValueError) as error:
         convert_original("speech-4e", dtype=torch.float32, **checkpoint.arguments(towers))
     message = str(error.value)

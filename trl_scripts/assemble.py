@@ -22,6 +22,7 @@ from transformers import (
 
 from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, UniMoEProcessor, load_beats_checkpoint
 
+from .console import command_line
 from .presets import CHAT_TEMPLATE_PATH
 from .upcycling import upcycle_llama
 
@@ -172,6 +173,7 @@ class AssembleArguments:
     num_query_tokens: int = 50
 
 
+@command_line
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     (args,) = HfArgumentParser(AssembleArguments).parse_args_into_dataclasses(args=argv)

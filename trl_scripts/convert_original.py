@@ -61,6 +61,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, UniMoEProcessor, load_beats_checkpoint
 
 from .assemble import _with_placeholders, keep_tokenizer_options
+from .console import command_line
 from .presets import CHAT_TEMPLATE_PATH
 
 
@@ -264,6 +265,25 @@ def text_config_from_original(original: dict, variant: OriginalVariant, config_p
         "norm_topk_prob": norm_topk_prob,
         "router_aux_loss_coef": router_aux_loss_coef,
     }
+
+
+def guess_variant(original: dict, base_dir: Path) -> tuple[str, str] | None:
+    """(variant, evidence) the checkpoint looks like, from its config and the base shard index; None when they do not
+    tell (a single unindexed shard cannot be listed without unpickling it)."""
+    if "moe_type" in original or "ep_size" in original:
+        return "8e", "its config has DeepSpeed MoE fields (moe_type, ep_size)"
+    if "beats" in str(original.get("mm_audio_tower", "")).lower():
+        return "audio-4e", f"its audio tower is {original['mm_audio_tower']!r}"
+    index = base_dir / SHARD_INDEX
+    if not index.is_file():
+        return None
+    sparse = {int(match.group(1)) for key in json.loads(index.read_text())["weight_map"]
+              if (match := re.match(r"model\.layers\.(\d+)\.mlp\.(?:gate\.weight|experts\.)", key))}  # fmt: skip
+    if not sparse:
+        return None
+    if all(layer % 2 == 0 for layer in sparse) and len(sparse) > 1:
+        return "speech-v1.5", f"a Whisper audio tower and experts in the even layers only ({sorted(sparse)[:4]}...)"
+    return "speech-4e", "a Whisper audio tower and experts in every layer"
 
 
 def check_multimodal_fields(original: dict, variant: OriginalVariant, config_path: Path) -> None:
@@ -784,6 +804,12 @@ def convert_original(
     # The architecture is the stage-3 config's (the original loads the base weights with it).
     config_path = (stage3_dir or base_dir) / "config.json"
     original = json.loads(config_path.read_text())
+    guess = guess_variant(original, base_dir)
+    if guess is not None and guess[0] != variant:
+        raise ValueError(
+            f"--variant {variant} does not match this checkpoint: it looks like {guess[0]} ({guess[1]}); "
+            f"pass --variant {guess[0]}"
+        )
     text_config = text_config_from_original(original, spec, config_path)
     check_multimodal_fields(original, spec, config_path)
     if spec.deepspeed_experts and len(expert_files) != text_config["num_experts"]:
@@ -916,6 +942,7 @@ class ConvertArguments:
     dtype: str = field(default="bfloat16", metadata={"help": "Saved dtype.", "choices": list(DTYPES)})
 
 
+@command_line
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     (args,) = HfArgumentParser(ConvertArguments).parse_args_into_dataclasses(args=argv)

@@ -62,6 +62,8 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
+from .console import command_line
+
 
 logger = logging.getLogger(__name__)
 
@@ -465,6 +467,7 @@ def make_synthetic_dataset(
     }
 
 
+@command_line
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     (args,) = HfArgumentParser(SyntheticDataArguments).parse_args_into_dataclasses(args=argv)

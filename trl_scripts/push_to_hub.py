@@ -30,6 +30,7 @@ from transformers.dynamic_module_utils import get_relative_imports
 
 from modeling_unimoe import UniMoEConfig
 
+from .console import command_line
 from .model_card import EVAL_RESULTS_PATTERN, build_model_card, load_eval_result, modalities
 
 
@@ -318,6 +319,7 @@ class PushToHubArguments:
     token: str | None = field(default=None, metadata={"help": "Hub token (defaults to HF_TOKEN or `hf auth login`)."})
 
 
+@command_line
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     (args,) = HfArgumentParser(PushToHubArguments).parse_args_into_dataclasses(args=argv)

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, TrainingArguments
 
+from .console import command_line
 from .data import to_messages, with_system_prompt
 from .evaluate import EvalSample, generate_predictions, write_outputs
 from .make_synthetic_data import MODALITIES, TASKS, make_synthetic_dataset
@@ -43,7 +44,7 @@ class QuickstartArguments:
     num_train_per_task: int = field(
         default=768, metadata={"help": "Training items per task: many fresh items for few epochs generalise better than few items for many."}
     )
-    num_eval_per_task: int = field(default=100, metadata={"help": "Held-out items per task (100: one item is 1%)."})
+    num_eval_per_task: int = field(default=100, metadata={"help": "Held-out items per task (100: one item is one percentage point)."})
     use_espeak: bool = field(
         default=False, metadata={"help": "Synthesise speech with espeak-ng (default: the committed clips, the same on every machine)."}
     )
@@ -302,6 +303,7 @@ def run(args: QuickstartArguments) -> dict:
     return summary
 
 
+@command_line
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)

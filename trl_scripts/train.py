@@ -7,7 +7,11 @@
     python -m trl_scripts.train --stage 2 --model_name_or_path out/stage1 --train_files train.json \
         --experts image,video,audio,speech --output_dir out/stage2
     python -m trl_scripts.train --stage 3 --model_name_or_path out/stage2 --train_files train.json --output_dir out/stage3
-    python -m trl_scripts.train configuration/training/stage1.yaml      # the same arguments from a YAML file
+    python -m trl_scripts.train configuration/training/tiny-stage1.yaml [--output_dir ...]  # a YAML, plus overrides
+
+Media paths in the rows are relative to `--media_root`, by default the folder of the train files (the evaluation
+CLI's rule, `trl_scripts.data.media_path_candidates`). Paths in a YAML file are relative to the working directory;
+options after the YAML file override its values.
 
 Stage 0, the text warm-up, is not in the paper: a randomly initialised language model (the `tiny` preset) first
 learns to answer from text, each media placeholder replaced by its media's caption, as a pretrained LLM already can.
@@ -25,12 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_unimoe import UniMoEForCausalLM
 
+from .console import command_line
 from .data import UniMoEDataCollator, load_conversations, text_warmup_rows, validate_dataset
 from .presets import PRESETS_DIR, load_preset, load_tiny_processor
 from .stages import prepare_stage0, prepare_stage1, prepare_stage2, prepare_stage3
@@ -87,7 +93,9 @@ class StageArguments:
 @dataclass
 class DataArguments:
     train_files: list[str] = field(metadata={"help": "JSON/JSONL conversation files."})
-    media_root: str | None = field(default=None, metadata={"help": "Media paths in the rows are relative to this folder."})
+    media_root: str | None = field(
+        default=None, metadata={"help": "Media paths in the rows are relative to this folder (default: the train files' folder)."}
+    )
     skip_invalid: bool = field(default=False, metadata={"help": "Drop (and count) rows with missing or unreadable media."})
     group_by_modality: bool = field(default=True, metadata={"help": "One modality mix per global batch."})
     captions_file: str | None = field(
@@ -99,9 +107,27 @@ class DataArguments:
     )
 
 
+def default_media_root(train_files: list[str]) -> str:
+    """The folder the train files are in: their rows' media paths are relative to it unless `--media_root` says."""
+    folders = sorted({str(Path(path).resolve().parent) for path in train_files})
+    if len(folders) != 1:
+        raise ValueError(f"--train_files are in several folders ({', '.join(folders)}); say where their media are with --media_root")
+    return folders[0]
+
+
 def load_stage_model(name_or_path: str, stage: int) -> tuple[UniMoEForCausalLM, object]:
-    """(model, processor): a fresh dense model from a preset for stage 1, else the saved previous stage."""
-    if not Path(name_or_path).is_dir() and (PRESETS_DIR / f"{name_or_path}.json").is_file():
+    """(model, processor): a fresh dense model from a preset for stage 1, else the saved previous stage (a local
+    folder or a Hub repo id)."""
+    if not Path(name_or_path).is_dir() and not (PRESETS_DIR / f"{name_or_path}.json").is_file():
+        try:
+            return UniMoEForCausalLM.from_pretrained(name_or_path), AutoProcessor.from_pretrained(name_or_path)
+        except (OSError, ValueError) as error:  # a path-like name is not even a valid repo id (HFValidationError)
+            presets = ", ".join(sorted(path.stem for path in PRESETS_DIR.glob("*.json")))
+            raise FileNotFoundError(
+                f"--model_name_or_path {name_or_path!r}: no such folder ({Path(name_or_path).resolve()}), not a preset "
+                f"({presets}), and not loadable from the Hub ({error})"
+            ) from error
+    if not Path(name_or_path).is_dir():
         if stage > 1:
             raise ValueError(f"stage {stage} continues from the previous stage's output folder, not the preset {name_or_path!r}")
         if name_or_path != "tiny":
@@ -224,18 +250,34 @@ def run(stage_args: StageArguments, data_args: DataArguments, training_args: Tra
     # before any model is built: fresh weights (routers, LoRA) are then the same in every process and every launch
     set_seed(training_args.seed)
     logger.info("stage %d on %d process(es), %s", stage_args.stage, training_args.world_size, training_args.parallel_mode.value)
+    if data_args.media_root is None:
+        data_args.media_root = default_media_root(data_args.train_files)
     dataset = validate_dataset(load_conversations(data_args.train_files), data_args.media_root, data_args.skip_invalid)
     return STAGES[stage_args.stage](stage_args, data_args, training_args, dataset)
 
 
+def yaml_arguments(path: str) -> list[str]:
+    """A YAML file of training options (`configuration/training/*.yaml`) as command-line arguments."""
+    settings = yaml.safe_load(Path(path).read_text())
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values, got {type(settings).__name__}")
+    arguments = []
+    for name, value in settings.items():
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        arguments += [f"--{name}", *(json.dumps(v) if isinstance(v, dict) else str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return arguments
+
+
+@command_line
 def main(argv: list[str] | None = None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser((StageArguments, DataArguments, TrainingArguments))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        stage_args, data_args, training_args = parser.parse_yaml_file(argv[0])
-    else:
-        stage_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        argv = yaml_arguments(argv[0]) + argv[1:]  # the command line's options come last and win
+    stage_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     run(stage_args, data_args, training_args)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Every rank waits for the main process's save, then leaves the process group: a rank that exits with the

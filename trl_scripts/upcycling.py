@@ -15,6 +15,8 @@ from transformers import AutoModelForCausalLM, HfArgumentParser, PreTrainedModel
 
 from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM
 
+from .console import command_line
+
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +265,7 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@command_line
 def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser(UpcycleArguments).parse_args_into_dataclasses(args=argv)
     moe_layers = args.moe_layers if args.moe_layers in ("all", "even", "odd") else [int(i) for i in args.moe_layers.split(",")]

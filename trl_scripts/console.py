@@ -1,0 +1,27 @@
+"""What the command-line tools share: a user error is one line on stderr, not a traceback."""
+
+import functools
+import os
+import sys
+
+
+# What our validation raises for bad arguments or inputs (a missing file, a wrong option, a row that does not convert).
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
+
+
+def command_line(main):
+    """Decorate a tool's `main(argv=None)`. Called with an argument list (tests, other code) it raises as usual;
+    called without one (the command line: `python -m ...` or a console script) a `USER_ERRORS` exception ends the
+    process with exit status 1 and the message alone. `UNIMOE_TRACEBACK=1` shows the traceback instead."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None):
+        if argv is not None or os.environ.get("UNIMOE_TRACEBACK"):
+            return main(argv)
+        try:
+            return main()
+        except USER_ERRORS as error:
+            name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else main.__module__
+            sys.exit(f"{name}: error: {error}")
+
+    return run
