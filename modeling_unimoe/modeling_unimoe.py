@@ -590,7 +590,11 @@ class UniMoEPreTrainedModel(PreTrainedModel):
     config: UniMoEConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["UniMoEDecoderLayer"]
+    # Units `device_map` keeps on one device. The towers add their own layers (post_init collects them from child
+    # PreTrainedModels); the aligners and the CuMo blocks are plain modules, through which nothing is collected and
+    # whose forwards read child weights directly (`embed_positions.weight`) or combine children's outputs in place
+    # (`index_add_`), and the audio aligner holds a Q-Former whose attention must not be split either.
+    _no_split_modules = ["UniMoEDecoderLayer", "SpeechQueryAligner", "AudioQFormerAligner", "MultimodalSparseMoE"]
     _skip_keys_device_placement = ["cache", "past_key_values"]  # both names a caller may use
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -774,7 +778,8 @@ class UniMoEModel(UniMoEPreTrainedModel):
 
     # Feature getters: `output_hidden_states=True` / `output_attentions=True` add the tower's `hidden_states` /
     # `attentions` (attentions need an attention implementation that returns them, e.g. eager), and
-    # `return_dict=False` gives the non-None fields as a tuple, as in transformers' multimodal models.
+    # `return_dict=False` gives the non-None fields as a tuple, as in transformers' multimodal models. Calls inside the
+    # model pass `return_dict=True`: a `config.return_dict=False` only shapes what the caller gets back.
 
     @can_return_tuple
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutputWithPooling:
@@ -801,7 +806,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
         `pooler_output`: [V, P, D] averaged over frames (`video_pooling="mean"`) or [V, F*P, D] (`"none"`); the tower's
         hidden states and attentions have one row per frame [V*F, ...]."""
         num_videos, num_frames = pixel_values_videos.shape[:2]
-        frame_output = self.get_image_features(pixel_values_videos.flatten(0, 1), **kwargs)
+        frame_output = self.get_image_features(pixel_values_videos.flatten(0, 1), return_dict=True, **kwargs)
         frames = frame_output.pooler_output.view(num_videos, num_frames, *frame_output.pooler_output.shape[1:])
         pooled = frames.mean(dim=1) if self.config.video_pooling == "mean" else frames.flatten(1, 2)
         return BaseModelOutputWithPooling(
@@ -881,11 +886,13 @@ class UniMoEModel(UniMoEPreTrainedModel):
             if tower == "whisper":
                 if input_features is None:
                     raise ValueError("audio_towers includes 'whisper' but no `input_features` (Whisper log-mel) were given")
-                per_tower.append(self.get_speech_features(input_features, input_features_mask, **kwargs))
+                per_tower.append(
+                    self.get_speech_features(input_features, input_features_mask, return_dict=True, **kwargs)
+                )
             else:
                 if input_values is None:
                     raise ValueError("audio_towers includes 'beats' but no `input_values` (BEATs fbank) were given")
-                per_tower.append(self.get_sound_features(input_values, input_values_mask, **kwargs))
+                per_tower.append(self.get_sound_features(input_values, input_values_mask, return_dict=True, **kwargs))
         tokens = torch.cat([output.pooler_output for output in per_tower], dim=1)
 
         def joined(field):
@@ -949,6 +956,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         return UniMoEModelOutputWithPast(
@@ -978,14 +986,14 @@ class UniMoEModel(UniMoEPreTrainedModel):
         config = self.config
         media = {}
         if pixel_values is not None:
-            media["image_hidden_states"] = self.get_image_features(pixel_values).pooler_output
+            media["image_hidden_states"] = self.get_image_features(pixel_values, return_dict=True).pooler_output
             inputs_embeds = self._scatter(input_ids, inputs_embeds, media["image_hidden_states"], config.image_token_id, "image")
         if pixel_values_videos is not None:
-            media["video_hidden_states"] = self.get_video_features(pixel_values_videos).pooler_output
+            media["video_hidden_states"] = self.get_video_features(pixel_values_videos, return_dict=True).pooler_output
             inputs_embeds = self._scatter(input_ids, inputs_embeds, media["video_hidden_states"], config.video_token_id, "video")
         if input_features is not None or input_values is not None:
             media["audio_hidden_states"] = self.get_audio_features(
-                input_features, input_values, input_values_mask, input_features_mask
+                input_features, input_values, input_values_mask, input_features_mask, return_dict=True
             ).pooler_output
             inputs_embeds = self._scatter(input_ids, inputs_embeds, media["audio_hidden_states"], config.audio_token_id, "audio")
         return inputs_embeds, media
@@ -1006,6 +1014,20 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
+
+    def _prepare_generation_config(self, generation_config, *args, **kwargs):
+        """`GenerationMixin`'s, with the media placeholder ids (`image_token_id`, `video_token_id`, `audio_token_id`)
+        added to `suppress_tokens`. A placeholder stands for media features, not text (the original used ids outside
+        the vocabulary): generated, it would claim features that do not exist the next time the sequence is encoded
+        with its media (`use_cache=False`, a continued prompt). Prompt lookup and assisted decoding also drop the
+        candidates these processors forbid, so a lookup into a media prompt cannot propose its placeholders either."""
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, *args, **kwargs)
+        config = self.config
+        placeholders = [config.image_token_id, config.video_token_id, config.audio_token_id]
+        suppressed = list(generation_config.suppress_tokens or [])
+        suppressed += [token_id for token_id in placeholders if token_id is not None and token_id not in suppressed]
+        generation_config.suppress_tokens = suppressed or generation_config.suppress_tokens
+        return generation_config, model_kwargs
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
         """`GenerationMixin`'s expansion for `num_return_sequences` / `num_beams` (each row repeated `expand_size` times),
@@ -1085,6 +1107,7 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
