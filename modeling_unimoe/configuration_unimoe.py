@@ -3,16 +3,27 @@
 # First: it refuses a transformers older than the supported range before the imports below need newer names.
 from .transformers_compat import CACHE_NAME  # isort: skip
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
+from transformers.activations import ACT2CLS
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
-from transformers.modeling_rope_utils import RopeParameters
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
 from .configuration_beats import BEATsConfig
 
 
 ROUTER_TYPES = ("topk_softmax", "softmax_topk")
 MOE_LAYER_PATTERNS = ("all", "even", "odd")
+ACTIVATIONS = tuple(sorted(ACT2CLS))  # the names `ACT2FN` builds (LLaMA FFN, projector, CLIP, Whisper, Q-Former)
+ROPE_TYPES = ("default", *sorted(ROPE_INIT_FUNCTIONS))
+
+
+def is_weight(value) -> bool:
+    """A loss weight or probability bound: a finite number that is not negative (NaN compares False to everything, so
+    `value < 0` alone lets it through)."""
+    return math.isfinite(value) and value >= 0
 
 
 def refuse_foreign_model_type(config_class, config_dict: dict):
@@ -122,6 +133,7 @@ class UniMoETextConfig(PreTrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
+        self._check_decoder_fields()  # first: the defaults below divide by these
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -132,6 +144,51 @@ class UniMoETextConfig(PreTrainedConfig):
             self.moe_layers = sorted(int(i) for i in self.moe_layers)
         self._check_moe_fields()
         super().__post_init__(**kwargs)
+        self._check_rope_fields()  # after transformers has standardised `rope_parameters`
+
+    def _check_decoder_fields(self):
+        """The LLaMA fields whose bad values fail only when the model is built or first run (a KeyError on the
+        activation, a negative tensor dimension, a division by zero) or silently give NaN."""
+        def bad(field, value, expected):
+            raise ValueError(f"UniMoETextConfig: invalid `{field}`={value!r}; expected {expected}.")
+
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "max_position_embeddings"):
+            if getattr(self, field) < 1:
+                bad(field, getattr(self, field), "a positive integer")
+        if self.num_hidden_layers < 0:
+            bad("num_hidden_layers", self.num_hidden_layers, "0 or more decoder layers")
+        if self.num_key_value_heads is not None and self.num_key_value_heads < 1:
+            bad("num_key_value_heads", self.num_key_value_heads, f"a divisor of num_attention_heads={self.num_attention_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
+            bad(
+                "num_attention_heads", self.num_attention_heads,
+                f"a divisor of hidden_size={self.hidden_size} (or set `head_dim` explicitly)",
+            )
+        if self.head_dim is not None and self.head_dim < 1:
+            bad("head_dim", self.head_dim, "a positive integer")
+        if self.hidden_act not in ACTIVATIONS:
+            bad("hidden_act", self.hidden_act, f"one of transformers' activations {ACTIVATIONS}")
+        if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0):
+            bad("rms_norm_eps", self.rms_norm_eps, "a small positive number (1e-5 or 1e-6 for LLaMA)")
+        if not is_weight(self.initializer_range):
+            bad("initializer_range", self.initializer_range, "a non-negative standard deviation")
+        if not (is_weight(self.attention_dropout) and self.attention_dropout <= 1):
+            bad("attention_dropout", self.attention_dropout, "a probability in [0, 1]")
+        if self.pad_token_id is not None and not -self.vocab_size <= self.pad_token_id < self.vocab_size:
+            bad("pad_token_id", self.pad_token_id, f"None or an id below vocab_size={self.vocab_size} (the embedding's padding row)")
+
+    def _check_rope_fields(self):
+        rope = self.rope_parameters or {}
+        rope_type, theta = rope.get("rope_type", "default"), rope.get("rope_theta")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"UniMoETextConfig: invalid `rope_parameters['rope_type']`={rope_type!r}; expected one of {ROPE_TYPES}."
+            )
+        if theta is not None and not (math.isfinite(theta) and theta > 0):
+            raise ValueError(
+                f"UniMoETextConfig: invalid `rope_parameters['rope_theta']`={theta!r}; expected a positive base "
+                "wavelength (10000.0 for LLaMA 2): the rotary frequencies would be inf or NaN."
+            )
 
     def _check_moe_fields(self):
         def bad(field, value, expected):
@@ -147,10 +204,10 @@ class UniMoETextConfig(PreTrainedConfig):
             bad("moe_intermediate_size", self.moe_intermediate_size, "a positive width")
         if self.num_shared_experts < 0:
             bad("num_shared_experts", self.num_shared_experts, "0 or more")
-        if self.router_aux_loss_coef < 0:
-            bad("router_aux_loss_coef", self.router_aux_loss_coef, "a non-negative weight")
-        if self.router_z_loss_coef < 0:
-            bad("router_z_loss_coef", self.router_z_loss_coef, "a non-negative weight")
+        if not is_weight(self.router_aux_loss_coef):
+            bad("router_aux_loss_coef", self.router_aux_loss_coef, "a finite, non-negative weight")
+        if not is_weight(self.router_z_loss_coef):
+            bad("router_z_loss_coef", self.router_z_loss_coef, "a finite, non-negative weight")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             bad("num_key_value_heads", self.num_key_value_heads, f"a divisor of num_attention_heads={self.num_attention_heads}")
         if isinstance(self.moe_layers, str):
@@ -263,6 +320,18 @@ class UniMoEConfig(PreTrainedConfig):
         refuse_foreign_model_type(cls, config_dict)
         return super().from_dict(config_dict, **kwargs)
 
+    @property
+    def max_position_embeddings(self) -> int:
+        """The language model's context length, `text_config.max_position_embeddings`, where transformers' generation
+        looks for it (`config.max_position_embeddings`): as for a LLaMA, the default `max_length` is capped by it and
+        generating past it logs transformers' warning (`MaxLengthCriteria`). Not a field: it is saved once, in the
+        text config."""
+        return self.text_config.max_position_embeddings
+
+    @max_position_embeddings.setter
+    def max_position_embeddings(self, value: int):
+        self.text_config.max_position_embeddings = value
+
     def __post_init__(self, **kwargs):
         if self.audio_config is not None and self.audio_qformer_config is None:
             beats_width = self.audio_config["encoder_embed_dim"] if isinstance(self.audio_config, dict) else self.audio_config.encoder_embed_dim
@@ -327,8 +396,16 @@ class UniMoEConfig(PreTrainedConfig):
             used = self.vision_feature_layer % (self.vision_config.num_hidden_layers + 1)
             if any(not 0 <= i < used for i in self.vision_moe_layers) or len(set(self.vision_moe_layers)) != len(self.vision_moe_layers):
                 bad("vision_moe_layers", self.vision_moe_layers, f"distinct CLIP layer indices in [0, {used - 1}] (the layers feeding vision_feature_layer={self.vision_feature_layer})")
+            if self.vision_num_experts < 1:
+                bad("vision_num_experts", self.vision_num_experts, "at least 1")
             if not 1 <= self.vision_num_experts_per_tok <= self.vision_num_experts:
                 bad("vision_num_experts_per_tok", self.vision_num_experts_per_tok, f"between 1 and {self.vision_num_experts}")
+        if self.projector_hidden_act not in ACTIVATIONS:
+            bad("projector_hidden_act", self.projector_hidden_act, f"one of transformers' activations {ACTIVATIONS}")
+        for field in ("mm_router_aux_loss_coef", "mm_router_z_loss_coef"):
+            if not is_weight(getattr(self, field)):
+                bad(field, getattr(self, field), "a finite, non-negative weight")
+        self._check_tower_fields(bad)
         token_ids = {
             "image_token_id": (self.image_token_id, self.vision_config),
             "video_token_id": (self.video_token_id, self.vision_config),
@@ -340,6 +417,55 @@ class UniMoEConfig(PreTrainedConfig):
                 bad(field, token_id, "the placeholder token id, since the matching tower is configured")
             if token_id is not None and not 0 <= token_id < vocab_size:
                 bad(field, token_id, f"an id below vocab_size={vocab_size}")
+        # A shared id would make one modality's placeholders count as another's (or padding and end-of-sequence
+        # tokens as media): the placeholder counts no longer match the media and the forward fails.
+        text = self.text_config
+        eos = text.eos_token_id if isinstance(text.eos_token_id, list) else [text.eos_token_id]
+        taken = {token_id: f"text_config.{name}" for name, ids in
+                 (("pad_token_id", [text.pad_token_id]), ("bos_token_id", [text.bos_token_id]), ("eos_token_id", eos))
+                 for token_id in ids if token_id is not None}
+        for field, (token_id, _) in token_ids.items():
+            if token_id is None:
+                continue
+            if token_id in taken:
+                bad(field, token_id, f"an id of its own: {taken[token_id]} is {token_id} too")
+            taken[token_id] = field
+
+    def _check_tower_fields(self, bad):
+        """Sub-config fields transformers' own configs accept but the towers fail to build or run with."""
+        vision, speech, qformer = self.vision_config, self.speech_config, self.audio_qformer_config
+        if vision is not None:
+            if vision.hidden_act not in ACTIVATIONS:
+                bad("vision_config.hidden_act", vision.hidden_act, f"one of transformers' activations {ACTIVATIONS}")
+            for field in ("image_size", "patch_size"):
+                sizes = getattr(vision, field)
+                if any(size < 1 for size in (sizes if isinstance(sizes, (list, tuple)) else [sizes])):
+                    bad(f"vision_config.{field}", sizes, "a positive number of pixels")
+            if vision.num_channels != 3:
+                bad("vision_config.num_channels", vision.num_channels, "3: the image processor gives RGB pixels")
+            if not (math.isfinite(vision.layer_norm_eps) and vision.layer_norm_eps > 0):
+                bad("vision_config.layer_norm_eps", vision.layer_norm_eps, "a small positive number")
+        if speech is not None:
+            if speech.activation_function not in ACTIVATIONS:
+                bad("speech_config.activation_function", speech.activation_function, f"one of transformers' activations {ACTIVATIONS}")
+            for field in ("encoder_attention_heads", "decoder_attention_heads"):
+                heads = getattr(speech, field)
+                if heads < 1 or speech.d_model % heads != 0:
+                    bad(f"speech_config.{field}", heads, f"a divisor of speech_config.d_model={speech.d_model}")
+        if qformer is not None:
+            if qformer.hidden_act not in ACTIVATIONS:
+                bad("audio_qformer_config.hidden_act", qformer.hidden_act, f"one of transformers' activations {ACTIVATIONS}")
+            if qformer.num_attention_heads < 1 or qformer.hidden_size % qformer.num_attention_heads != 0:
+                bad("audio_qformer_config.num_attention_heads", qformer.num_attention_heads,
+                    f"a divisor of audio_qformer_config.hidden_size={qformer.hidden_size}")
+            if qformer.cross_attention_frequency < 1:
+                bad("audio_qformer_config.cross_attention_frequency", qformer.cross_attention_frequency,
+                    "at least 1 (cross-attention every that many layers)")
+            if not (math.isfinite(qformer.layer_norm_eps) and qformer.layer_norm_eps > 0):
+                bad("audio_qformer_config.layer_norm_eps", qformer.layer_norm_eps, "a small positive number")
+            if self.audio_config is not None and qformer.encoder_hidden_size != self.audio_config.encoder_embed_dim:
+                bad("audio_qformer_config.encoder_hidden_size", qformer.encoder_hidden_size,
+                    f"the BEATs width audio_config.encoder_embed_dim={self.audio_config.encoder_embed_dim} it reads")
 
 
 UniMoEConfig.register_for_auto_class()

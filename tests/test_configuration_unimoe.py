@@ -145,3 +145,107 @@ def test_audio_window_must_match_the_whisper_encoder():
     assert UniMoEConfig.from_dict(tiny).audio_window_seconds == 4  # max_source_positions 200 = 400 mel frames
     with pytest.raises(ValueError, match=r"`audio_window_seconds`=30.*4 s: the Whisper encoder's max_source_positions=200"):
         UniMoEConfig.from_dict(tiny | {"audio_window_seconds": 30})
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "overrides, field, expected",
+    [
+        (dict(hidden_size=0), "hidden_size", "a positive integer"),
+        (dict(hidden_size=-64), "hidden_size", "a positive integer"),
+        (dict(vocab_size=0), "vocab_size", "a positive integer"),
+        (dict(intermediate_size=-1, moe_intermediate_size=8), "intermediate_size", "a positive integer"),
+        (dict(max_position_embeddings=0), "max_position_embeddings", "a positive integer"),
+        (dict(hidden_act="swishy"), "hidden_act", "one of transformers' activations ("),
+        (dict(num_hidden_layers=-1), "num_hidden_layers", "0 or more decoder layers"),
+        (dict(rms_norm_eps=-1e-5), "rms_norm_eps", "a small positive number"),
+        (dict(rms_norm_eps=NAN), "rms_norm_eps", "a small positive number"),
+        (dict(router_aux_loss_coef=NAN), "router_aux_loss_coef", "a finite, non-negative weight"),
+        (dict(router_aux_loss_coef=INF), "router_aux_loss_coef", "a finite, non-negative weight"),
+        (dict(router_z_loss_coef=NAN), "router_z_loss_coef", "a finite, non-negative weight"),
+        (dict(num_attention_heads=0), "num_attention_heads", "a positive integer"),
+        (dict(hidden_size=64, num_attention_heads=3), "num_attention_heads", "a divisor of hidden_size=64"),
+        (dict(num_key_value_heads=0), "num_key_value_heads", "a divisor of num_attention_heads=32"),
+        (dict(num_key_value_heads=-8), "num_key_value_heads", "a divisor of num_attention_heads=32"),
+        (dict(head_dim=0), "head_dim", "a positive integer"),
+        (dict(initializer_range=-0.02), "initializer_range", "a non-negative standard deviation"),
+        (dict(initializer_range=NAN), "initializer_range", "a non-negative standard deviation"),
+        (dict(attention_dropout=1.5), "attention_dropout", "a probability in [0, 1]"),
+        (dict(vocab_size=512, pad_token_id=600), "pad_token_id", "None or an id below vocab_size=512"),
+    ],
+)
+def test_build_breaking_text_values_are_refused(overrides, field, expected):
+    """Each value used to pass the config and fail later: a KeyError on the activation, a negative tensor dimension or
+    a division by zero when the model is built, NaN in the first forward or loss, or nothing at all (NaN weights)."""
+    with pytest.raises(ValueError) as error:
+        UniMoETextConfig(**overrides)
+    message = str(error.value)
+    assert message.startswith(f"UniMoETextConfig: invalid `{field}`={overrides[field]!r}; expected {expected}"), message
+
+
+@pytest.mark.parametrize(
+    "rope_parameters, message",
+    [
+        ({"rope_type": "bogus", "rope_theta": 10000.0}, "`rope_parameters['rope_type']`='bogus'; expected one of ('default', "),
+        ({"rope_type": "default", "rope_theta": 0.0}, "`rope_parameters['rope_theta']`=0.0; expected a positive base wavelength"),
+        ({"rope_type": "default", "rope_theta": -1.0}, "`rope_parameters['rope_theta']`=-1.0; expected a positive base wavelength"),
+    ],
+)
+def test_bad_rope_parameters_are_refused(rope_parameters, message):
+    with pytest.raises(ValueError) as error:
+        UniMoETextConfig(rope_parameters=rope_parameters)
+    assert message in str(error.value)
+
+
+def test_edge_values_that_build_are_kept():
+    assert UniMoETextConfig(num_hidden_layers=0, moe_layers="all").sparse_layer_indices == []
+    assert UniMoETextConfig(pad_token_id=None, router_z_loss_coef=0.0, attention_dropout=1).pad_token_id is None
+    assert UniMoETextConfig(hidden_size=64, num_attention_heads=3, head_dim=16).head_dim == 16  # explicit head width
+    assert UniMoETextConfig(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}).rope_parameters["rope_type"] == "linear"
+
+
+def _tiny_with(overrides: dict) -> dict:
+    """The tiny preset's dict with `overrides`; a dict value for a sub-config key updates that sub-config."""
+    data = load_preset("tiny").to_dict()
+    for key, value in overrides.items():
+        data[key] = {**data[key], **value} if key.endswith("_config") else value
+    return data
+
+
+@pytest.mark.parametrize(
+    "overrides, field, value, expected",
+    [
+        (dict(video_token_id=3), "video_token_id", 3, "an id of its own: image_token_id is 3 too"),
+        (dict(audio_token_id=3), "audio_token_id", 3, "an id of its own: image_token_id is 3 too"),
+        (dict(audio_token_id=4), "audio_token_id", 4, "an id of its own: video_token_id is 4 too"),
+        (dict(image_token_id=0), "image_token_id", 0, "an id of its own: text_config.pad_token_id is 0 too"),
+        (dict(image_token_id=2), "image_token_id", 2, "an id of its own: text_config.eos_token_id is 2 too"),
+        (dict(mm_router_aux_loss_coef=NAN), "mm_router_aux_loss_coef", NAN, "a finite, non-negative weight"),
+        (dict(mm_router_z_loss_coef=-1.0), "mm_router_z_loss_coef", -1.0, "a finite, non-negative weight"),
+        (dict(mm_router_z_loss_coef=INF), "mm_router_z_loss_coef", INF, "a finite, non-negative weight"),
+        (dict(projector_hidden_act="swishy"), "projector_hidden_act", "swishy", "one of transformers' activations ("),
+        (dict(vision_moe_layers=[0], vision_num_experts=0, vision_num_experts_per_tok=0), "vision_num_experts", 0, "at least 1"),
+        (dict(vision_config={"hidden_act": "swishy"}), "vision_config.hidden_act", "swishy", "one of transformers' activations ("),
+        (dict(vision_config={"patch_size": 0}), "vision_config.patch_size", 0, "a positive number of pixels"),
+        (dict(vision_config={"num_channels": 1}), "vision_config.num_channels", 1, "3: the image processor gives RGB pixels"),
+        (dict(vision_config={"layer_norm_eps": -1.0}), "vision_config.layer_norm_eps", -1.0, "a small positive number"),
+        (dict(speech_config={"activation_function": "swishy"}), "speech_config.activation_function", "swishy", "one of transformers' activations ("),
+        (dict(speech_config={"d_model": 33}), "speech_config.encoder_attention_heads", 2, "a divisor of speech_config.d_model=33"),
+        (dict(speech_config={"decoder_attention_heads": 3}), "speech_config.decoder_attention_heads", 3, "a divisor of speech_config.d_model=32"),
+        (dict(audio_qformer_config={"num_attention_heads": 3}), "audio_qformer_config.num_attention_heads", 3, "a divisor of audio_qformer_config.hidden_size=32"),
+        (dict(audio_qformer_config={"hidden_act": "swishy"}), "audio_qformer_config.hidden_act", "swishy", "one of transformers' activations ("),
+        (dict(audio_qformer_config={"cross_attention_frequency": 0}), "audio_qformer_config.cross_attention_frequency", 0, "at least 1"),
+        (dict(audio_qformer_config={"layer_norm_eps": -1.0}), "audio_qformer_config.layer_norm_eps", -1.0, "a small positive number"),
+        (dict(audio_qformer_config={"encoder_hidden_size": 48}), "audio_qformer_config.encoder_hidden_size", 48, "the BEATs width audio_config.encoder_embed_dim=32"),
+    ],
+)
+def test_build_breaking_multimodal_values_are_refused(overrides, field, value, expected):
+    """Shared placeholder ids made one modality's placeholders count as another's (or padding / end-of-sequence as
+    media) and the forward fail on the count; the sub-config values failed at build (KeyError, ZeroDivisionError),
+    at the first forward (shape mismatch) or gave NaN - transformers' CLIP, Whisper and Q-Former configs accept them."""
+    with pytest.raises(ValueError) as error:
+        UniMoEConfig.from_dict(_tiny_with(overrides))
+    message = str(error.value)
+    assert message.startswith(f"UniMoEConfig: invalid `{field}`={value!r}; expected {expected}"), message

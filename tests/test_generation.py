@@ -247,3 +247,29 @@ def test_media_that_does_not_split_over_the_rows_is_named(tiny_multimodal_model,
     split = r"image: the batch has \d+ image placeholder tokens \(\[\d+\] per row\), which do not split into its 3 image"
     with pytest.raises(ValueError, match=split):
         tiny_multimodal_model.generate(**inputs, max_new_tokens=2, num_beams=2)
+
+
+def test_generating_past_max_position_embeddings_warns_once(caplog):
+    """The context length lives in `text_config`; the composite config exposes it as `config.max_position_embeddings`,
+    where transformers' generation reads it: its `MaxLengthCriteria` warns (once) past it, as for a LLaMA, and the
+    default `max_length` stops there."""
+    limit = 29  # an unusual value: transformers' warning_once remembers each message for the whole process
+    model = make_tiny_model(max_position_embeddings=limit)
+    assert model.config.max_position_embeddings == model.config.text_config.max_position_embeddings == limit
+    reminder = f"exceeded the model's predefined maximum length ({limit})"
+    transformers_logger = logging.getLogger("transformers")  # the library logger does not propagate to the root
+    transformers_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="transformers"):
+            model.generate(random_ids(1, 10), max_new_tokens=limit - 10, min_new_tokens=limit - 10, do_sample=False)
+            assert reminder not in caplog.text  # up to the limit: silent
+            for _ in range(2):
+                out = model.generate(random_ids(1, 20), max_new_tokens=15, min_new_tokens=15, do_sample=False)
+                assert out.shape[1] == 35  # it warns, it does not cut what was asked for
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # transformers' advice to set max_new_tokens
+                default = model.generate(random_ids(1, 20), do_sample=False, min_new_tokens=limit - 20)
+    finally:
+        transformers_logger.removeHandler(caplog.handler)
+    assert caplog.text.count(reminder) == 1
+    assert default.shape[1] == limit  # the default max_length (prompt + 20) is capped at the context length
