@@ -6,48 +6,133 @@ placeholder is expanded to exactly the number of soft tokens the model scatters 
 """
 
 import bisect
+import contextvars
 import math
+import numbers
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_transforms import convert_to_rgb
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
 
 
-def _array_to_image(array: np.ndarray, index: int) -> Image.Image:
-    """[H, W], [H, W, C] or [C, H, W] (C in 1, 3, 4), uint8 or float in [0, 1] -> PIL."""
+logger = logging.get_logger(__name__)
+
+
+# Float images may overshoot [0, 1] by this much (rounding in the user's own arithmetic).
+_FLOAT_TOLERANCE = 1e-6
+# PIL modes holding 16-bit samples (Pillow opens 16-bit grayscale PNG and TIFF files in these).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
+    """An image array -> uint8 by the value rule of `load_image`, refusing what it cannot map without loss of meaning."""
+    dtype = array.dtype
+    if dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if dtype == np.uint8:
+        return array
+    if dtype.kind == "f":
+        if dtype.itemsize < 4:
+            array = array.astype(np.float32)
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise ValueError(
+                f"{name}: {int(array.size - finite.sum())} of {array.size} values of the image (dtype {dtype}) are NaN or "
+                "infinite; an image must be finite"
+            )
+        low, high = float(array.min()), float(array.max())
+        if low < -_FLOAT_TOLERANCE or high > 1 + _FLOAT_TOLERANCE:
+            raise ValueError(
+                f"{name}: an image of dtype {dtype} must have values in [0, 1], found values in [{low:g}, {high:g}]; "
+                "divide 0-255 values by 255 or pass a uint8 array"
+            )
+        return np.clip(array * 255.0, 0, 255).round().astype(np.uint8)
+    if dtype.kind == "u" and dtype.itemsize == 2:  # 16-bit: scaled by the full range, rounded (v * 257 -> v)
+        return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if dtype.kind in "iu":
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"{name}: an image of dtype {dtype} must have values in [0, 255], found values in [{low}, {high}]; pass 8-bit "
+                "values as uint8 (or in [0, 255]), 16-bit ones as uint16 (scaled by 255/65535), or floats in [0, 1]"
+            )
+        return array.astype(np.uint8)
+    raise TypeError(
+        f"{name}: unsupported image dtype {dtype}; expected uint8, uint16, bool, another integer type with values in "
+        "[0, 255] or a float type with values in [0, 1]"
+    )
+
+
+def _array_to_image(array: np.ndarray, index: int, label: str | None = None) -> Image.Image:
+    """[H, W], [H, W, C] or [C, H, W] (C in 1, 3, 4) -> PIL, values mapped to 8 bits by the rule of `load_image`."""
+    name = label or f"image {index}"
+    shape = tuple(array.shape)
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
         array = array.transpose(1, 2, 0)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    if array.ndim not in (2, 3):
-        raise ValueError(f"image {index}: expected an [H, W], [H, W, C] or [C, H, W] array, got shape {tuple(array.shape)}")
-    if np.issubdtype(array.dtype, np.floating):
-        array = np.clip(array * 255.0 if array.max() <= 1.0 else array, 0, 255).round()
-    return Image.fromarray(array.astype(np.uint8))
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(
+            f"{name}: expected an [H, W], [H, W, C] or [C, H, W] array with C in 1, 3 or 4, got shape {shape}"
+        )
+    if array.size == 0:
+        raise ValueError(f"{name} is empty: an array of shape {shape} has no pixels")
+    return Image.fromarray(_to_uint8(array, name))
 
 
 def _as_numpy(value):
-    """torch tensors -> numpy (leaves everything else alone)."""
-    return value.detach().cpu().float().numpy() if hasattr(value, "detach") else value
+    """torch tensors -> numpy (leaves everything else alone): floating tensors as float32, others keep their dtype."""
+    if not hasattr(value, "detach"):
+        return value
+    value = value.detach().cpu()
+    return (value.float() if value.is_floating_point() else value).numpy()
 
 
-def load_image(image, index: int):
-    """A PIL image from a PIL image, an array or tensor ([H, W], [H, W, C] or [C, H, W]) or a file path."""
-    if isinstance(image, Image.Image):
-        return image
-    image = _as_numpy(image)
-    if isinstance(image, np.ndarray):
-        return _array_to_image(image, index)
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as opened:
+def _open_image_file(path, name: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: both are refused, by one named limit
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
                 opened.load()
                 return opened.copy()
-        except (OSError, UnidentifiedImageError) as error:
-            raise ValueError(f"image {index}: cannot read image file {str(image)!r} ({error})") from error
-    raise TypeError(f"image {index}: expected a PIL image, an array or a file path, got {type(image).__name__}")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(
+            f"{name}: image file {str(path)!r} is too large to decode ({error}); the limit is Pillow's guard against "
+            f"decompression bombs, PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} pixels (Pillow warns past it and "
+            "fails past twice it; both are refused here): raise it to read this file"
+        ) from error
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"{name}: cannot read image file {str(path)!r} ({error})") from error
+
+
+def load_image(image, index: int, label: str | None = None) -> Image.Image:
+    """A PIL image from a PIL image, an array or tensor ([H, W], [H, W, C] or [C, H, W]) or a file path; errors name
+    `label` (default `image {index}`).
+
+    Values become 8 bits by one rule for arrays, tensors, PIL images and files: uint8 as is; 16-bit images (uint16
+    arrays, PIL modes I;16, I;16B, I;16L) scaled by their full range (x 255/65535); other integer types (and PIL
+    mode I) only when all values are in [0, 255]; floats (and PIL mode F) only in [0, 1] (x 255); bool as 0/255.
+    Anything else (values out of range, NaN or infinity, another dtype, an empty image) is refused, naming the item.
+    """
+    name = label or f"image {index}"
+    if isinstance(image, (str, os.PathLike)):
+        image = _open_image_file(image, name)
+    elif not isinstance(image, Image.Image):
+        array = _as_numpy(image)
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"{name}: expected a PIL image, an array or a file path, got {type(image).__name__}")
+        return _array_to_image(array, index, name)
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):  # Pillow's own conversions would clip these
+        image = _array_to_image(np.asarray(image), index, f"{name} (PIL mode {image.mode})")
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"{name} is empty ({image.width}x{image.height} pixels)")
+    return image
 
 
 def _sample_indices(total: int, num_frames: int) -> list[int]:
@@ -70,6 +155,11 @@ def _decode_video_frames(path: str, num_frames: int, index: int) -> list[np.ndar
 
     try:
         with av.open(path) as container:
+            if not container.streams.video:
+                raise ValueError(
+                    f"video {index}: file {path!r} has no video stream (its streams: {_stream_kinds(container)}); "
+                    "a video must be a video file, its frames or its frame image files"
+                )
             declared = container.streams.video[0].frames
         wanted = _sample_indices(declared, num_frames) if declared > 0 else None
         kept, total = decode(set(wanted) if wanted else None)
@@ -80,6 +170,23 @@ def _decode_video_frames(path: str, num_frames: int, index: int) -> list[np.ndar
     except (av.error.FFmpegError, IndexError, OSError) as error:
         raise ValueError(f"video {index}: cannot decode video file {path!r} ({error})") from error
     return [kept[i] for i in wanted] if total > 0 else []
+
+
+def _stream_kinds(container) -> str:
+    return ", ".join(sorted({stream.type for stream in container.streams})) or "none"
+
+
+def _rgb_frame(image: Image.Image, name: str) -> np.ndarray:
+    try:
+        return np.asarray(image.convert("RGB"))
+    except ValueError as error:  # modes Pillow cannot convert (e.g. La)
+        raise ValueError(f"{name}: cannot convert PIL mode {image.mode!r} to RGB ({error})") from error
+
+
+def _check_num_frames(num_frames, name: str = "num_frames") -> int:
+    if isinstance(num_frames, bool) or not isinstance(num_frames, numbers.Integral) or num_frames < 1:
+        raise ValueError(f"{name} must be a positive integer (1 or more frames sampled per video), got {num_frames!r}")
+    return int(num_frames)
 
 
 def is_frame_paths(video) -> bool:
@@ -98,7 +205,8 @@ def _image_extensions() -> set[str]:
 
 def load_video(video, num_frames: int, index: int) -> list[np.ndarray]:
     """`num_frames` RGB frames [H, W, 3] sampled uniformly from a video file (PyAV), from given frames, or from frame
-    image files (`is_frame_paths`; only the sampled files are read)."""
+    image files (`is_frame_paths`; only the sampled files are read). Given frames follow `load_image`'s value rule."""
+    num_frames = _check_num_frames(num_frames, f"video {index}: num_frames")
     if isinstance(video, (str, os.PathLike)):
         frames = _decode_video_frames(str(video), num_frames, index)
         if not frames:
@@ -108,12 +216,18 @@ def load_video(video, num_frames: int, index: int) -> list[np.ndarray]:
         paths = [video[i] for i in _sample_indices(len(video), num_frames)]
         frames = {}
         for path in dict.fromkeys(paths):
+            name = f"video {index} frame file {str(path)!r}"
             try:
-                frames[path] = np.asarray(load_image(path, index).convert("RGB"))
+                frames[path] = _rgb_frame(load_image(path, index, name), name)
             except ValueError as error:
-                raise ValueError(f"video {index}: cannot read frame file {str(path)!r} ({error.__cause__ or error})") from error
+                if not isinstance(error.__cause__, (OSError, UnidentifiedImageError)):
+                    raise  # already names the frame file (its values, its size)
+                raise ValueError(f"video {index}: cannot read frame file {str(path)!r} ({error.__cause__})") from error
         return [frames[path] for path in paths]
-    frames = [np.asarray(load_image(frame, index).convert("RGB")) for frame in _as_numpy(video)]
+    frames = [
+        _rgb_frame(load_image(frame, index, f"video {index} frame {i}"), f"video {index} frame {i}")
+        for i, frame in enumerate(_as_numpy(video))
+    ]
     if not frames:
         raise ValueError(f"video {index}: the given frames are empty (no frames)")
     return [frames[i] for i in _sample_indices(len(frames), num_frames)]
@@ -128,9 +242,65 @@ def _to_mono(waveform: np.ndarray, index: int) -> np.ndarray:
     raise ValueError(f"audio {index}: expected a 1-D or 2-D (channels) waveform, got shape {tuple(waveform.shape)}")
 
 
-def _resample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
-    if rate == target:
-        return waveform
+# Sampling rates accepted for waveforms given with their rate: below 1 kHz is no audio (and usually kHz given for
+# Hz: resampling it to 16 kHz would multiply the samples by 1000), above 1 MHz no audio format either.
+_MIN_RATE, _MAX_RATE = 1_000, 1_000_000
+# libswresample returns too few samples, none at all for the shortest, when its input is shorter than its filter:
+# inputs shorter than this many samples (of the lower of the two rates) are padded with silence, the output cut back.
+_MIN_RESAMPLE_LENGTH = 256
+# integer PCM waveforms and their full scale (soundfile's and torchaudio's convention): -> float in [-1, 1)
+_PCM_FULL_SCALE = {("i", 2): 32768.0, ("i", 4): 2147483648.0}
+
+
+def _check_rate(rate, name: str) -> int:
+    """A sampling rate in Hz -> int, refusing anything but a whole number of Hz in [_MIN_RATE, _MAX_RATE]."""
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not math.isfinite(rate) or rate != int(rate):
+        raise ValueError(f"{name}: the sampling rate must be a whole number of Hz, got {rate!r}")
+    if not _MIN_RATE <= rate <= _MAX_RATE:
+        raise ValueError(
+            f"{name}: the sampling rate must be between {_MIN_RATE} and {_MAX_RATE} Hz, got {rate!r}"
+            + (" (a rate in kHz? give it in Hz)" if 0 < rate < _MIN_RATE else "")
+        )
+    return int(rate)
+
+
+def _waveform(value, index: int) -> np.ndarray:
+    """A given waveform -> finite, non-empty, mono float32: float samples as given, int16/int32/uint8 PCM scaled to
+    [-1, 1); other dtypes refused."""
+    name = f"audio {index}"
+    try:
+        array = np.asarray(_as_numpy(value))
+    except (ValueError, TypeError) as error:  # ragged lists and the like
+        raise TypeError(f"{name}: cannot read the waveform as an array ({error})") from error
+    kind, size = array.dtype.kind, array.dtype.itemsize
+    if kind == "f":
+        array = array.astype(np.float32, copy=False)
+    elif (kind, size) in _PCM_FULL_SCALE:
+        array = (array.astype(np.float64) / _PCM_FULL_SCALE[kind, size]).astype(np.float32)
+    elif (kind, size) == ("u", 1):
+        array = ((array.astype(np.float32) - 128.0) / 128.0).astype(np.float32)
+    else:
+        raise TypeError(
+            f"{name}: unsupported waveform dtype {array.dtype}; expected float samples (nominally in [-1, 1]) or "
+            "int16, int32 or uint8 PCM"
+        )
+    if array.size == 0:
+        raise ValueError(f"audio {index} is empty (0 samples)")
+    return _check_finite(_to_mono(array, index), name)
+
+
+def _check_finite(waveform: np.ndarray, name: str) -> np.ndarray:
+    finite = np.isfinite(waveform)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(
+            f"{name}: {bad.size} of {waveform.size} samples are NaN or infinite (the first at sample {bad[0]}); "
+            "a waveform must be finite"
+        )
+    return waveform
+
+
+def _swresample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
     import av
 
     frame = av.AudioFrame.from_ndarray(waveform[None].astype(np.float32), format="fltp", layout="mono")
@@ -141,39 +311,91 @@ def _resample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
 
 
+def _resample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
+    if rate == target:
+        return waveform
+    minimum = math.ceil(_MIN_RESAMPLE_LENGTH * max(1.0, rate / target))
+    if waveform.size >= minimum:
+        return _swresample(waveform, rate, target)
+    length = max(1, round(waveform.size * target / rate))  # a short input: padded, then cut back to its length
+    return _swresample(np.pad(waveform, (0, minimum - waveform.size)), rate, target)[:length]
+
+
+def _load_audio_file(path: str, sampling_rate: int, index: int) -> np.ndarray:
+    import av
+
+    def decode(rate: int | None) -> tuple[list[np.ndarray], int, int]:
+        """Planar float [channels, samples] chunks at `rate` (None: the file's), the file's rate and sample count."""
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise ValueError(
+                    f"audio {index}: file {path!r} has no audio stream (its streams: {_stream_kinds(container)})"
+                )
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="fltp", rate=rate)
+            chunks, samples, native_rate = [], 0, stream.rate
+            for frame in container.decode(stream):
+                samples, native_rate = samples + frame.samples, frame.sample_rate or native_rate
+                chunks.extend(out.to_ndarray() for out in resampler.resample(frame))
+            chunks.extend(out.to_ndarray() for out in resampler.resample(None))
+        return chunks, native_rate, samples
+
+    try:
+        # decode to planar float [channels, samples] at the target rate, whatever the file's format
+        chunks, native_rate, samples = decode(sampling_rate)
+        minimum = _MIN_RESAMPLE_LENGTH * max(1.0, native_rate / sampling_rate) if native_rate else 0
+        short = native_rate != sampling_rate and 0 < samples < minimum
+        if short:  # too short for the streaming resampler (see `_resample`): decode as is, resample padded
+            chunks, native_rate, samples = decode(None)
+    except (av.error.FFmpegError, IndexError, OSError) as error:
+        raise ValueError(f"audio {index}: cannot decode audio file {path!r} ({error})") from error
+    if not chunks:
+        raise ValueError(f"audio {index}: audio file {path!r} is empty")
+    waveform = _to_mono(np.concatenate(chunks, axis=1), index)
+    if waveform.size == 0:
+        raise ValueError(f"audio {index}: audio file {path!r} is empty")
+    waveform = _check_finite(waveform.astype(np.float32), f"audio {index} (file {path!r})")
+    return _resample(waveform, native_rate, sampling_rate) if short else waveform
+
+
 def load_audio(audio, sampling_rate: int, index: int, given_rate: int | None = None) -> np.ndarray:
     """A mono float32 waveform at `sampling_rate` from a file path (PyAV), a `(waveform, rate)` pair, a
     `{"array", "sampling_rate"}` dict (the `datasets` Audio format) or an array at `given_rate` (default: already
-    at `sampling_rate`). Stereo is averaged to mono; other rates are resampled."""
+    at `sampling_rate`). Stereo is averaged to mono; other rates are resampled. Waveforms are float samples or
+    int16/int32/uint8 PCM (scaled to [-1, 1)); empty, non-finite or otherwise typed waveforms and rates that are not
+    a whole number of Hz in [1 kHz, 1 MHz] are refused, naming the item."""
+    name = f"audio {index}"
     if isinstance(audio, (str, os.PathLike)):
-        import av
-
-        try:
-            with av.open(str(audio)) as container:
-                # decode to planar float [channels, samples] at the target rate, whatever the file's format
-                resampler = av.AudioResampler(format="fltp", rate=sampling_rate)
-                chunks = []
-                for frame in container.decode(container.streams.audio[0]):
-                    chunks.extend(out.to_ndarray() for out in resampler.resample(frame))
-                chunks.extend(out.to_ndarray() for out in resampler.resample(None))
-        except (av.error.FFmpegError, IndexError, OSError) as error:
-            raise ValueError(f"audio {index}: cannot decode audio file {str(audio)!r} ({error})") from error
-        if not chunks:
-            raise ValueError(f"audio {index}: audio file {str(audio)!r} is empty")
-        waveform = _to_mono(np.concatenate(chunks, axis=1), index)
-        if waveform.size == 0:
-            raise ValueError(f"audio {index}: audio file {str(audio)!r} is empty")
-        return waveform.astype(np.float32)
+        return _load_audio_file(str(audio), sampling_rate, index)
     if isinstance(audio, dict):
-        waveform, rate = np.asarray(audio["array"], dtype=np.float32), audio["sampling_rate"]
+        missing = [key for key in ("array", "sampling_rate") if key not in audio]
+        if missing:
+            raise ValueError(
+                f"{name}: an audio dict needs the keys 'array' and 'sampling_rate' (the datasets Audio format); "
+                f"missing {missing}, given {sorted(map(str, audio))}"
+            )
+        waveform, rate = audio["array"], audio["sampling_rate"]
     elif isinstance(audio, tuple):
-        waveform, rate = np.asarray(audio[0], dtype=np.float32), audio[1]
+        if len(audio) != 2:
+            raise ValueError(f"{name}: an audio tuple must be (waveform, sampling_rate), got {len(audio)} elements")
+        waveform, rate = audio
+    elif isinstance(audio, np.ndarray) or hasattr(audio, "detach"):
+        waveform, rate = audio, given_rate if given_rate is not None else sampling_rate
     else:
-        waveform, rate = np.asarray(_as_numpy(audio), dtype=np.float32), given_rate or sampling_rate
-    waveform = _to_mono(waveform, index)
-    if waveform.size == 0:
-        raise ValueError(f"audio {index} is empty (0 samples)")
-    return _resample(waveform, int(rate), sampling_rate)
+        raise TypeError(
+            f"{name}: expected a file path, a waveform array or tensor, a (waveform, sampling_rate) pair or a "
+            f"{{'array', 'sampling_rate'}} dict, got {type(audio).__name__}"
+        )
+    rate = _check_rate(rate, name)
+    waveform = _waveform(waveform, index)
+    import av
+
+    try:
+        return _resample(waveform, rate, sampling_rate)
+    except (av.error.FFmpegError, ValueError, OverflowError) as error:  # PyAV refusing a rate or a length
+        raise ValueError(
+            f"{name}: cannot resample {waveform.size} samples from {rate} Hz to {sampling_rate} Hz ({error})"
+        ) from error
 
 
 def _is_path(x) -> bool:
@@ -200,11 +422,15 @@ def _is_audio(x) -> bool:
     """A path, a waveform array or tensor ([samples] or with a channel axis), a `(waveform, rate)` pair or a
     `{"array", "sampling_rate"}` dict."""
     if isinstance(x, tuple):
-        return len(x) == 2 and _is_array(x[0], 1, 2) and isinstance(x[1], (int, float))
+        return len(x) == 2 and _is_array(x[0], 1, 2) and isinstance(x[1], numbers.Real) and not isinstance(x[1], bool)
     return _is_path(x) or isinstance(x, dict) or _is_array(x, 1, 2)
 
 
 _IS_ITEM = {"image": _is_image, "video": _is_video, "audio": _is_audio}
+
+# Up to this aspect ratio (the default max_aspect_ratio) the image processor's resize is done in full, as it would
+# do it; past it only the window its center crop keeps is resized (the same pixels up to rounding), bounding memory.
+_EXACT_RESIZE_MAX_RATIO = 20
 
 
 class UniMoEProcessor(ProcessorMixin):
@@ -215,6 +441,9 @@ class UniMoEProcessor(ProcessorMixin):
     num_frames (`int`): frames sampled uniformly from each video.
     video_pooling (`str`): `"mean"` (a video costs one image's tokens) or `"none"` (`num_frames` times that).
     num_query_tokens (`int`): audio tokens per audio window and audio tower.
+    max_aspect_ratio (`float`, *optional*, defaults to 20): images and video frames whose longer side is more than
+        this many times their shorter side are refused (`None`: no limit). Beyond 20:1 the image processor's resize
+        would still be bounded (only the window the center crop keeps is resized), up to rounding.
     """
 
     def __init__(
@@ -227,10 +456,16 @@ class UniMoEProcessor(ProcessorMixin):
         num_frames: int = 8,
         video_pooling: str = "mean",
         num_query_tokens: int = 50,
+        max_aspect_ratio: float | None = 20.0,
         **kwargs,
     ):
+        if max_aspect_ratio is not None and (
+            isinstance(max_aspect_ratio, bool) or not isinstance(max_aspect_ratio, numbers.Real) or not max_aspect_ratio >= 1
+        ):
+            raise ValueError(f"max_aspect_ratio must be a number >= 1 or None (no limit), got {max_aspect_ratio!r}")
+        self.max_aspect_ratio = max_aspect_ratio
         self.image_seq_length = image_seq_length
-        self.num_frames = num_frames
+        self.num_frames = _check_num_frames(num_frames)
         self.video_pooling = video_pooling
         self.num_query_tokens = num_query_tokens
         self.image_token = tokenizer.image_token
@@ -298,6 +533,14 @@ class UniMoEProcessor(ProcessorMixin):
             media = []
         elif is_item(media):
             media = [media]
+        elif isinstance(media, np.ndarray) or hasattr(media, "detach"):  # a batch as one array: its items
+            media = list(media)
+        elif not isinstance(media, (list, tuple)):
+            argument = "audio" if modality == "audio" else f"{modality}s"
+            raise TypeError(
+                f"`{argument}`: expected one {modality} item, a list of them (in placeholder order) or one list per "
+                f"sample, got {type(media).__name__}"
+            )
         nested = (
             not all(is_item(item) for item in media)
             and len(media) == len(counts)
@@ -347,8 +590,17 @@ class UniMoEProcessor(ProcessorMixin):
                 f"UniMoEProcessor does not support the option(s) {unsupported}; it takes text, images, videos, audio, "
                 f"sampling_rate, truncation, num_frames, return_tensors and the tokenizer options {sorted(self._TOKENIZER_OPTIONS)}"
             )
-        num_frames = num_frames or self.num_frames
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = self._check_text(text)
+        num_frames = self.num_frames if num_frames is None else _check_num_frames(num_frames)
+        if sampling_rate is not None:
+            sampling_rate = _check_rate(sampling_rate, "sampling_rate")
+        if truncation is None:
+            truncation = False
+        if not isinstance(truncation, (bool, np.bool_)):
+            raise TypeError(
+                f"truncation must be True or False (it only cuts audio past max_audio_windows; text and media blocks "
+                f"are never cut), got {truncation!r}"
+            )
         counts = {
             token: [sample.count(token) for sample in texts] for token in (self.image_token, self.video_token, self.audio_token)
         }
@@ -357,12 +609,15 @@ class UniMoEProcessor(ProcessorMixin):
         audios = self._per_sample(audio, counts[self.audio_token], "audio")
 
         data = {}
-        flat_images = [load_image(image, i) for i, image in enumerate(item for sample in images for item in sample)]
+        flat_images = [
+            self._prepare_image(load_image(image, i), f"image {i}")
+            for i, image in enumerate(item for sample in images for item in sample)
+        ]
         if flat_images:
             data["pixel_values"] = self.image_processor(flat_images, return_tensors="np")["pixel_values"]
         flat_videos = [load_video(video, num_frames, i) for i, video in enumerate(v for sample in videos for v in sample)]
         if flat_videos:
-            frames = [frame for video in flat_videos for frame in video]
+            frames = [self._prepare_image(frame, f"video {i}") for i, video in enumerate(flat_videos) for frame in video]
             pixels = self.image_processor(frames, return_tensors="np")["pixel_values"]
             data["pixel_values_videos"] = pixels.reshape(len(flat_videos), num_frames, *pixels.shape[1:])
         audio_windows = []
@@ -370,6 +625,8 @@ class UniMoEProcessor(ProcessorMixin):
             load_audio(item, self.feature_extractor.sampling_rate, i, sampling_rate)
             for i, item in enumerate(a for sample in audios for a in sample)
         ]
+        if flat_audio and sampling_rate is None:
+            self._log_assumed_rate(flat_audio, [a for sample in audios for a in sample])
         if flat_audio:
             features = self.feature_extractor(flat_audio, truncation=truncation, return_tensors="np")
             audio_windows = list(features.pop("audio_windows"))
@@ -385,6 +642,109 @@ class UniMoEProcessor(ProcessorMixin):
         if return_text_replacement_offsets:  # where each placeholder expansion landed, for assistant masks
             data["text_replacement_offsets"] = replacement_offsets
         return BatchFeature(data, tensor_type=return_tensors)
+
+    @staticmethod
+    def _check_text(text) -> list[str]:
+        if isinstance(text, str):
+            return [text]
+        if not isinstance(text, (list, tuple)):
+            hint = " (decode bytes first, e.g. text.decode('utf-8'))" if isinstance(text, (bytes, bytearray)) else ""
+            raise TypeError(f"text must be a string or a list of strings (one per sample), got {type(text).__name__}{hint}")
+        if not text:
+            raise ValueError("text is an empty list: pass at least one string (one per sample)")
+        for sample, item in enumerate(text):
+            if not isinstance(item, str):
+                raise TypeError(f"sample {sample}: text must be a string, got {type(item).__name__}")
+        return list(text)
+
+    def _log_assumed_rate(self, waveforms: list[np.ndarray], given: list):
+        """One INFO line for the waveforms given as bare arrays, taken as already at the feature extractor's rate."""
+        rate = self.feature_extractor.sampling_rate
+        bare = [
+            f"audio {i} ({waveforms[i].size} samples: {waveforms[i].size / rate:.2f} s at {rate} Hz, "
+            f"{self.feature_extractor.num_windows(waveforms[i].size)} window(s) of {self.feature_extractor.window_seconds} s)"
+            for i, item in enumerate(given)
+            if not (_is_path(item) or isinstance(item, (tuple, dict)))
+        ]
+        if bare:
+            logger.info(
+                "%s given as bare array(s) with no sampling rate: taken as %d Hz. If recorded at another rate, pass "
+                "(array, rate), {\"array\": array, \"sampling_rate\": rate} or sampling_rate=rate.",
+                ", ".join(bare),
+                rate,
+            )
+
+    def _prepare_image(self, image, label: str):
+        """Check an image or video frame (PIL or [H, W, 3] array) against `max_aspect_ratio` and, for a Pillow image
+        processor that resizes the shortest edge and center-crops (CLIP's), do its resize here on the PIL image,
+        where it costs no copies, bounding its size: an extreme aspect ratio (past 20:1, allowed only with a raised
+        `max_aspect_ratio`) resizes only the window that the center crop keeps."""
+        width, height = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
+        if width == 0 or height == 0:
+            raise ValueError(f"{label} is empty ({width}x{height} pixels)")
+        ratio = max(width, height) / min(width, height)
+        if self.max_aspect_ratio is not None and ratio > self.max_aspect_ratio:
+            raise ValueError(
+                f"{label} is {width}x{height} pixels: its aspect ratio {ratio:.1f}:1 (longer side over shorter) is more "
+                f"than the processor's max_aspect_ratio={self.max_aspect_ratio:g}; crop or pad it, or raise "
+                "max_aspect_ratio (None for no limit)"
+            )
+        plan = self._shortest_edge_resize()
+        if plan is None:
+            return image
+        shortest, crop_height, crop_width, resample = plan
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(image)
+        if image.mode != "RGB" or image.info.get("transparency") is not None:
+            try:  # exactly the image processor's conversion (transparency composited onto white)
+                image = Image.fromarray(convert_to_rgb(image, return_numpy=True))
+            except ValueError as error:
+                raise ValueError(f"{label}: cannot convert PIL mode {image.mode!r} to RGB ({error})") from error
+        long_size = int(shortest * max(width, height) / min(width, height))
+        new_width, new_height = (shortest, long_size) if width <= height else (long_size, shortest)
+        if long_size <= _EXACT_RESIZE_MAX_RATIO * shortest or crop_height > new_height or crop_width > new_width:
+            return image.resize((new_width, new_height), resample)  # the image processor's resize, identical
+        # resize only a window around the center crop, its length of the same parity as the resized long side, so
+        # that the image processor's resize leaves it as is and its center crop falls on the same pixels
+        window = max(shortest, crop_height if width <= height else crop_width)
+        window += (long_size - window) % 2
+        start = (long_size - window) // 2
+        if width > height:  # a wide image: with a box, Pillow computes only the window's columns
+            scale = width / new_width
+            return image.resize((window, new_height), resample, box=(start * scale, 0, (start + window) * scale, height))
+        # a tall image: two passes (along rows, then along columns) over only the rows that the window's column
+        # filters read (Pillow's widest filter, Lanczos, reads 3 pixels each side, times the scale); the same pixels
+        # as the full resize up to rounding (Pillow may order its two passes the other way)
+        scale = height / new_height
+        top, bottom = start * scale, (start + window) * scale
+        margin = 3 * max(scale, 1.0) + 2
+        first, last = max(0, math.floor(top - margin)), min(height, math.ceil(bottom + margin))
+        rows = image.crop((0, first, width, last)).resize((new_width, last - first), resample)
+        return rows.resize((new_width, window), resample, box=(0, top - first, new_width, bottom - first))
+
+    def _shortest_edge_resize(self):
+        """(shortest edge, crop height, crop width, resample) when the image processor is a Pillow one that converts to
+        RGB, resizes the shortest edge and center-crops (CLIP's); None otherwise (its own resize then runs as is)."""
+        processor = self.image_processor
+
+        def get(sizes, key):
+            return sizes.get(key) if isinstance(sizes, dict) else getattr(sizes, key, None)
+
+        size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
+        resample = getattr(processor, "resample", None)
+        if not (
+            getattr(processor, "backend", None) == "pil"
+            and getattr(processor, "do_convert_rgb", False)
+            and getattr(processor, "do_resize", False)
+            and getattr(processor, "do_center_crop", False)
+            and get(size, "shortest_edge")
+            and not any(get(size, key) for key in ("height", "width", "longest_edge", "max_height", "max_width"))
+            and get(crop, "height")
+            and get(crop, "width")
+            and isinstance(resample, int)
+        ):
+            return None
+        return get(size, "shortest_edge"), get(crop, "height"), get(crop, "width"), resample
 
     def _expand_placeholders(
         self, texts: list[str], audio_windows: list[int], num_frames: int
@@ -448,12 +808,64 @@ class UniMoEProcessor(ProcessorMixin):
                         batch_audios.extend(sources)
             batch_images.append(images)
             batch_videos.append(videos)
-        return batch_images, batch_videos, batch_audios, {}
+        # `num_frames` given to `apply_chat_template` reaches `__call__` here: passed as a processor option,
+        # transformers would add `do_sample_frames=True` to it (an option of its video processors, not ours)
+        num_frames = _CHAT_NUM_FRAMES.get()
+        return batch_images, batch_videos, batch_audios, {} if num_frames is None else {"num_frames": num_frames}
 
     def apply_chat_template(self, conversation, chat_template=None, return_labels: bool = False, **kwargs):
         """`ProcessorMixin.apply_chat_template`; with `tokenize=True, return_dict=True, return_labels=True` it also
         returns `labels`: the input ids on assistant replies (found from character offsets of the template's
-        generation blocks), -100 everywhere else."""
+        generation blocks), -100 everywhere else.
+
+        The conversations are checked first, whether tokenized or not (`check_chat_messages`): whatever the chat
+        template would drop or render wrongly is refused, naming the message (and the sample of a batch).
+        `num_frames`, as an argument or in `processor_kwargs`, sets the frames sampled per video, as in `__call__`."""
+        self._check_conversations(conversation, kwargs)
+        kwargs, num_frames = self._chat_num_frames(kwargs)
+        token = _CHAT_NUM_FRAMES.set(num_frames)
+        try:
+            return self._apply_chat_template(conversation, chat_template, return_labels, **kwargs)
+        finally:
+            _CHAT_NUM_FRAMES.reset(token)
+
+    def _check_conversations(self, conversation, kwargs: dict):
+        """Refuse a conversation (or batch) the chat template would drop content of; see `check_chat_messages`."""
+        for name in ("tools", "documents"):
+            if kwargs.get(name):
+                raise ValueError(f"Uni-MoE's chat template (Vicuna v1) has no format for {name}; `{name}` cannot be used")
+        if kwargs.get("load_audio_from_video"):
+            raise ValueError("UniMoEProcessor does not load audio from videos: give the audio as its own audio block")
+        if isinstance(conversation, (list, tuple)) and not conversation:
+            raise ValueError("the conversation is empty: apply_chat_template needs at least one message")
+        # transformers' own normalisation (message objects -> dicts, None-valued keys dropped, OpenAI `image_url`
+        # blocks -> image blocks), so that what is checked is what the template will see
+        conversations, is_batched = self._normalize_conversations(conversation)
+        for sample, messages in enumerate(conversations):
+            check_chat_messages(messages, f"sample {sample}" if is_batched else "")
+
+    def _chat_num_frames(self, kwargs: dict) -> tuple[dict, int | None]:
+        """(`kwargs` without `num_frames`, the `num_frames` given at the top level or in `processor_kwargs`)."""
+        kwargs = dict(kwargs)
+        processor_kwargs = dict(kwargs.get("processor_kwargs") or {})
+        if "fps" in kwargs or "fps" in processor_kwargs:
+            raise ValueError("UniMoEProcessor samples `num_frames` frames uniformly from each video; it has no `fps` option")
+        # transformers' video processors sample frames only when asked; Uni-MoE always samples `num_frames`
+        if processor_kwargs.get("do_sample_frames", kwargs.get("do_sample_frames")) is False:
+            raise ValueError(f"UniMoEProcessor always samples num_frames={self.num_frames} frames uniformly from each video")
+        processor_kwargs.pop("do_sample_frames", None)
+        kwargs.pop("do_sample_frames", None)
+        given = {source: d.pop("num_frames") for source, d in (("argument", kwargs), ("processor_kwargs", processor_kwargs)) if "num_frames" in d}
+        if len(given) == 2 and given["argument"] != given["processor_kwargs"]:
+            raise ValueError(f"num_frames={given['argument']} and processor_kwargs num_frames={given['processor_kwargs']} disagree")
+        num_frames = next(iter(given.values()), None)
+        if num_frames is not None:
+            num_frames = _check_num_frames(num_frames)
+        if "processor_kwargs" in kwargs:
+            kwargs["processor_kwargs"] = processor_kwargs
+        return kwargs, num_frames
+
+    def _apply_chat_template(self, conversation, chat_template, return_labels: bool, **kwargs):
         if not return_labels:
             return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
         if not (kwargs.get("tokenize") and kwargs.get("return_dict")):
@@ -470,6 +882,94 @@ class UniMoEProcessor(ProcessorMixin):
         ]
         output.convert_to_tensors(tensor_type=return_tensors)
         return output
+
+
+# `num_frames` of the `apply_chat_template` call in progress (None: the processor's own), read when its media are
+# collected; a context variable, so that concurrent calls on one processor (threads, async tasks) never mix them
+_CHAT_NUM_FRAMES = contextvars.ContextVar("unimoe_chat_num_frames", default=None)
+
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_BLOCK_TYPES = ("text", "image", "video", "audio")
+# message fields that hold content Vicuna v1 has no place for
+_UNRENDERED_MESSAGE_FIELDS = ("tool_calls", "reasoning_content", "reasoning", "thinking")
+_ROLE_HINTS = {
+    "human": "; use 'user' (LLaVA's 'human' and 'gpt' are the training rows' `from` names, which trl_scripts.data maps)",
+    "gpt": "; use 'assistant' (LLaVA's 'human' and 'gpt' are the training rows' `from` names, which trl_scripts.data maps)",
+    "tool": "; Uni-MoE was not trained with tool messages",
+}
+_BLOCK_HINTS = {
+    "input_audio": "; give audio as {'type': 'audio', 'path' | 'url' | 'audio': ...}",
+    "image_url": "; give an image as {'type': 'image', 'path' | 'url' | 'image': ...}",
+}
+
+
+class ChatContentTypeError(TypeError, ValueError):
+    """A chat message, content block or text of the wrong type. A `ValueError` as well, like every other refused
+    input, so that handlers of bad rows (`validate_dataset(skip_invalid=True)`, evaluation) catch it too."""
+
+
+def check_chat_messages(messages, where: str = "") -> None:
+    """Refuse a conversation that Uni-MoE's chat template (Vicuna v1) would drop content of or render wrongly:
+    an empty conversation, a message that is not a dict, without a role or with a role other than 'system' (first
+    message only), 'user' and 'assistant' (case-sensitive), tool calls or reasoning, content that is neither a
+    string nor a list of blocks, a block without a type or of a type other than text, image, video and audio, a
+    text block whose text is not a string, a media block carrying text. Missing or None content is an empty
+    message. Errors name the message and block index, after `where` (e.g. "sample 1" or "row 7")."""
+    prefix = f"{where}, " if where else ""
+    if not isinstance(messages, (list, tuple)):
+        raise ChatContentTypeError(f"{where or 'the conversation'}: a conversation is a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError(f"{where + ': ' if where else ''}the conversation is empty: it needs at least one message")
+    for index, message in enumerate(messages):
+        at = f"{prefix}message {index}"
+        if not isinstance(message, dict):
+            raise ChatContentTypeError(f"{at} is of type {type(message).__name__}, expected a dict with 'role' and 'content'")
+        role = message.get("role")
+        if role is None:
+            raise ValueError(f"{at} has no role (expected 'system', 'user' or 'assistant')")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            hint = _ROLE_HINTS.get(role.lower(), "") if isinstance(role, str) else ""
+            if isinstance(role, str) and role.lower() in CHAT_ROLES:
+                hint = f"; roles are case-sensitive: use {role.lower()!r}"
+            raise ValueError(
+                f"{at} has role {role!r}, which Uni-MoE's chat template does not support (it knows 'system', "
+                f"'user' and 'assistant'){hint}"
+            )
+        if role == "system" and index > 0:
+            raise ValueError(
+                f"{at} is a system message after the first turn: Vicuna v1 has one system prompt, the first message"
+            )
+        for field in _UNRENDERED_MESSAGE_FIELDS:
+            if message.get(field):
+                raise ValueError(f"{at} has {field!r}, which Uni-MoE's chat template (Vicuna v1) has no format for")
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise ChatContentTypeError(
+                f"{at}: content is of type {type(content).__name__}, expected a str or a list of content blocks"
+            )
+        for number, block in enumerate(content):
+            at_block = f"{at}, content block {number}"
+            if not isinstance(block, dict):
+                raise ChatContentTypeError(
+                    f"{at_block} is of type {type(block).__name__}, expected a dict with a 'type' ({', '.join(CHAT_BLOCK_TYPES)})"
+                )
+            kind = block.get("type")
+            if kind is None:
+                raise ValueError(f"{at_block} has no 'type' (expected one of {', '.join(CHAT_BLOCK_TYPES)})")
+            if not isinstance(kind, str) or kind not in CHAT_BLOCK_TYPES:
+                raise ValueError(
+                    f"{at_block} has type {kind!r}, which Uni-MoE does not support (it takes "
+                    f"{', '.join(CHAT_BLOCK_TYPES)}){_BLOCK_HINTS.get(kind, '') if isinstance(kind, str) else ''}"
+                )
+            if kind == "text":
+                if "text" not in block:
+                    raise ValueError(f"{at_block} is a text block without 'text'")
+                if not isinstance(block["text"], str):
+                    raise ChatContentTypeError(f"{at_block}: text must be a str, got {type(block['text']).__name__}")
+            elif block.get("text") is not None:
+                raise ValueError(f"{at_block}: {kind} blocks carry no text (it would be dropped); put it in a text block")
 
 
 UniMoEProcessor.register_for_auto_class("AutoProcessor")
