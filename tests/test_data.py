@@ -199,3 +199,167 @@ def test_a_missing_or_broken_frame_file_is_named(tmp_path, tiny_processor):
     (tmp_path / "frames/frame_002.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match=r"video 0: cannot read frame file '.*frame_002\.jpg'"):
         UniMoEDataCollator(tiny_processor, tmp_path)([row])
+
+
+# validate_dataset catches, before training and naming the row, what would otherwise fail at a training step (issue 14)
+
+
+def _qa(row_id, question="<audio>\nHow many beeps?", answer="one", **media):
+    return {"id": row_id, **media, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+
+
+def _write_nan_audio(path):
+    import soundfile
+    from media import tone
+
+    wave = tone(1.0)
+    wave[[100, 200]] = [np.nan, np.inf]
+    soundfile.write(path, wave, 16000, subtype="FLOAT")  # float WAV: NaN and inf survive decoding
+    return path
+
+
+def _write_nan_image(path):
+    pixels = np.full((28, 28), 0.5, dtype=np.float32)
+    pixels[3, 3] = np.nan
+    Image.fromarray(pixels, mode="F").save(path)  # a 32-bit float TIFF
+    return path
+
+
+def test_audio_over_max_audio_windows_is_refused_before_training(tmp_path, tiny_processor):
+    extractor = tiny_processor.feature_extractor
+    seconds = extractor.max_audio_windows * extractor.window_seconds + 1  # 17 s: 5 windows of 4 s, 4 allowed
+    write_audio(tmp_path / "long.wav", seconds=seconds)
+    row = _qa("long-audio", audio="long.wav")
+    with pytest.raises(ValueError, match=r"audio item 0 lasts 17\.0 s"):  # what the collator does mid-run, no row id
+        UniMoEDataCollator(tiny_processor, tmp_path)([row])
+    dataset = load_conversations(str(write_rows(tmp_path, [row])))
+    with pytest.raises(ValueError) as error:
+        validate_dataset(dataset, tmp_path, processor=tiny_processor)
+    assert str(error.value) == (
+        f"row long-audio: audio file {str(tmp_path / 'long.wav')!r} lasts 17.0 s (5 windows of 4 s), more than the "
+        "model's max_audio_windows=4 (16 s); cut it or drop the row"
+    )
+    write_audio(tmp_path / "long.wav", seconds=seconds - 1)  # 16 s: exactly 4 windows
+    assert len(validate_dataset(dataset, tmp_path, processor=tiny_processor)) == 1
+
+
+def test_text_over_the_model_maximum_after_media_expansion_is_refused(tmp_path, tiny_processor):
+    write_image(tmp_path / "red.png")
+    row = _qa("long-text", question="<image>\nWhat colour?", answer="red", image="red.png")
+    length = UniMoEDataCollator(tiny_processor, tmp_path)([row])["input_ids"].shape[1]  # the exact training length
+    assert length > len(tiny_processor.tokenizer(tiny_processor.apply_chat_template([to_messages(row, tmp_path)], tokenize=False)[0])["input_ids"])
+    dataset = load_conversations(str(write_rows(tmp_path, [row])))
+    assert len(validate_dataset(dataset, tmp_path, processor=tiny_processor, max_length=length)) == 1
+    with pytest.raises(ValueError) as error:
+        validate_dataset(dataset, tmp_path, processor=tiny_processor, max_length=length - 1)
+    assert str(error.value) == (
+        f"row long-text: {length} tokens after expanding its media (1 image, 0 video, 0 audio), more than the model "
+        f"maximum of {length - 1} (the model's max_position_embeddings); shorten the conversation or give it fewer media items"
+    )
+    tiny_processor.tokenizer.model_max_length = length - 1
+    with pytest.raises(ValueError, match=r"more than the model maximum"):  # the collator, mid-run, without the row id
+        UniMoEDataCollator(tiny_processor, tmp_path)([row])
+    with pytest.raises(ValueError, match=rf"^row long-text: {length} tokens .* maximum of {length - 1} \(the tokenizer's model_max_length\)"):
+        validate_dataset(dataset, tmp_path, processor=tiny_processor)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"id": "no-conv", "image": None}, r"^row no-conv: .*conversation"),
+        ({"id": "empty-conv", "conversations": []}, r"^row empty-conv: .*conversation is empty"),
+        ({"id": "question-only", "conversations": [{"from": "human", "value": "Hi"}]}, r"^row question-only: no assistant turn"),
+    ],
+)
+def test_rows_without_a_conversation_to_learn_are_refused(tmp_path, row, message):
+    # a missing `conversations` (None once `datasets` unifies the rows) was a bare TypeError; an empty one, or one
+    # without an assistant reply, passed and gave a NaN loss (every label masked) at an unnamed training step
+    rows = [row, _qa("ok", question="Hi", answer="hello")]
+    dataset = load_conversations(str(write_rows(tmp_path, rows)))
+    with pytest.raises(ValueError, match=message):
+        validate_dataset(dataset, tmp_path)
+
+
+def test_nan_or_infinite_media_are_refused(tmp_path):
+    # NaN audio gave NaN features, then a NaN loss that stopped training at a step, not a row; the media loaders may
+    # refuse them too (then validation reports their reason), either way the row and the file are named
+    _write_nan_audio(tmp_path / "nan.wav")
+    _write_nan_image(tmp_path / "nan.tif")
+    for row, path in (
+        (_qa("nan-audio", audio="nan.wav"), tmp_path / "nan.wav"),
+        (_qa("nan-image", question="<image>\nColour?", image="nan.tif"), tmp_path / "nan.tif"),
+    ):
+        with pytest.raises(ValueError) as error:
+            validate_dataset(load_conversations(str(write_rows(tmp_path, [row]))), tmp_path)
+        kind = "audio" if path.suffix == ".wav" else "image"
+        assert str(error.value).startswith(f"row {row['id']}: {kind} file {str(path)!r} "), str(error.value)
+        assert "NaN or infinite" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "message, error",
+    [
+        ({"role": "robot", "content": [{"type": "text", "text": "beep"}]}, r"^row odd-1.*'robot'"),
+        ({"role": "user", "content": [{"type": "file", "path": "red.png"}]}, r"^row odd-1.*'file'"),
+    ],
+)
+def test_unknown_roles_and_content_types_are_refused(tmp_path, tiny_processor, message, error):
+    # both passed validation and failed in the collator (the processor's chat check) mid-run, without the row id
+    write_image(tmp_path / "red.png")
+    row = {"id": "odd-1", "messages": [message, {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]}
+    dataset = load_conversations(str(write_rows(tmp_path, [row])))
+    with pytest.raises(ValueError, match=error):
+        validate_dataset(dataset, tmp_path, processor=tiny_processor)
+
+
+def test_skip_invalid_drops_and_counts_every_kind_of_bad_row(tmp_path, tiny_processor, caplog):
+    write_image(tmp_path / "red.png")
+    write_audio(tmp_path / "beep.wav")
+    write_audio(tmp_path / "long.wav", seconds=20)
+    _write_nan_audio(tmp_path / "nan.wav")
+    rows = [
+        _qa("good-1", audio="beep.wav"),
+        _qa("long-audio", audio="long.wav"),
+        _qa("nan-audio", audio="nan.wav"),
+        {"id": "no-conv"},
+        {"id": "empty-conv", "conversations": []},
+        {"id": "question-only", "conversations": [{"from": "human", "value": "Hi"}]},
+        _qa("long-text", question="<image>\n" + "colour " * 3000, image="red.png"),
+        _qa("good-2", question="<image>\nColour?", answer="red", image="red.png"),
+    ]
+    dataset = load_conversations(str(write_rows(tmp_path, rows)))
+    with caplog.at_level("WARNING"):
+        kept = validate_dataset(dataset, tmp_path, skip_invalid=True, processor=tiny_processor)
+    assert kept["id"] == ["good-1", "good-2"]
+    assert "Dropped 6 invalid row(s) of 8" in caplog.text
+    for row_id in ("long-audio", "nan-audio", "no-conv", "empty-conv", "question-only", "long-text"):
+        assert f"row {row_id}: " in caplog.text
+    UniMoEDataCollator(tiny_processor, tmp_path)(list(kept))  # what is kept trains
+
+
+def test_each_media_file_is_decoded_once(tmp_path, monkeypatch):
+    import trl_scripts.data as data
+    from media import tone
+
+    write_audio(tmp_path / "beep.wav")
+    calls = []
+    monkeypatch.setattr(data, "load_audio", lambda *args, **kwargs: calls.append(args[0]) or tone(1.0))
+    dataset = load_conversations(str(write_rows(tmp_path, [_qa(f"row-{i}", audio="beep.wav") for i in range(5)])))
+    assert len(validate_dataset(dataset, tmp_path)) == 5
+    assert calls == [str(tmp_path / "beep.wav")]
+
+
+def test_training_validates_with_the_stage_processor_and_model_maximum(tmp_path):
+    from transformers import TrainingArguments
+
+    from trl_scripts.train import DataArguments, StageArguments, load_stage_processor, run
+
+    processor, max_length = load_stage_processor("tiny", 1)
+    assert processor.feature_extractor.max_audio_windows == 4 and max_length == 2048
+    assert load_stage_processor("tiny", 2) == (None, None)  # load_stage_model refuses it, with its own message
+    write_audio(tmp_path / "long.wav", seconds=20)
+    write_rows(tmp_path, [_qa("long-audio", audio="long.wav")])
+    data = DataArguments(train_files=[str(tmp_path / "data.jsonl")], media_root=str(tmp_path))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", use_cpu=True, save_strategy="no")
+    with pytest.raises(ValueError, match=r"^row long-audio: audio file .*long\.wav' lasts 20\.0 s \(5 windows of 4 s\)"):
+        run(StageArguments(stage=1, model_name_or_path="tiny"), data, args)

@@ -23,9 +23,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
+import numpy as np
 from torch.utils.data import Sampler
 
-from modeling_unimoe.processing_unimoe import is_frame_paths, load_audio, load_image, load_video
+from modeling_unimoe.processing_unimoe import (
+    ChatContentTypeError,
+    check_chat_messages,
+    is_frame_paths,
+    load_audio,
+    load_image,
+    load_video,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -49,14 +57,26 @@ def _items(row: dict, modality: str) -> list[str | list[str]]:
     return items
 
 
+def media_path_candidates(path: str, media_root: str | Path | None) -> list[Path]:
+    """Where a row's media path may be, in order: relative paths under `media_root`; an absolute path as written,
+    then under `media_root` (the original's files write `/coco_images/x.jpg` for a file in the media folder). The
+    training and evaluation CLIs resolve paths with this one rule."""
+    path = Path(str(path))
+    if media_root is None:
+        return [path]
+    under_root = Path(media_root) / str(path).lstrip("/")
+    return [path, under_root] if path.is_absolute() else [under_root]
+
+
 def _resolver(media_root: str | Path | None):
-    """path (or list of frame paths) -> the same resolved against `media_root`, as strings / a list of strings."""
-    root = Path(media_root) if media_root is not None else None
+    """path (or list of frame paths) -> the first existing candidate (`media_path_candidates`; the last one when none
+    exists, for the processor or validation to name), as strings / a list of strings."""
 
     def resolve(item):
         if isinstance(item, (list, tuple)):
             return [resolve(path) for path in item]
-        return str(root / item) if root is not None else str(item)
+        candidates = media_path_candidates(item, media_root)
+        return str(next((candidate for candidate in candidates if candidate.is_file()), candidates[-1]))
 
     return resolve
 
@@ -81,24 +101,71 @@ def row_media(row: dict, media_root: str | Path | None = None) -> dict[str, list
 
 
 def to_messages(row: dict, media_root: str | Path | None = None) -> list[dict]:
-    """The row as HF chat messages with content lists, media paths resolved against `media_root`."""
+    """The row as HF chat messages with content lists, media paths resolved against `media_root`.
+
+    Whatever the chat template would drop or render wrongly is an error naming the row and the turn or message,
+    never a row that trains with the item silently missing: no or an empty conversation, a turn without `from` or
+    with a speaker not in `ROLES`, a message without a role or with one other than system, user and assistant (both
+    case-sensitive), a system turn after the first, a `value` or text that is not a string, a content block without
+    a type, of another type than text, image, video and audio, or (media) without a path, as
+    `processing_unimoe.check_chat_messages` refuses them in the processor."""
     row_id = row.get("id", "?")
-    if row.get("messages"):
+    if row.get("messages") is not None:
+        given = row["messages"]
+        if not isinstance(given, (list, tuple)):
+            raise ChatContentTypeError(f"row {row_id}: 'messages' is of type {type(given).__name__}, expected a list")
+
+        def present(item):  # `datasets` gives every message and block each key of the file, None where it has none
+            return {key: value for key, value in item.items() if value is not None} if isinstance(item, dict) else item
+
+        given = [present(message) for message in given]
+        given = [
+            {**message, "content": [present(block) for block in message["content"]]}
+            if isinstance(message, dict) and isinstance(message.get("content"), (list, tuple))
+            else message
+            for message in given
+        ]
+        check_chat_messages(given, f"row {row_id}")
         resolve = _resolver(media_root)
         messages = []
-        for message in row["messages"]:
-            content = message["content"]
-            if not isinstance(content, str) and media_root is not None:
-                content = [{**block, "path": resolve(block["path"])} if block.get("path") else block for block in content]
+        for index, message in enumerate(given):
+            content = message.get("content", [])
+            if not isinstance(content, str):
+                for number, block in enumerate(content):
+                    kind = block["type"]
+                    if kind != "text" and not any(key in block for key in (kind, "path", "url")):
+                        raise ValueError(f"row {row_id}, message {index}, content block {number}: {kind} block without a path")
+                if media_root is not None:
+                    content = [{**block, "path": resolve(block["path"])} if block.get("path") else block for block in content]
             messages.append({"role": message["role"], "content": content})
         return messages
 
+    turns = row.get("conversations")
+    if turns is None:
+        raise ValueError(f"row {row_id}: no conversation (expected 'conversations' or 'messages')")
+    if not isinstance(turns, (list, tuple)):
+        raise ChatContentTypeError(f"row {row_id}: 'conversations' is of type {type(turns).__name__}, expected a list")
+    if not turns:
+        raise ValueError(f"row {row_id}: the conversation is empty: it needs at least one turn")
     media = {modality: iter(paths) for modality, paths in row_media(row, media_root).items()}
     messages = []
-    for turn in row["conversations"]:
-        role = ROLES.get(turn["from"])
+    for index, turn in enumerate(turns):
+        at = f"row {row_id}, turn {index}"
+        if not isinstance(turn, dict):
+            raise ChatContentTypeError(f"{at} is of type {type(turn).__name__}, expected a dict with 'from' and 'value'")
+        speaker = turn.get("from")
+        if speaker is None:
+            raise ValueError(f"{at} has no 'from' (expected one of {', '.join(ROLES)})")
+        role = ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None:
-            raise ValueError(f"row {row_id}: unknown speaker {turn['from']!r} (expected human, gpt or system)")
+            hint = "; speakers are case-sensitive" if isinstance(speaker, str) and speaker.lower() in ROLES else ""
+            raise ValueError(f"{at}: unknown speaker {speaker!r} (expected one of {', '.join(ROLES)}){hint}")
+        if role == "system" and index > 0:
+            raise ValueError(f"{at}: a system turn after the first turn; Vicuna v1 has one system prompt, the first turn")
+        if "value" not in turn:
+            raise ValueError(f"{at} has no 'value'")
+        if not isinstance(turn["value"], str):
+            raise ChatContentTypeError(f"{at}: 'value' must be a str, got {type(turn['value']).__name__}")
         content, position = [], 0
         for match in PLACEHOLDER.finditer(turn["value"]):
             if match.start() > position:
@@ -164,40 +231,62 @@ def load_conversations(data_files: str | list[str], split: str = "train") -> dat
     return datasets.load_dataset("json", data_files=data_files, split=split)
 
 
-def _check_file(path: str, modality: str):
+class NonFiniteMediaError(ValueError):
+    """A media file that decodes but holds NaN or infinite values."""
+
+
+def _check_file(path: str, modality: str, sampling_rate: int = 16000) -> int | None:
+    """Decode a media file for real (a truncated or mislabelled file fails here, not in the middle of training) and
+    refuse NaN or infinite values; -> an audio file's sample count at `sampling_rate` (None for images and videos)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
-    # decode for real: a truncated or mislabelled file fails here, not in the middle of training
     if modality == "image":
-        load_image(path, 0)
+        image = load_image(path, 0)
+        # only float images ("F": 32-bit TIFF...) can hold NaN or inf; RGB conversion would silently paint them a colour
+        if image.mode == "F" and not np.isfinite(pixels := np.asarray(image)).all():
+            raise NonFiniteMediaError(f"{int((~np.isfinite(pixels)).sum())} NaN or infinite pixel value(s)")
     elif modality == "video":
         load_video(path, 1, 0)
     else:
-        load_audio(path, 16000, 0)
+        waveform = load_audio(path, sampling_rate, 0)
+        if not np.isfinite(waveform).all():  # NaN features, then a NaN loss that stops training at an unnamed row
+            raise NonFiniteMediaError(f"{int((~np.isfinite(waveform)).sum())} NaN or infinite sample(s)")
+        return waveform.size
+    return None
 
 
 def validate_dataset(
-    dataset: datasets.Dataset, media_root: str | Path | None = None, skip_invalid: bool = False
+    dataset: datasets.Dataset,
+    media_root: str | Path | None = None,
+    skip_invalid: bool = False,
+    processor=None,
+    max_length: int | None = None,
+    system_prompt: str | None = None,
 ) -> datasets.Dataset:
-    """Check every row before training: its conversation converts and each of its media files exists and decodes.
+    """Check every row before training for whatever would fail at a training step, with no row id by then: the
+    conversation converts (`to_messages`: no or an empty conversation, unknown roles, content types or text blocks
+    are errors) and has an assistant reply (else every label is masked and the loss is NaN), each media file exists,
+    decodes and holds no NaN or infinite value. With the training `processor`, also what the collator would refuse:
+    audio longer than `max_audio_windows` windows, and a conversation (with `system_prompt`, as the collator adds it)
+    longer after media expansion than the model maximum, the smaller of the tokenizer's `model_max_length` and
+    `max_length` (the model's `max_position_embeddings`).
 
-    A bad row stops everything with an error naming the row id and the file, unless `skip_invalid`, in which case the
-    bad rows are dropped, counted and logged (with their ids and reasons).
+    A bad row stops everything with an error naming the row id (and the media file), unless `skip_invalid`, in which
+    case the bad rows are dropped, counted and logged (with their ids and reasons). Each media file is decoded once,
+    however many rows use it.
     """
+    limit, limit_name = None, None
+    if processor is not None:
+        limit, limit_name = processor.tokenizer.model_max_length, "the tokenizer's model_max_length"
+        if max_length is not None and max_length < limit:
+            limit, limit_name = max_length, "the model's max_position_embeddings"
+    decoded = {}  # (path, kind) -> the audio sample count, or the error: each file is decoded once
     bad = {}
     for index, row in enumerate(dataset):
-        row_id = row.get("id", index)
+        row_id = row.get("id")
+        row_id = index if row_id is None else row_id
         try:
-            to_messages(row, media_root)
-            for modality, items in row_media(row, media_root).items():
-                for item in items:
-                    # a video given as its frame files: each frame exists and is an image
-                    files = [(path, "image", "video frame") for path in item] if isinstance(item, list) else [(item, modality, modality)]
-                    for path, kind, name in files:
-                        try:
-                            _check_file(path, kind)
-                        except (OSError, ValueError) as error:
-                            raise ValueError(f"row {row_id}: {name} file {path!r} is missing or unreadable ({error})") from error
+            _check_row(row, row_id, media_root, processor, limit, limit_name, system_prompt, decoded)
         except ValueError as error:
             if not skip_invalid:
                 raise
@@ -206,6 +295,77 @@ def validate_dataset(
         logger.warning("Dropped %d invalid row(s) of %d:\n%s", len(bad), len(dataset), "\n".join(bad.values()))
         dataset = dataset.select([i for i in range(len(dataset)) if i not in bad])
     return dataset
+
+
+def _check_row(row, row_id, media_root, processor, limit, limit_name, system_prompt, decoded: dict):
+    """One row of `validate_dataset`: raises a `ValueError` naming the row."""
+    try:
+        messages = to_messages(row, media_root)
+        media = row_media(row, media_root)
+    except (KeyError, TypeError, AttributeError) as error:  # a malformed row the checks above did not foresee
+        if isinstance(error, ValueError):  # ChatContentTypeError: already names the row
+            raise
+        raise ValueError(f"row {row_id}: malformed row ({type(error).__name__}: {error})") from error
+    sampling_rate = processor.feature_extractor.sampling_rate if processor is not None else 16000
+    audio_samples = []
+    for modality, items in media.items():
+        for item in items:
+            # a video given as its frame files: each frame exists and is an image
+            files = [(path, "image", "video frame") for path in item] if isinstance(item, list) else [(item, modality, modality)]
+            for path, kind, name in files:
+                if (path, kind) not in decoded:
+                    try:
+                        decoded[path, kind] = _check_file(path, kind, sampling_rate)
+                    except (OSError, ValueError) as error:
+                        decoded[path, kind] = error
+                result = decoded[path, kind]
+                if isinstance(result, NonFiniteMediaError):
+                    raise ValueError(f"row {row_id}: {name} file {path!r} holds {result}") from result
+                if isinstance(result, OSError):
+                    raise ValueError(f"row {row_id}: {name} file {path!r} is missing or unreadable ({result})") from result
+                if isinstance(result, Exception):  # the loaders' refusals: undecodable, empty, out of range, NaN...
+                    raise ValueError(f"row {row_id}: {name} file {path!r} is unreadable or invalid ({result})") from result
+                if kind == "audio":
+                    audio_samples.append((path, result))
+    if not any(message["role"] == "assistant" for message in messages):
+        raise ValueError(f"row {row_id}: no assistant turn: nothing to learn (every label would be masked, the loss NaN)")
+    if processor is None:
+        return
+    extractor = processor.feature_extractor
+    audio_windows = []
+    for path, samples in audio_samples:
+        windows = extractor.num_windows(samples)
+        if windows > extractor.max_audio_windows:
+            raise ValueError(
+                f"row {row_id}: audio file {path!r} lasts {samples / sampling_rate:.1f} s ({windows} windows of "
+                f"{extractor.window_seconds} s), more than the model's max_audio_windows={extractor.max_audio_windows} "
+                f"({extractor.max_audio_windows * extractor.window_seconds} s); cut it or drop the row"
+            )
+        audio_windows.append(windows)
+    conversation = with_system_prompt(messages, system_prompt)
+    try:
+        text = processor.apply_chat_template([conversation], tokenize=False)[0]
+    except ValueError as error:
+        raise ValueError(f"row {row_id}: {error}") from error
+    placeholders = {"image": processor.image_token, "video": processor.video_token, "audio": processor.audio_token}
+    for modality, token in placeholders.items():
+        given = len(media.get(modality, []))
+        if text.count(token) != given:
+            raise ValueError(
+                f"row {row_id}: {text.count(token)} {token} placeholder(s) in the rendered conversation but {given} "
+                f"{modality} item(s) (is {token} written in its text?)"
+            )
+    # exactly what the collator tokenizes: the rendered text, each placeholder expanded to its soft tokens
+    (expanded,), _ = processor._expand_placeholders([text], audio_windows, processor.num_frames)
+    bos = processor.tokenizer.bos_token
+    add_special_tokens = not (bos is not None and text.startswith(bos))
+    length = len(processor.tokenizer(expanded, add_special_tokens=add_special_tokens)["input_ids"])
+    if length > limit:
+        counts = ", ".join(f"{len(media.get(modality, []))} {modality}" for modality in placeholders)
+        raise ValueError(
+            f"row {row_id}: {length} tokens after expanding its media ({counts}), more than the model maximum of "
+            f"{limit} ({limit_name}); shorten the conversation or give it fewer media items"
+        )
 
 
 class UniMoEDataCollator:

@@ -35,7 +35,6 @@ import json
 import logging
 import re
 import string
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -46,7 +45,8 @@ from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
 
 from modeling_unimoe.processing_unimoe import is_frame_paths
 
-from .data import ROLES, modality_mix, to_messages
+from .console import command_line
+from .data import ROLES, media_path_candidates, modality_mix, to_messages
 from .metrics import load_metric
 
 
@@ -177,8 +177,7 @@ def row_references(row: dict, answer_turn: str | None) -> list[str] | None:
 
 def resolve_media_path(path: str, root: Path, rid: str, modality: str) -> str:
     """`path` relative to `root`; an absolute path that does not exist is tried under `root` as well."""
-    candidates = [Path(path)] if Path(path).is_absolute() else []
-    candidates.append(root / str(path).lstrip("/"))
+    candidates = media_path_candidates(path, root)
     for candidate in candidates:
         if candidate.is_file():
             return str(candidate)
@@ -241,7 +240,8 @@ def _conversation_messages(row: dict, root: Path, rid: str) -> tuple[list[dict],
 def _chat_messages(row: dict, root: Path, rid: str) -> tuple[list[dict], str | None]:
     """(prompt messages, answer text or None) of an HF `messages` row, media paths resolved."""
     messages = []
-    for message in row["messages"]:
+    # to_messages refuses what the chat template would drop (as for training rows), naming the row
+    for message in to_messages({"id": rid, "messages": row["messages"]}):
         content = message["content"]
         if not isinstance(content, str):
             content = [
@@ -463,6 +463,7 @@ def evaluate_checkpoint(args: EvaluationArguments) -> dict:
     return write_outputs(args.output_dir, args.task, samples, predictions, metrics, dataset)
 
 
+@command_line
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(args=argv)
@@ -474,4 +475,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

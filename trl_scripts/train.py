@@ -34,7 +34,7 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
 
-from modeling_unimoe import UniMoEForCausalLM
+from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM
 
 from .console import command_line
 from .data import UniMoEDataCollator, load_conversations, text_warmup_rows, validate_dataset
@@ -96,7 +96,11 @@ class DataArguments:
     media_root: str | None = field(
         default=None, metadata={"help": "Media paths in the rows are relative to this folder (default: the train files' folder)."}
     )
-    skip_invalid: bool = field(default=False, metadata={"help": "Drop (and count) rows with missing or unreadable media."})
+    skip_invalid: bool = field(
+        default=False,
+        metadata={"help": "Drop (and count) invalid rows: no conversation or assistant reply, missing, unreadable or "
+                  "NaN media, audio over max_audio_windows, text over the model maximum after media expansion."},
+    )
     group_by_modality: bool = field(default=True, metadata={"help": "One modality mix per global batch."})
     captions_file: str | None = field(
         default=None, metadata={"help": "Stage 0: caption rows (stage-1 data) describing the media of --train_files."}
@@ -135,6 +139,22 @@ def load_stage_model(name_or_path: str, stage: int) -> tuple[UniMoEForCausalLM, 
         config = load_preset(name_or_path, moe_layers=[])
         return UniMoEForCausalLM(config), load_tiny_processor(config)
     return UniMoEForCausalLM.from_pretrained(name_or_path), AutoProcessor.from_pretrained(name_or_path)
+
+
+def load_stage_processor(name_or_path: str, stage: int) -> tuple[object | None, int | None]:
+    """(processor, the model's `max_position_embeddings`) of the model a stage trains, without building it: what
+    `validate_dataset` needs to check audio windows and expanded lengths. (None, None) where `load_stage_model` will
+    refuse the name, with its own error."""
+    try:
+        if not Path(name_or_path).is_dir() and (PRESETS_DIR / f"{name_or_path}.json").is_file():
+            if stage > 1 or name_or_path != "tiny":
+                return None, None
+            config = load_preset(name_or_path, moe_layers=[])
+            return load_tiny_processor(config), config.text_config.max_position_embeddings
+        config = UniMoEConfig.from_pretrained(name_or_path)
+        return AutoProcessor.from_pretrained(name_or_path), config.text_config.max_position_embeddings
+    except (OSError, ValueError):
+        return None, None
 
 
 def _trainer(model, processor, dataset, stage_args, data_args: DataArguments, training_args: TrainingArguments) -> UniMoETrainer:
@@ -252,7 +272,11 @@ def run(stage_args: StageArguments, data_args: DataArguments, training_args: Tra
     logger.info("stage %d on %d process(es), %s", stage_args.stage, training_args.world_size, training_args.parallel_mode.value)
     if data_args.media_root is None:
         data_args.media_root = default_media_root(data_args.train_files)
-    dataset = validate_dataset(load_conversations(data_args.train_files), data_args.media_root, data_args.skip_invalid)
+    processor, max_length = load_stage_processor(stage_args.model_name_or_path, stage_args.stage)
+    dataset = validate_dataset(
+        load_conversations(data_args.train_files), data_args.media_root, data_args.skip_invalid,
+        processor=processor, max_length=max_length, system_prompt=data_args.system_prompt,
+    )
     return STAGES[stage_args.stage](stage_args, data_args, training_args, dataset)
 
 

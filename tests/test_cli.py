@@ -1,0 +1,116 @@
+"""The command-line tools as a new user meets them: every `--help`, the console scripts, one-line errors, and the
+training CLI's defaults (media next to the data, YAML files with overrides, a missing model folder named)."""
+
+import configparser
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+from test_train import write_rows
+
+
+CLI_MODULES = sorted(
+    path.stem for path in (REPO_ROOT / "trl_scripts").glob("*.py") if "\ndef main(" in path.read_text()
+)
+
+
+def console_scripts() -> dict[str, str]:
+    config = configparser.ConfigParser()
+    config.read(REPO_ROOT / "setup.cfg")
+    lines = config["options.entry_points"]["console_scripts"].strip().splitlines()
+    return dict(tuple(part.strip() for part in line.split("=")) for line in lines)
+
+
+@pytest.mark.parametrize("module", CLI_MODULES)
+def test_every_cli_prints_its_help(module, capsys):
+    main = importlib.import_module(f"trl_scripts.{module}").main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("usage:")
+
+
+def test_every_tool_has_a_console_script_installed():
+    scripts = console_scripts()
+    targets = {target.split(":")[0].removeprefix("trl_scripts.") for target in scripts.values()}
+    # every tool a user runs has a console script (the tokenizer builder is a maintainer's tool)
+    assert set(CLI_MODULES) - {"build_tiny_tokenizer"} <= targets
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), target
+        assert (Path(sys.executable).parent / name).is_file(), f"{name} is not installed (pip install -e .)"
+
+
+def test_a_user_error_is_one_line_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "unimoe-convert-original"), "--variant", "speech-4e", "--base_dir",
+         str(tmp_path / "missing"), "--clip", str(tmp_path / "clip"), "--whisper", str(tmp_path / "whisper"), "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("unimoe-convert-original: error: The conversion lacks:")
+    assert str(tmp_path / "missing" / "pytorch_model.bin.index.json") in result.stderr
+
+
+def test_a_missing_model_folder_is_named(tmp_path):
+    from trl_scripts.train import main
+
+    train = write_rows(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"--model_name_or_path 'out/stage1': no such folder .*not a preset \(.*tiny"):
+        main(["--stage", "2", "--model_name_or_path", "out/stage1", "--experts", "image", "--train_files", train, "--output_dir", str(tmp_path / "o")])
+
+
+def train_arguments(train, output_dir):
+    return ["--stage", "1", "--model_name_or_path", "tiny", "--train_files", train, "--output_dir", str(output_dir),
+            "--max_steps", "1", "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu", "true"]  # fmt: skip
+
+
+def test_media_paths_are_relative_to_the_data_file_by_default(tmp_path, monkeypatch):
+    """train, like evaluate, finds a row's media next to its data file when no --media_root is given, from any
+    working directory; the original's absolute-looking paths (`/red.png`) are tried under the media folder too."""
+    from trl_scripts.data import media_path_candidates
+    from trl_scripts.train import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    train = write_rows(data)
+    rows = json.loads(Path(train).read_text())
+    rows[0]["image"] = "/red.png"
+    Path(train).write_text(json.dumps(rows))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    main(train_arguments(train, tmp_path / "out"))
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert media_path_candidates("/red.png", data) == [Path("/red.png"), data / "red.png"]
+    assert media_path_candidates("red.png", None) == [Path("red.png")]
+
+
+def test_train_files_in_several_folders_need_a_media_root(tmp_path):
+    from trl_scripts.train import main
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = write_rows(tmp_path / "a"), write_rows(tmp_path / "b")
+    arguments = train_arguments(first, tmp_path / "out")
+    arguments[arguments.index("--train_files") + 1 : arguments.index("--train_files") + 2] = [first, second]
+    with pytest.raises(ValueError, match=r"--train_files are in several folders .*--media_root"):
+        main(arguments)
+
+
+def test_a_yaml_file_takes_overrides_from_the_command_line(tmp_path):
+    from trl_scripts.train import main
+
+    train = write_rows(tmp_path)
+    config = tmp_path / "stage1.yaml"
+    config.write_text(
+        f"stage: 1\nmodel_name_or_path: tiny\ntrain_files: [{train}]\noutput_dir: {tmp_path / 'from-yaml'}\n"
+        "max_steps: 1\nper_device_train_batch_size: 2\nreport_to: none\nuse_cpu: true\nsave_strategy: \"no\"\n"
+    )
+    main([str(config), "--output_dir", str(tmp_path / "overridden")])
+    assert (tmp_path / "overridden" / "config.json").is_file() and not (tmp_path / "from-yaml").exists()
