@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 
-.PHONY: demo test system-packages compat lock bench clean
+.PHONY: demo test system-packages compat lock bench fuzz clean
 
 # Exactly the locked versions, transitive ones included (`--no-deps`: the lock is the whole closure, resolved once by
 # `make lock`), then this package itself in editable mode without touching them. A new venv each time, so that
@@ -50,6 +50,12 @@ lock:
 	  .venv-lock/bin/python -m pip freeze --all --exclude-editable --exclude pip; } > $(LOCK).new
 	grep -q '^transformers==' $(LOCK).new && mv $(LOCK).new $(LOCK)
 	rm -rf .venv-lock
+
+# The processor fuzz test at 10,000 examples (make test runs 300 with a fixed seed); outcome counts go to
+# outputs/fuzz/counts.json.
+fuzz: $(STAMP)
+	UNIMOE_FUZZ_EXAMPLES=10000 UNIMOE_FUZZ_REPORT=outputs/fuzz/counts.json $(PY) -m pytest -q -p no:cacheprovider tests/test_processor_fuzz.py
+	cat outputs/fuzz/counts.json
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_moe_layer.py
