@@ -34,7 +34,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_unimoe import UniMoEConfig, UniMoETextConfig
 from .modeling_beats import BEATsModel
-from .transformers_compat import build_causal_mask, cache_field, output_cache, pop_cache
+from .transformers_compat import CACHE_NAME, build_causal_mask, cache_field, output_cache, pop_cache
 
 
 class UniMoERMSNorm(nn.Module):
@@ -680,6 +680,73 @@ class UniMoEPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
 
+def _check_input_shapes(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
+    """`ValueError` for token ids that are not [batch, sequence] or embeddings that are not [batch, sequence, hidden],
+    or that hold no token; without it they fail deep inside attention. Shapes only: no device sync."""
+    if input_ids is not None and (input_ids.dim() != 2 or 0 in input_ids.shape):
+        hint = " (add the batch dimension: `input_ids[None]`)" if input_ids.dim() == 1 and input_ids.numel() else ""
+        raise ValueError(
+            "`input_ids` must be a 2-D [batch, sequence] tensor with at least one row and one token, got shape "
+            f"{tuple(input_ids.shape)}{hint}"
+        )
+    if inputs_embeds is not None and (inputs_embeds.dim() != 3 or 0 in inputs_embeds.shape[:2]):
+        raise ValueError(
+            "`inputs_embeds` must be a 3-D [batch, sequence, hidden] tensor with at least one row and one token, got "
+            f"shape {tuple(inputs_embeds.shape)}"
+        )
+
+
+def _out_of_vocabulary_error(input_ids: torch.Tensor, vocab_size: int) -> ValueError:
+    bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
+    return ValueError(
+        f"`input_ids` hold {bad.numel()} ids outside the vocabulary [0, {vocab_size}) (e.g. {bad[:5].tolist()}); "
+        "a negative id is often a -100 label pad passed as input"
+    )
+
+
+def _check_token_ids(
+    input_ids: torch.Tensor, vocab_size: int, cache: Cache | None, missing_media: dict[str, tuple[int, str]] | None = None
+) -> None:
+    """`ValueError` for ids outside [0, vocab_size), and for the placeholders of a modality whose inputs were not
+    given (`missing_media`: modality -> (placeholder id, input names)), which would otherwise run as plain text.
+
+    Reading the counts back is one host-device sync, so it runs only where prompt tokens can arrive: a call with more
+    than one new token (prefill, training, a continued prompt, assisted-decoding candidates, `use_cache=False` steps)
+    or with nothing cached yet. A cached decoding step feeds one id the model sampled itself, from its `vocab_size`
+    logits with the placeholders suppressed (`_prepare_generation_config`), and stays sync-free. transformers' own
+    models check neither (an id out of range is an `IndexError` on CPU and a device-side assert that poisons the CUDA
+    context); one sync per prompt is cheap next to the prompt's forward. Skipped while compiling (a data-dependent
+    branch)."""
+    if torch.compiler.is_compiling():
+        return
+    if input_ids.shape[1] == 1 and cache is not None and cache.get_seq_length() > 0:
+        return
+    missing_media = missing_media or {}
+    counts = [((input_ids < 0) | (input_ids >= vocab_size)).sum()]
+    counts += [(input_ids == token_id).sum() for token_id, _ in missing_media.values()]
+    out_of_vocabulary, *placeholders = torch.stack(counts).tolist()
+    if out_of_vocabulary:
+        raise _out_of_vocabulary_error(input_ids, vocab_size)
+    for (modality, (_, names)), count in zip(missing_media.items(), placeholders):
+        if count:
+            raise ValueError(
+                f"{modality}: the batch has {count} {modality} placeholder tokens but 0 feature vectors: no {modality} "
+                f"inputs ({names}) were given"
+            )
+
+
+def _embed(embedding: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """`embedding(input_ids)`, with the CPU `IndexError` for an id out of range (a decoding step `_check_token_ids`
+    skips) turned into a `ValueError` that says so."""
+    try:
+        return embedding(input_ids)
+    except IndexError as error:
+        vocab_size = getattr(embedding, "num_embeddings", None)
+        if vocab_size is None:
+            raise
+        raise _out_of_vocabulary_error(input_ids, vocab_size) from error
+
+
 class UniMoETextModel(UniMoEPreTrainedModel):
     config: UniMoETextConfig
 
@@ -709,8 +776,10 @@ class UniMoETextModel(UniMoEPreTrainedModel):
         cache = pop_cache(cache, kwargs)  # `past_key_values` before transformers 5.24
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        _check_input_shapes(input_ids, inputs_embeds)
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            _check_token_ids(input_ids, self.embed_tokens.num_embeddings, cache)
+            inputs_embeds = _embed(self.embed_tokens, input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
@@ -942,8 +1011,23 @@ class UniMoEModel(UniMoEPreTrainedModel):
         cache = pop_cache(cache, kwargs)  # `past_key_values` before transformers 5.24
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        _check_input_shapes(input_ids, inputs_embeds)
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+            # Placeholders of a medium not given would run as plain text. Embeddings-only calls have no ids to check.
+            config, embedding = self.config, self.get_input_embeddings()
+            missing_media = {
+                modality: (token_id, names)
+                for modality, token_id, given, names in (
+                    ("image", config.image_token_id, pixel_values is not None, "`pixel_values`"),
+                    ("video", config.video_token_id, pixel_values_videos is not None, "`pixel_values_videos`"),
+                    ("audio", config.audio_token_id, input_features is not None or input_values is not None,
+                     "`input_features` / `input_values`"),
+                )
+                if token_id is not None and not given
+            }
+            vocab_size = getattr(embedding, "num_embeddings", config.text_config.vocab_size)
+            _check_token_ids(input_ids, vocab_size, cache, missing_media)
+            inputs_embeds = _embed(embedding, input_ids)
         output_router_logits = kwargs.get("output_router_logits", self.config.text_config.output_router_logits)
         with self._record_multimodal_router_logits(output_router_logits) as multimodal_router_logits:
             inputs_embeds, media_features = self._merge_media(
@@ -1028,6 +1112,32 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         suppressed += [token_id for token_id in placeholders if token_id is not None and token_id not in suppressed]
         generation_config.suppress_tokens = suppressed or generation_config.suppress_tokens
         return generation_config, model_kwargs
+
+    def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, **kwargs):
+        """`GenerationMixin`'s, except for an assistant (draft) model's first forward in assisted decoding: transformers
+        withholds the media from assistants on purpose (their prefill runs with `is_first_iteration=False`), since a
+        draft only proposes tokens that the main model then checks with the media. The forward refuses placeholders
+        without their media, so the draft gets its prompt as embeddings, which carry no ids to check: its placeholders
+        embed as text, as they do in transformers' own multimodal models."""
+        # (`inputs_embeds` named in the signature: `generate` only forwards embeddings to a model whose signature has it)
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
+        media = ("pixel_values", "pixel_values_videos", "input_features", "input_values")
+        withheld = any(kwargs.get(name) is not None and model_inputs.get(name) is None for name in media)
+        cache, fed_ids = model_inputs.get(CACHE_NAME), model_inputs.get("input_ids")
+        if withheld and fed_ids is not None and (cache is None or cache.get_seq_length() == 0):
+            embedding = self.get_input_embeddings()
+            _check_token_ids(fed_ids, embedding.num_embeddings, None)  # the range check the forward would have made
+            model_inputs["inputs_embeds"] = _embed(embedding, fed_ids)
+            model_inputs["input_ids"] = None
+        return model_inputs
+
+    def _prepare_model_inputs(self, *args, **kwargs):
+        """`GenerationMixin`'s, refusing token ids that are not [batch, sequence] with a `ValueError` (`generate`
+        otherwise fails on a 1-D tensor with an `IndexError` before the model runs)."""
+        inputs_tensor, input_name, model_kwargs = super()._prepare_model_inputs(*args, **kwargs)
+        if input_name == "input_ids":
+            _check_input_shapes(inputs_tensor, None)
+        return inputs_tensor, input_name, model_kwargs
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
         """`GenerationMixin`'s expansion for `num_return_sequences` / `num_beams` (each row repeated `expand_size` times),

@@ -6,6 +6,7 @@ compare every cached decoding strategy against the same strategy without a cache
 """
 
 import logging
+import sys
 import warnings
 
 import pytest
@@ -273,3 +274,65 @@ def test_generating_past_max_position_embeddings_warns_once(caplog):
         transformers_logger.removeHandler(caplog.handler)
     assert caplog.text.count(reminder) == 1
     assert default.shape[1] == limit  # the default max_length (prompt + 20) is capped at the context length
+
+
+def placeholder_only_prompt(processor, tmp_path, modality: str) -> dict:
+    """A chat prompt with one `modality` item, encoded by the processor, then stripped of its media inputs."""
+    item = {
+        "image": {"type": "image", "path": str(write_image(tmp_path / "red.png"))},
+        "video": {"type": "video", "path": str(write_video(tmp_path / "move.mp4"))},
+        "audio": {"type": "audio", "audio": tone(1.5)},
+    }[modality]
+    messages = [{"role": "user", "content": [item, {"type": "text", "text": "What is it?"}]}]
+    encoded = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+@pytest.mark.parametrize("modality", ["image", "video", "audio"])
+def test_placeholders_without_their_media_are_refused(tiny_multimodal_model, tiny_processor, tmp_path, modality):
+    """Before, the placeholders ran as plain text: the answer ignored the media the prompt claims to hold."""
+    prompt = placeholder_only_prompt(tiny_processor, tmp_path, modality)
+    missing = rf"{modality}: the batch has \d+ {modality} placeholder tokens but 0 feature vectors"
+    with pytest.raises(ValueError, match=missing):
+        tiny_multimodal_model(**prompt)
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match=missing):
+            tiny_multimodal_model.generate(**prompt, use_cache=use_cache, max_new_tokens=2)
+
+
+def test_placeholders_of_a_medium_left_out_of_a_mixed_prompt_are_refused(tiny_multimodal_model, tiny_processor, tmp_path):
+    inputs = media_prompt(tiny_processor, tmp_path)  # an image and an audio clip
+    for name in ("input_features", "input_features_mask", "input_values", "input_values_mask"):
+        inputs.pop(name, None)
+    with pytest.raises(ValueError, match=r"audio: the batch has \d+ audio placeholder tokens but 0 feature vectors"):
+        tiny_multimodal_model(**inputs)
+
+
+def test_token_ids_are_checked_at_prefill_only(model_and_prompt, monkeypatch):
+    """The id check (vocabulary range, placeholders without media) reads a device tensor back, a host sync: a cached
+    generate does it once, for the prompt, and not at the decoding steps, which feed one sampled token each."""
+    import modeling_unimoe.modeling_unimoe as modeling
+
+    model, prompt = model_and_prompt
+    checked, check = [], modeling._check_token_ids
+    tolist = torch.Tensor.tolist
+
+    def counting_tolist(tensor):
+        if sys._getframe(1).f_code is check.__code__:
+            checked.append(1)
+        return tolist(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    model.generate(**prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert len(checked) == 1
+
+
+@pytest.mark.parametrize("draft_text_only", [True, False])
+def test_a_draft_model_on_a_media_prompt_still_drafts(tiny_multimodal_model, tiny_processor, tmp_path, draft_text_only):
+    """transformers withholds the media from an assistant's prefill on purpose: the draft must still run (its prompt
+    goes in as embeddings, placeholders as text) rather than hit the missing-media check, and the output stays greedy."""
+    prompt = media_prompt(tiny_processor, tmp_path)
+    draft = make_tiny_model(seed=7, text_only=draft_text_only, num_hidden_layers=1)
+    kwargs = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6)
+    assisted = tiny_multimodal_model.generate(**prompt, assistant_model=draft, **kwargs)
+    assert torch.equal(assisted, tiny_multimodal_model.generate(**prompt, **kwargs))

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -279,3 +280,43 @@ def test_every_public_forward_returns_a_tuple_on_request(text_only, module):
         as_tuple = target(ids, use_cache=True, return_dict=False)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == len(as_dict.to_tuple())
     torch.testing.assert_close(as_tuple[0], as_dict.to_tuple()[0], atol=0, rtol=0)
+
+
+BAD_ID_SHAPES = {"empty": torch.zeros(1, 0, dtype=torch.long), "no_rows": torch.zeros(0, 5, dtype=torch.long),
+                 "one_dimensional": torch.tensor([5, 6, 7])}
+
+
+@pytest.mark.parametrize("ids", BAD_ID_SHAPES.values(), ids=BAD_ID_SHAPES.keys())
+@pytest.mark.parametrize("module", ["model", "model.model.language_model"])
+def test_token_ids_that_are_not_batch_by_sequence_are_named(ids, module):
+    """Without the check these failed deep inside attention (`cannot reshape tensor of 0 elements`, a size mismatch)
+    or inside `generate` (`IndexError: tuple index out of range`)."""
+    model = make_tiny_model()
+    target = model.get_submodule(module.removeprefix("model").removeprefix("."))
+    shape = rf"`input_ids` must be a 2-D \[batch, sequence\] tensor .* got shape {re.escape(str(tuple(ids.shape)))}"
+    with pytest.raises(ValueError, match=shape):
+        target(ids)
+    if module == "model":
+        with pytest.raises(ValueError, match=shape):
+            model.generate(ids, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("shape", [(1, 0, 64), (3, 64)])
+def test_embeddings_that_are_not_batch_by_sequence_by_hidden_are_named(shape):
+    with pytest.raises(ValueError, match=r"`inputs_embeds` must be a 3-D \[batch, sequence, hidden\] tensor"):
+        make_tiny_model()(inputs_embeds=torch.zeros(shape))
+
+
+@pytest.mark.parametrize("bad_id", [512, 10_000, -1, -100])
+@pytest.mark.parametrize("module", ["model", "model.model.language_model"])
+def test_ids_outside_the_vocabulary_are_named(bad_id, module):
+    """Checked at prefill (on CUDA the embedding would hit a device-side assert); a cached single-token step is not
+    checked up front (no host sync per decoding step), but its CPU `IndexError` is turned into the same message."""
+    model = make_tiny_model()
+    target = model.get_submodule(module.removeprefix("model").removeprefix("."))
+    outside = r"`input_ids` hold 1 ids outside the vocabulary \[0, 512\)"
+    with pytest.raises(ValueError, match=outside):
+        target(torch.tensor([[7, bad_id, 9]]))
+    cache = getattr(target(torch.tensor([[7, 8]]), use_cache=True), CACHE_NAME)
+    with pytest.raises(ValueError, match=outside):
+        target(torch.tensor([[bad_id]]), **{CACHE_NAME: cache})
