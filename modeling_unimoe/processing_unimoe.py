@@ -1,19 +1,22 @@
 """Uni-MoE processor: chat messages with images, videos and audio -> the model's inputs.
 
-Media may be given decoded (PIL images, arrays, waveforms) or as local file paths; files are decoded here (images
-with Pillow, video and audio with PyAV) and every failure names the file. Each `<image>`, `<video>` and `<audio>`
-placeholder is expanded to exactly the number of soft tokens the model scatters in its place.
+Media may be given decoded (PIL images, arrays, waveforms), as local file paths or as binary file objects
+(`io.BytesIO`, `open(path, "rb")`, read from their start); files are decoded here (images with Pillow, their EXIF
+orientation applied, video and audio with PyAV) and every failure names the file. Each `<image>`, `<video>` and
+`<audio>` placeholder is expanded to exactly the number of soft tokens the model scatters in its place.
 """
 
 import bisect
 import contextvars
+import io
 import math
 import numbers
 import os
+import sys
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_transforms import convert_to_rgb
 from transformers.processing_utils import ProcessorMixin
@@ -77,43 +80,101 @@ def _array_to_image(array: np.ndarray, index: int, label: str | None = None) -> 
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        hint = " (a batch of one image? take its first item)" if array.ndim == 4 and shape[0] == 1 else ""
         raise ValueError(
-            f"{name}: expected an [H, W], [H, W, C] or [C, H, W] array with C in 1, 3 or 4, got shape {shape}"
+            f"{name}: expected an [H, W], [H, W, C] or [C, H, W] array with C in 1, 3 or 4, got shape {shape}{hint}"
         )
     if array.size == 0:
         raise ValueError(f"{name} is empty: an array of shape {shape} has no pixels")
     return Image.fromarray(_to_uint8(array, name))
 
 
+def _is_tensor(value) -> bool:
+    """A torch tensor, checked by type (never by a `detach` method: file objects have one too)."""
+    torch = sys.modules.get("torch")  # not imported: no tensor can exist
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _is_file(value) -> bool:
+    """A file object (`io.BytesIO`, `open(path, "rb")`): anything with a `read` method but a path or bytes."""
+    return not isinstance(value, (str, bytes, bytearray, os.PathLike)) and callable(getattr(value, "read", None))
+
+
+def _source_name(source) -> str:
+    """A file path or file object as errors name it: 'path', or <BytesIO> ('name' for an open file)."""
+    if not _is_file(source):
+        return repr(str(source))
+    name = getattr(source, "name", None)
+    return f"{name!r} (a {type(source).__name__})" if isinstance(name, str) else f"<{type(source).__name__}>"
+
+
+def _file_source(source, name: str):
+    """A path -> str; a binary file object -> itself, rewound to its start (read into memory if it cannot seek)."""
+    if not _is_file(source):
+        return str(source)
+    if isinstance(source, io.TextIOBase):
+        raise TypeError(
+            f"{name}: the file object {_source_name(source)} is open in text mode; open media files in binary mode ('rb')"
+        )
+    try:
+        has_seekable = callable(getattr(source, "seekable", None))
+        seekable = source.seekable() if has_seekable else callable(getattr(source, "seek", None))
+        if seekable:
+            source.seek(0)
+            return source
+        data = source.read()
+    except (OSError, ValueError) as error:  # closed files, unsupported operations
+        raise ValueError(f"{name}: cannot read the file object {_source_name(source)} ({error})") from error
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"{name}: the file object {_source_name(source)} gave {type(data).__name__}, not bytes; open it in binary mode"
+        )
+    return io.BytesIO(data)
+
+
+def _rewound(source):
+    """`source` (from `_file_source`) ready to be opened again: file objects are read from their start each time."""
+    if _is_file(source):
+        source.seek(0)
+    return source
+
+
 def _as_numpy(value):
     """torch tensors -> numpy (leaves everything else alone): floating tensors as float32, others keep their dtype."""
-    if not hasattr(value, "detach"):
+    if not _is_tensor(value):
         return value
     value = value.detach().cpu()
     return (value.float() if value.is_floating_point() else value).numpy()
 
 
 def _open_image_file(path, name: str) -> Image.Image:
+    """An image file (path or binary file object), its EXIF orientation applied as transformers' `load_image` does
+    (a photo stored sideways with Orientation=6 comes out upright); pixels of files without one are as stored."""
+    source = _file_source(path, name)
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that: both are refused, by one named limit
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(source) as opened:
                 opened.load()
-                return opened.copy()
+                return ImageOps.exif_transpose(opened)  # a plain copy when there is no orientation to apply
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ValueError(
-            f"{name}: image file {str(path)!r} is too large to decode ({error}); the limit is Pillow's guard against "
+            f"{name}: image file {_source_name(path)} is too large to decode ({error}); the limit is Pillow's guard against "
             f"decompression bombs, PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} pixels (Pillow warns past it and "
             "fails past twice it; both are refused here): raise it to read this file"
         ) from error
     except (OSError, UnidentifiedImageError) as error:
-        raise ValueError(f"{name}: cannot read image file {str(path)!r} ({error})") from error
+        raise ValueError(f"{name}: cannot read image file {_source_name(path)} ({error})") from error
 
 
 def load_image(image, index: int, label: str | None = None) -> Image.Image:
-    """A PIL image from a PIL image, an array or tensor ([H, W], [H, W, C] or [C, H, W]) or a file path; errors name
-    `label` (default `image {index}`).
+    """A PIL image from a PIL image, an array or tensor ([H, W], [H, W, C] or [C, H, W]), a file path or a binary
+    file object (read from its start); errors name `label` (default `image {index}`).
+
+    Files are turned by their EXIF orientation, as transformers' `load_image` turns the files it opens. PIL images
+    given in memory are taken as they are, as transformers' image processors take them: the caller decoded them and
+    may have turned them already (a turned copy keeps the original's EXIF, so turning it again would be wrong).
 
     Values become 8 bits by one rule for arrays, tensors, PIL images and files: uint8 as is; 16-bit images (uint16
     arrays, PIL modes I;16, I;16B, I;16L) scaled by their full range (x 255/65535); other integer types (and PIL
@@ -121,12 +182,16 @@ def load_image(image, index: int, label: str | None = None) -> Image.Image:
     Anything else (values out of range, NaN or infinity, another dtype, an empty image) is refused, naming the item.
     """
     name = label or f"image {index}"
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, (str, os.PathLike)) or _is_file(image):
         image = _open_image_file(image, name)
     elif not isinstance(image, Image.Image):
         array = _as_numpy(image)
         if not isinstance(array, np.ndarray):
-            raise TypeError(f"{name}: expected a PIL image, an array or a file path, got {type(image).__name__}")
+            hint = " (encoded file bytes? wrap them in io.BytesIO)" if isinstance(image, (bytes, bytearray)) else ""
+            raise TypeError(
+                f"{name}: expected a PIL image, an array or tensor, a file path or a binary file object, got "
+                f"{type(image).__name__}{hint}"
+            )
         return _array_to_image(array, index, name)
     if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):  # Pillow's own conversions would clip these
         image = _array_to_image(np.asarray(image), index, f"{name} (PIL mode {image.mode})")
@@ -140,24 +205,28 @@ def _sample_indices(total: int, num_frames: int) -> list[int]:
     return [min(total - 1, math.floor((i + 0.5) * total / num_frames)) for i in range(num_frames)]
 
 
-def _decode_video_frames(path: str, num_frames: int, index: int) -> list[np.ndarray]:
+def _decode_video_frames(path, num_frames: int, index: int) -> list[np.ndarray]:
     """Decode every frame (inter-frame codecs need it) but convert to RGB only the `num_frames` sampled ones; the
-    frame count comes from the container, with a full second pass when the container's count was wrong."""
+    frame count comes from the container, with a full second pass when the container's count was wrong. `path`
+    is a path or a binary file object (from `_file_source`)."""
     import av
+
+    label = _source_name(path)
 
     def decode(wanted: set[int] | None) -> tuple[dict[int, np.ndarray], int]:
         kept, count = {}, 0
-        with av.open(path) as container:
+        with av.open(_rewound(path)) as container:
             for count, frame in enumerate(container.decode(container.streams.video[0]), start=1):
                 if wanted is None or count - 1 in wanted:
                     kept[count - 1] = frame.to_ndarray(format="rgb24")
         return kept, count
 
     try:
-        with av.open(path) as container:
+        with av.open(_rewound(path)) as container:
             if not container.streams.video:
+                _check_has_media(container, f"video {index}", "video", label)
                 raise ValueError(
-                    f"video {index}: file {path!r} has no video stream (its streams: {_stream_kinds(container)}); "
+                    f"video {index}: file {label} has no video stream (its streams: {_stream_kinds(container)}); "
                     "a video must be a video file, its frames or its frame image files"
                 )
             declared = container.streams.video[0].frames
@@ -168,12 +237,24 @@ def _decode_video_frames(path: str, num_frames: int, index: int) -> list[np.ndar
             if not set(wanted) <= kept.keys():
                 kept, total = decode(set(wanted))
     except (av.error.FFmpegError, IndexError, OSError) as error:
-        raise ValueError(f"video {index}: cannot decode video file {path!r} ({error})") from error
+        raise ValueError(f"video {index}: cannot decode video file {label} ({error})") from error
     return [kept[i] for i in wanted] if total > 0 else []
 
 
 def _stream_kinds(container) -> str:
     return ", ".join(sorted({stream.type for stream in container.streams})) or "none"
+
+
+def _check_has_media(container, name: str, kind: str, label: str) -> None:
+    """Refuse a container with neither a video nor an audio stream as unreadable rather than as of the other kind:
+    PyAV opens a truncated MP4 (its stream table cut off) as a container with no streams, or only a data stream."""
+    if container.streams.video or container.streams.audio:
+        return
+    found = f"only a stream of type {_stream_kinds(container)}" if container.streams else "no streams"
+    raise ValueError(
+        f"{name}: cannot read {kind} file {label}: PyAV opens it (as {container.format.name}) but finds {found}, no "
+        "video or audio stream; the file is truncated or corrupt, or not a media file"
+    )
 
 
 def _rgb_frame(image: Image.Image, name: str) -> np.ndarray:
@@ -207,10 +288,12 @@ def load_video(video, num_frames: int, index: int) -> list[np.ndarray]:
     """`num_frames` RGB frames [H, W, 3] sampled uniformly from a video file (PyAV), from given frames, or from frame
     image files (`is_frame_paths`; only the sampled files are read). Given frames follow `load_image`'s value rule."""
     num_frames = _check_num_frames(num_frames, f"video {index}: num_frames")
-    if isinstance(video, (str, os.PathLike)):
-        frames = _decode_video_frames(str(video), num_frames, index)
+    if isinstance(video, (str, os.PathLike)) or _is_file(video):
+        frames = _decode_video_frames(_file_source(video, f"video {index}"), num_frames, index)
         if not frames:
-            raise ValueError(f"video {index}: video file {str(video)!r} has no frames")
+            raise ValueError(
+                f"video {index}: video file {_source_name(video)} has no frames that decode (truncated or corrupt?)"
+            )
         return frames
     if is_frame_paths(video):
         paths = [video[i] for i in _sample_indices(len(video), num_frames)]
@@ -224,9 +307,20 @@ def load_video(video, num_frames: int, index: int) -> list[np.ndarray]:
                     raise  # already names the frame file (its values, its size)
                 raise ValueError(f"video {index}: cannot read frame file {str(path)!r} ({error.__cause__})") from error
         return [frames[path] for path in paths]
+    video = _as_numpy(video)
+    if not isinstance(video, (list, tuple, np.ndarray)):
+        raise TypeError(
+            f"video {index}: expected a video file path or binary file object, a [frames, H, W, C] or [frames, C, H, "
+            f"W] array or tensor, or a list of frames (images or image files), got {type(video).__name__}"
+        )
+    if isinstance(video, np.ndarray) and (video.ndim < 3 or (video.ndim == 3 and video.shape[-1] in (1, 3, 4))):
+        raise ValueError(
+            f"video {index}: expected a [frames, H, W, C] or [frames, C, H, W] array, got shape {tuple(video.shape)}"
+            + (" (one image: give it as an image, or as [1, H, W, C] for a one-frame video)" if video.ndim == 3 else "")
+        )
     frames = [
         _rgb_frame(load_image(frame, index, f"video {index} frame {i}"), f"video {index} frame {i}")
-        for i, frame in enumerate(_as_numpy(video))
+        for i, frame in enumerate(video)
     ]
     if not frames:
         raise ValueError(f"video {index}: the given frames are empty (no frames)")
@@ -250,10 +344,18 @@ _MIN_RATE, _MAX_RATE = 1_000, 1_000_000
 _MIN_RESAMPLE_LENGTH = 256
 # integer PCM waveforms and their full scale (soundfile's and torchaudio's convention): -> float in [-1, 1)
 _PCM_FULL_SCALE = {("i", 2): 32768.0, ("i", 4): 2147483648.0}
+# Float samples are nominally in [-1, 1]; peaks up to this are taken as they are, since lossy decoders and resamplers
+# overshoot full scale on loud or clipped recordings (a 0.999 square wave decodes to peaks of 1.26 from Opus, 1.40
+# from AAC, 1.46 from MP3; Whisper's features shift by log10(peak^2)/4 at most, 0.08 for 1.46, as for any louder
+# recording). Past it, samples are on another scale (PCM values as floats peak in the hundreds or thousands, which
+# shifts every Whisper feature by up to +2.26): refused. No unit mistake gives peaks in (1, 2].
+_MAX_FLOAT_PEAK = 2.0
 
 
 def _check_rate(rate, name: str) -> int:
     """A sampling rate in Hz -> int, refusing anything but a whole number of Hz in [_MIN_RATE, _MAX_RATE]."""
+    if (isinstance(rate, np.ndarray) or _is_tensor(rate)) and rate.ndim == 0:  # np.array(16000), torch.tensor(16000)
+        rate = rate.item()
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not math.isfinite(rate) or rate != int(rate):
         raise ValueError(f"{name}: the sampling rate must be a whole number of Hz, got {rate!r}")
     if not _MIN_RATE <= rate <= _MAX_RATE:
@@ -265,9 +367,16 @@ def _check_rate(rate, name: str) -> int:
 
 
 def _waveform(value, index: int) -> np.ndarray:
-    """A given waveform -> finite, non-empty, mono float32: float samples as given, int16/int32/uint8 PCM scaled to
-    [-1, 1); other dtypes refused."""
+    """A given waveform (an array, a tensor or a list of samples) -> finite, non-empty, mono float32: float samples
+    as given (peaks up to `_MAX_FLOAT_PEAK`), int16/int32/uint8 PCM scaled to [-1, 1); other dtypes refused."""
     name = f"audio {index}"
+    if not (isinstance(value, (np.ndarray, list, tuple)) or _is_tensor(value) or hasattr(value, "__array__")):
+        is_file = _is_path(value) or _is_file(value)
+        hint = "; a file's rate is read from the file: give the file alone" if is_file else ""
+        raise TypeError(
+            f"{name}: the waveform given with a sampling rate must be an array, a tensor or a list of samples, got "
+            f"{type(value).__name__}{hint}"
+        )
     try:
         array = np.asarray(_as_numpy(value))
     except (ValueError, TypeError) as error:  # ragged lists and the like
@@ -286,7 +395,21 @@ def _waveform(value, index: int) -> np.ndarray:
         )
     if array.size == 0:
         raise ValueError(f"audio {index} is empty (0 samples)")
-    return _check_finite(_to_mono(array, index), name)
+    waveform = _check_finite(_to_mono(array, index), name)
+    if kind == "f":
+        _check_peak(array, name)
+    return waveform
+
+
+def _check_peak(samples: np.ndarray, name: str) -> None:
+    """Refuse finite float samples (any channels) peaking past `_MAX_FLOAT_PEAK`: on another scale than [-1, 1]."""
+    peak = max(float(samples.max()), -float(samples.min()))
+    if peak > _MAX_FLOAT_PEAK:
+        raise ValueError(
+            f"{name}: float samples must be in [-1, 1] (peaks up to {_MAX_FLOAT_PEAK:g} pass as codec or resampler "
+            f"overshoot), found a peak of {peak:g}; scale the waveform to [-1, 1] (16-bit PCM values: divide by "
+            "32768, or pass them as int16)"
+        )
 
 
 def _check_finite(waveform: np.ndarray, name: str) -> np.ndarray:
@@ -321,15 +444,19 @@ def _resample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
     return _swresample(np.pad(waveform, (0, minimum - waveform.size)), rate, target)[:length]
 
 
-def _load_audio_file(path: str, sampling_rate: int, index: int) -> np.ndarray:
+def _load_audio_file(path, sampling_rate: int, index: int) -> np.ndarray:
+    """`path`: a path or a binary file object (from `_file_source`)."""
     import av
+
+    label = _source_name(path)
 
     def decode(rate: int | None) -> tuple[list[np.ndarray], int, int]:
         """Planar float [channels, samples] chunks at `rate` (None: the file's), the file's rate and sample count."""
-        with av.open(path) as container:
+        with av.open(_rewound(path)) as container:
             if not container.streams.audio:
+                _check_has_media(container, f"audio {index}", "audio", label)
                 raise ValueError(
-                    f"audio {index}: file {path!r} has no audio stream (its streams: {_stream_kinds(container)})"
+                    f"audio {index}: file {label} has no audio stream (its streams: {_stream_kinds(container)})"
                 )
             stream = container.streams.audio[0]
             resampler = av.AudioResampler(format="fltp", rate=rate)
@@ -348,25 +475,30 @@ def _load_audio_file(path: str, sampling_rate: int, index: int) -> np.ndarray:
         if short:  # too short for the streaming resampler (see `_resample`): decode as is, resample padded
             chunks, native_rate, samples = decode(None)
     except (av.error.FFmpegError, IndexError, OSError) as error:
-        raise ValueError(f"audio {index}: cannot decode audio file {path!r} ({error})") from error
+        raise ValueError(f"audio {index}: cannot decode audio file {label} ({error})") from error
     if not chunks:
-        raise ValueError(f"audio {index}: audio file {path!r} is empty")
-    waveform = _to_mono(np.concatenate(chunks, axis=1), index)
+        raise ValueError(f"audio {index}: audio file {label} is empty")
+    channels = np.concatenate(chunks, axis=1)
+    waveform = _to_mono(channels, index)
     if waveform.size == 0:
-        raise ValueError(f"audio {index}: audio file {path!r} is empty")
-    waveform = _check_finite(waveform.astype(np.float32), f"audio {index} (file {path!r})")
+        raise ValueError(f"audio {index}: audio file {label} is empty")
+    waveform = _check_finite(waveform.astype(np.float32), f"audio {index} (file {label})")
+    _check_peak(channels, f"audio {index} (file {label})")  # float files may hold any scale; decoded PCM is in [-1, 1)
     return _resample(waveform, native_rate, sampling_rate) if short else waveform
 
 
 def load_audio(audio, sampling_rate: int, index: int, given_rate: int | None = None) -> np.ndarray:
-    """A mono float32 waveform at `sampling_rate` from a file path (PyAV), a `(waveform, rate)` pair, a
-    `{"array", "sampling_rate"}` dict (the `datasets` Audio format) or an array at `given_rate` (default: already
-    at `sampling_rate`). Stereo is averaged to mono; other rates are resampled. Waveforms are float samples or
-    int16/int32/uint8 PCM (scaled to [-1, 1)); empty, non-finite or otherwise typed waveforms and rates that are not
-    a whole number of Hz in [1 kHz, 1 MHz] are refused, naming the item."""
+    """A mono float32 waveform at `sampling_rate` from a file path or binary file object (PyAV), a `(waveform, rate)`
+    pair, a `{"array", "sampling_rate"}` dict (the `datasets` Audio format) or an array at `given_rate` (default:
+    already at `sampling_rate`); in a pair or dict the waveform may be a list of samples. Stereo is averaged to mono;
+    other rates are resampled. Waveforms are float samples in [-1, 1] or int16/int32/uint8 PCM (scaled to [-1, 1)).
+    Float peaks up to 2 (lossy decoders and resamplers overshoot full scale on loud recordings: MP3 up to ~1.5) are
+    taken as they are; past 2, float waveforms and files (e.g. a float WAV holding PCM values) are refused, naming
+    the peak: divide 16-bit PCM values by 32768. Empty, non-finite or otherwise typed waveforms and rates that are
+    not a whole number of Hz in [1 kHz, 1 MHz] are refused, naming the item."""
     name = f"audio {index}"
-    if isinstance(audio, (str, os.PathLike)):
-        return _load_audio_file(str(audio), sampling_rate, index)
+    if isinstance(audio, (str, os.PathLike)) or _is_file(audio):
+        return _load_audio_file(_file_source(audio, name), sampling_rate, index)
     if isinstance(audio, dict):
         missing = [key for key in ("array", "sampling_rate") if key not in audio]
         if missing:
@@ -379,12 +511,15 @@ def load_audio(audio, sampling_rate: int, index: int, given_rate: int | None = N
         if len(audio) != 2:
             raise ValueError(f"{name}: an audio tuple must be (waveform, sampling_rate), got {len(audio)} elements")
         waveform, rate = audio
-    elif isinstance(audio, np.ndarray) or hasattr(audio, "detach"):
+    elif isinstance(audio, np.ndarray) or _is_tensor(audio):
         waveform, rate = audio, given_rate if given_rate is not None else sampling_rate
     else:
+        hint = " (encoded file bytes? wrap them in io.BytesIO)" if isinstance(audio, (bytes, bytearray)) else ""
+        if isinstance(audio, list):
+            hint = " (samples as a list? give them as an array, or with their rate: (samples, rate))"
         raise TypeError(
-            f"{name}: expected a file path, a waveform array or tensor, a (waveform, sampling_rate) pair or a "
-            f"{{'array', 'sampling_rate'}} dict, got {type(audio).__name__}"
+            f"{name}: expected a file path or binary file object, a waveform array or tensor, a (waveform, "
+            f"sampling_rate) pair or a {{'array', 'sampling_rate'}} dict, got {type(audio).__name__}{hint}"
         )
     rate = _check_rate(rate, name)
     waveform = _waveform(waveform, index)
@@ -403,27 +538,62 @@ def _is_path(x) -> bool:
 
 
 def _is_array(x, *ndims: int) -> bool:
-    return (isinstance(x, np.ndarray) or hasattr(x, "detach")) and x.ndim in ndims
+    return (isinstance(x, np.ndarray) or _is_tensor(x)) and x.ndim in ndims
 
 
 def _is_image(x) -> bool:
-    return _is_path(x) or isinstance(x, Image.Image) or _is_array(x, 2, 3)
+    return _is_path(x) or _is_file(x) or isinstance(x, Image.Image) or _is_array(x, 2, 3)
 
 
 def _is_video(x) -> bool:
-    """A path, a [frames, H, W, C] or [frames, C, H, W] array or tensor, a sequence of frames (images), or a
-    sequence of frame image files (`is_frame_paths`)."""
-    if _is_path(x) or _is_array(x, 4) or is_frame_paths(x):
+    """A path or file object, a [frames, H, W, C] or [frames, C, H, W] array or tensor, a sequence of frames
+    (images), or a sequence of frame image files (`is_frame_paths`)."""
+    if _is_path(x) or _is_file(x) or _is_array(x, 4) or is_frame_paths(x):
         return True
-    return isinstance(x, (list, tuple)) and all(_is_image(f) and not _is_path(f) for f in x)
+    return isinstance(x, (list, tuple)) and all(_is_image(f) and not (_is_path(f) or _is_file(f)) for f in x)
+
+
+def _is_rate_like(value) -> bool:
+    """Whether `value`, the second element of a 2-tuple, was meant as a sampling rate (however wrong): a number,
+    None, a numeric string, anything that cannot be an audio item itself."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return False  # a file path: the tuple is two audio items
+        return True
+    return not (
+        _is_path(value) or _is_file(value) or isinstance(value, (dict, list, tuple)) or _is_array(value, *range(1, 8))
+    )
 
 
 def _is_audio(x) -> bool:
-    """A path, a waveform array or tensor ([samples] or with a channel axis), a `(waveform, rate)` pair or a
+    """A path or file object, a waveform array or tensor ([samples] or with a channel axis), a `(waveform, rate)`
+    pair (any 2-tuple whose second element was meant as a rate: `load_audio` checks both) or a
     `{"array", "sampling_rate"}` dict."""
     if isinstance(x, tuple):
-        return len(x) == 2 and _is_array(x[0], 1, 2) and isinstance(x[1], numbers.Real) and not isinstance(x[1], bool)
-    return _is_path(x) or isinstance(x, dict) or _is_array(x, 1, 2)
+        return len(x) == 2 and _is_rate_like(x[1])
+    return _is_path(x) or _is_file(x) or isinstance(x, dict) or _is_array(x, 1, 2)
+
+
+def _is_sample_list(items, modality: str) -> bool:
+    """Whether `items`, an element of a media argument that is no item itself, is one sample's list of items: any
+    list or tuple, except one holding numbers (samples or pixels as a list: one bad item) and (videos) one holding
+    frames (images), which is one video, whatever its bad frame."""
+    if not isinstance(items, (list, tuple)) or any(isinstance(x, numbers.Number) for x in items):
+        return False
+    if modality == "video":
+        return not any(isinstance(x, Image.Image) or _is_array(x, 2, 3) for x in items)
+    return True
+
+
+class _PerSample(list):
+    """Media collected from chat messages, one list per sample: never taken for one flat list of items."""
+
+
+class _Flat(list):
+    """Media collected from chat messages, one item per placeholder across the batch: never taken for per-sample
+    lists (a bad item that is a list stays one item, named as such)."""
 
 
 _IS_ITEM = {"image": _is_image, "video": _is_video, "audio": _is_audio}
@@ -527,13 +697,17 @@ class UniMoEProcessor(ProcessorMixin):
 
     def _per_sample(self, media, counts: list[int], modality: str) -> list[list]:
         """Media given flat (in placeholder order across the batch) or nested per sample -> per-sample lists, with
-        the count of each sample checked against its placeholders."""
+        the count of each sample checked against its placeholders. Nested: as many lists as samples, none of them an
+        item (`_is_sample_list`), so that a bad item inside is loaded, and named, as itself; chat messages give
+        their media marked as nested (images, videos) or flat (audio), never guessed."""
         is_item = _IS_ITEM[modality]
-        if media is None or (isinstance(media, (list, tuple)) and len(media) == 0):
+        if isinstance(media, (_PerSample, _Flat)):
+            pass
+        elif media is None or (isinstance(media, (list, tuple)) and len(media) == 0):
             media = []
         elif is_item(media):
             media = [media]
-        elif isinstance(media, np.ndarray) or hasattr(media, "detach"):  # a batch as one array: its items
+        elif isinstance(media, np.ndarray) or _is_tensor(media):  # a batch as one array: its items
             media = list(media)
         elif not isinstance(media, (list, tuple)):
             argument = "audio" if modality == "audio" else f"{modality}s"
@@ -541,22 +715,31 @@ class UniMoEProcessor(ProcessorMixin):
                 f"`{argument}`: expected one {modality} item, a list of them (in placeholder order) or one list per "
                 f"sample, got {type(media).__name__}"
             )
-        nested = (
-            not all(is_item(item) for item in media)
+        nested = isinstance(media, _PerSample) or (
+            not isinstance(media, _Flat)
+            and not all(is_item(item) for item in media)
             and len(media) == len(counts)
-            and all(isinstance(items, (list, tuple)) and all(is_item(x) for x in items) for items in media)
+            and all(_is_sample_list(items, modality) for items in media)
         )
         if nested:
             for sample, (items, count) in enumerate(zip(media, counts)):
                 if len(items) != count:
+                    hint = ""
+                    if modality == "video" and not isinstance(media, _PerSample) and any(_is_path(x) for x in items):
+                        hint = " (a list of file paths is one video only when every path has an image extension: its frames)"
                     raise ValueError(
-                        f"sample {sample}: {count} {modality} placeholder(s) in the text but {len(items)} {modality} item(s) given"
+                        f"sample {sample}: {count} {modality} placeholder(s) in the text but {len(items)} {modality} "
+                        f"item(s) given{hint}"
                     )
             return [list(items) for items in media]
         if len(media) != sum(counts):
             per_sample = ", ".join(f"sample {i}: {c}" for i, c in enumerate(counts))
+            # a list of numbers (samples, pixels) read as that many items: say so
+            bad = next((i for i, x in enumerate(media) if x is None or isinstance(x, (numbers.Number, bytes))), None)
+            hint = "" if bad is None else f"; item {bad} is of type {type(media[bad]).__name__}, which no {modality} item is"
             raise ValueError(
-                f"{sum(counts)} {modality} placeholder(s) in the text ({per_sample}) but {len(media)} {modality} item(s) given"
+                f"{sum(counts)} {modality} placeholder(s) in the text ({per_sample}) but {len(media)} {modality} item(s) "
+                f"given{hint}"
             )
         result, start = [], 0
         for count in counts:
@@ -581,7 +764,9 @@ class UniMoEProcessor(ProcessorMixin):
         **kwargs,
     ) -> BatchFeature:
         """`truncation` only applies to audio past `max_audio_windows` (text and media blocks are never cut);
-        `num_frames` overrides the frames sampled per video for this call."""
+        `num_frames` overrides the frames sampled per video for this call. Several samples returned as tensors are
+        padded to the longest (on the tokenizer's `padding_side`) unless `padding` is given: unpadded, they could not
+        be stacked; one sample, or lists (`return_tensors=None`), are never padded by default."""
         if text is None:
             raise ValueError("UniMoEProcessor needs `text` with one placeholder per image, video and audio item")
         unsupported = sorted(set(kwargs) - self._TOKENIZER_OPTIONS)
@@ -591,6 +776,8 @@ class UniMoEProcessor(ProcessorMixin):
                 f"sampling_rate, truncation, num_frames, return_tensors and the tokenizer options {sorted(self._TOKENIZER_OPTIONS)}"
             )
         texts = self._check_text(text)
+        if kwargs.get("padding") is None and return_tensors is not None and len(texts) > 1:
+            kwargs["padding"] = True
         num_frames = self.num_frames if num_frames is None else _check_num_frames(num_frames)
         if sampling_rate is not None:
             sampling_rate = _check_rate(sampling_rate, "sampling_rate")
@@ -637,7 +824,7 @@ class UniMoEProcessor(ProcessorMixin):
         encoding = self.tokenizer(
             expanded, return_offsets_mapping=return_offsets, add_special_tokens=kwargs.pop("add_special_tokens", True), **kwargs
         )
-        self._check_lengths(encoding["input_ids"], texts)
+        self._check_lengths(encoding, texts)
         data.update(encoding)
         if return_text_replacement_offsets:  # where each placeholder expansion landed, for assistant masks
             data["text_replacement_offsets"] = replacement_offsets
@@ -664,7 +851,7 @@ class UniMoEProcessor(ProcessorMixin):
             f"audio {i} ({waveforms[i].size} samples: {waveforms[i].size / rate:.2f} s at {rate} Hz, "
             f"{self.feature_extractor.num_windows(waveforms[i].size)} window(s) of {self.feature_extractor.window_seconds} s)"
             for i, item in enumerate(given)
-            if not (_is_path(item) or isinstance(item, (tuple, dict)))
+            if not (_is_path(item) or _is_file(item) or isinstance(item, (tuple, dict)))
         ]
         if bare:
             logger.info(
@@ -775,23 +962,29 @@ class UniMoEProcessor(ProcessorMixin):
             offsets.append(sample_offsets)
         return expanded, offsets
 
-    def _check_lengths(self, input_ids, texts: list[str]):
+    def _check_lengths(self, encoding, texts: list[str]):
+        """Each sample's own length (padding excluded: a short sample padded to a long one is not too long)."""
         limit = self.tokenizer.model_max_length
-        for sample, ids in enumerate(input_ids):
-            if len(ids) > limit:
+        masks = encoding.get("attention_mask") or [None] * len(encoding["input_ids"])
+        for sample, (ids, mask) in enumerate(zip(encoding["input_ids"], masks)):
+            length = len(ids) if mask is None else int(sum(mask))
+            if length > limit:
                 media = {
                     name: texts[sample].count(token)
                     for name, token in (("images", self.image_token), ("videos", self.video_token), ("audio", self.audio_token))
                 }
                 raise ValueError(
-                    f"sample {sample} is {len(ids)} tokens long after expanding its media "
+                    f"sample {sample} is {length} tokens long after expanding its media "
                     f"({', '.join(f'{n} {name}' for name, n in media.items())}), more than the model maximum of {limit}; "
                     "shorten the text or pass fewer media items (media blocks are never cut)"
                 )
 
     def _multimodal_inputs_from_conversations(self, conversations, audio_loading_params, load_audio_from_video=False):
-        """Collect media from chat messages as given (paths stay paths): `__call__` decodes them, naming any bad file."""
-        batch_images, batch_videos, batch_audios = [], [], []
+        """Collect media from chat messages as given (paths stay paths): `__call__` decodes them, naming any bad file.
+        Every media block has exactly one source (`check_chat_messages`); images and videos are marked as one list
+        per sample, audio (flat, as transformers passes it) as one item per block, so that `__call__` takes each
+        block's value as one item, whatever it is, and names it."""
+        batch_images, batch_videos, batch_audios = _PerSample(), _PerSample(), _Flat()
         for conversation in conversations:
             images, videos = [], []
             for message in conversation:
@@ -799,7 +992,7 @@ class UniMoEProcessor(ProcessorMixin):
                 if isinstance(content, str) or not content:
                     continue
                 for block in content:
-                    sources = [block[key] for key in (block["type"], "path", "url") if key in block and key != "text"]
+                    sources = [block[key] for key in _block_sources(block)]  # (checked: only its own, one)
                     if block["type"] == "image":
                         images.extend(sources)
                     elif block["type"] == "video":
@@ -819,7 +1012,9 @@ class UniMoEProcessor(ProcessorMixin):
         generation blocks), -100 everywhere else.
 
         The conversations are checked first, whether tokenized or not (`check_chat_messages`): whatever the chat
-        template would drop or render wrongly is refused, naming the message (and the sample of a batch).
+        template would drop or render wrongly is refused, naming the message (and the sample of a batch); tokenized,
+        every media block needs its source. Several samples returned as tensors are padded by default (labels with
+        -100), as in `__call__`.
         `num_frames`, as an argument or in `processor_kwargs`, sets the frames sampled per video, as in `__call__`."""
         self._check_conversations(conversation, kwargs)
         kwargs, num_frames = self._chat_num_frames(kwargs)
@@ -836,13 +1031,25 @@ class UniMoEProcessor(ProcessorMixin):
                 raise ValueError(f"Uni-MoE's chat template (Vicuna v1) has no format for {name}; `{name}` cannot be used")
         if kwargs.get("load_audio_from_video"):
             raise ValueError("UniMoEProcessor does not load audio from videos: give the audio as its own audio block")
+        if not isinstance(conversation, (list, tuple)) and not hasattr(conversation, "messages"):
+            hints = {
+                dict: "; one message? a conversation of one message is [message]",
+                str: "; a prompt? as a conversation: [{'role': 'user', 'content': text}]",
+            }
+            hint = hints.get(type(conversation), "")
+            raise ChatContentTypeError(
+                f"the conversation is of type {type(conversation).__name__}: a conversation is a list of message dicts "
+                f"({{'role': ..., 'content': ...}}) and a batch a list of conversations{hint}"
+            )
         if isinstance(conversation, (list, tuple)) and not conversation:
             raise ValueError("the conversation is empty: apply_chat_template needs at least one message")
         # transformers' own normalisation (message objects -> dicts, None-valued keys dropped, OpenAI `image_url`
         # blocks -> image blocks), so that what is checked is what the template will see
         conversations, is_batched = self._normalize_conversations(conversation)
+        # tokenized, media come from the blocks (unless given as `processor_kwargs` images, transformers' option)
+        sources = bool(kwargs.get("tokenize")) and not (kwargs.get("processor_kwargs") or {}).get("images")
         for sample, messages in enumerate(conversations):
-            check_chat_messages(messages, f"sample {sample}" if is_batched else "")
+            check_chat_messages(messages, f"sample {sample}" if is_batched else "", require_sources=sources)
 
     def _chat_num_frames(self, kwargs: dict) -> tuple[dict, int | None]:
         """(`kwargs` without `num_frames`, the `num_frames` given at the top level or in `processor_kwargs`)."""
@@ -871,6 +1078,11 @@ class UniMoEProcessor(ProcessorMixin):
         if not (kwargs.get("tokenize") and kwargs.get("return_dict")):
             raise ValueError("return_labels=True needs tokenize=True and return_dict=True")
         return_tensors = kwargs.pop("return_tensors", "pt")
+        processor_kwargs = dict(kwargs.get("processor_kwargs") or {})
+        if return_tensors is not None and "padding" not in processor_kwargs and "padding" not in kwargs:
+            # built as lists (for the labels), returned as tensors: padded as `__call__` pads them (a no-op for one
+            # sample); pad tokens are zero-width, so outside every assistant span: their labels are -100
+            kwargs["processor_kwargs"] = {**processor_kwargs, "padding": True}
         output = super().apply_chat_template(
             conversation, chat_template=chat_template, return_assistant_tokens_mask=True, return_tensors=None, **kwargs
         )
@@ -908,13 +1120,16 @@ class ChatContentTypeError(TypeError, ValueError):
     input, so that handlers of bad rows (`validate_dataset(skip_invalid=True)`, evaluation) catch it too."""
 
 
-def check_chat_messages(messages, where: str = "") -> None:
+def check_chat_messages(messages, where: str = "", require_sources: bool = False) -> None:
     """Refuse a conversation that Uni-MoE's chat template (Vicuna v1) would drop content of or render wrongly:
     an empty conversation, a message that is not a dict, without a role or with a role other than 'system' (first
     message only), 'user' and 'assistant' (case-sensitive), tool calls or reasoning, content that is neither a
     string nor a list of blocks, a block without a type or of a type other than text, image, video and audio, a
-    text block whose text is not a string, a media block carrying text. Missing or None content is an empty
-    message. Errors name the message and block index, after `where` (e.g. "sample 1" or "row 7")."""
+    text block whose text is not a string, a block carrying what another kind of block holds (text on a media
+    block, media or a 'path' / 'url' on a text block, a video on an image block...), a media block with two
+    sources (of its type key, 'path' and 'url') and, with `require_sources` (the blocks' media are loaded), one
+    with none. Missing or None content is an empty message, a None key no key. Errors name the message and block
+    index, after `where` (e.g. "sample 1" or "row 7")."""
     prefix = f"{where}, " if where else ""
     if not isinstance(messages, (list, tuple)):
         raise ChatContentTypeError(f"{where or 'the conversation'}: a conversation is a list of messages, got {type(messages).__name__}")
@@ -970,6 +1185,36 @@ def check_chat_messages(messages, where: str = "") -> None:
                     raise ChatContentTypeError(f"{at_block}: text must be a str, got {type(block['text']).__name__}")
             elif block.get("text") is not None:
                 raise ValueError(f"{at_block}: {kind} blocks carry no text (it would be dropped); put it in a text block")
+            _check_block_sources(block, kind, at_block, require_sources)
+
+
+_MEDIA_SOURCE_KEYS = ("image", "video", "audio", "path", "url")
+
+
+def _block_sources(block: dict) -> list[str]:
+    """The keys of `block` that give media: None and "" give none (`datasets` fills missing keys with None)."""
+    return [key for key in _MEDIA_SOURCE_KEYS if not (block.get(key) is None or isinstance(block[key], str) and not block[key])]
+
+
+def _check_block_sources(block: dict, kind: str, at_block: str, require_sources: bool) -> None:
+    """A text block holds no media; a media block exactly one source, of its own type key, 'path' and 'url'."""
+    present = _block_sources(block)
+    foreign = [key for key in present if key in CHAT_BLOCK_TYPES and key != kind]
+    if foreign:
+        advice = "give each image, video and audio its own block of that type"
+        raise ValueError(f"{at_block}: {kind} blocks carry no {foreign[0]!r} (it would be dropped); {advice}")
+    if kind == "text":
+        if present:
+            raise ValueError(
+                f"{at_block}: text blocks carry no {present[0]!r} (it would be dropped); give media their own block, "
+                "e.g. {'type': 'image', 'path': ...}"
+            )
+        return
+    expected = f"exactly one of {kind!r}, 'path' or 'url'"
+    if len(present) > 1:
+        raise ValueError(f"{at_block}: {kind} block with {' and '.join(map(repr, present))}: it takes {expected}")
+    if require_sources and not present:
+        raise ValueError(f"{at_block}: {kind} block without its {kind}: it takes {expected} (None or '' is none)")
 
 
 UniMoEProcessor.register_for_auto_class("AutoProcessor")

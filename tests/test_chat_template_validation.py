@@ -7,6 +7,7 @@ refuses it, naming the message (and the sample of a batch), for `tokenize=False`
 template itself refuses it for anyone rendering it directly; training and evaluation rows are refused with their id.
 """
 
+import io
 import json
 
 import datasets
@@ -16,7 +17,7 @@ from jinja2.exceptions import TemplateError
 
 from trl_scripts.data import UniMoEDataCollator, to_messages
 from trl_scripts.evaluate import load_eval_samples
-from media import write_image
+from media import write_image, write_video
 
 
 def user(content, role="user"):
@@ -55,6 +56,16 @@ REFUSED = [
      ValueError, r"^message 0, content block 0: image blocks carry no text \(it would be dropped\); put it in a text block$"),
     ("tool calls", [user("Weather?"), {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f"}}]}],
      ValueError, r"^message 1 has 'tool_calls', which Uni-MoE's chat template \(Vicuna v1\) has no format for$"),
+    ("image on a text block", [user([{"type": "text", "text": "What colour?", "image": "red.png"}])],
+     ValueError, r"^message 0, content block 0: text blocks carry no 'image' \(it would be dropped\); give each image, video and audio its own block of that type$"),
+    ("path on a text block", [user([{"type": "text", "text": "Said?", "path": "beep.wav"}])],
+     ValueError, r"^message 0, content block 0: text blocks carry no 'path' \(it would be dropped\); give media their own block"),
+    ("video on an image block", [user([{"type": "image", "path": "red.png", "video": "move.mp4"}])],
+     ValueError, r"^message 0, content block 0: image blocks carry no 'video' \(it would be dropped\)"),
+    ("two sources", [user([{"type": "image", "image": "red.png", "path": "blue.png"}])],
+     ValueError, r"^message 0, content block 0: image block with 'image' and 'path': it takes exactly one of 'image', 'path' or 'url'$"),
+    ("three sources", [user([{"type": "audio", "audio": "a.wav", "path": "b.wav", "url": "c.wav"}])],
+     ValueError, r"^message 0, content block 0: audio block with 'audio' and 'path' and 'url': it takes exactly one of"),
 ]  # fmt: skip
 
 
@@ -282,3 +293,109 @@ def test_evaluation_rows_are_refused_before_the_model_loads(tmp_path, messages, 
     data.write_text(json.dumps([{"id": "q-1", "messages": [*messages, user("yes", role="assistant")]}]))
     with pytest.raises(ValueError, match=message):
         load_eval_samples(data, "vqa")
+
+
+# ------------------------------------------------------------------------------------- second review: chat inputs
+
+
+@pytest.mark.parametrize("block", [{"type": "image"}, {"type": "audio", "path": None}, {"type": "video", "url": None}],
+                         ids=["no source", "path None", "url None"])  # fmt: skip
+def test_media_blocks_without_a_source_are_refused_when_tokenized(tiny_processor, block):
+    """Tokenized, a media block's media are loaded: without a source it was a count error naming no block. Rendered
+    only (`tokenize=False`), `{"type": "image"}` stays the placeholder idiom (the media passed to the processor)."""
+    kind = block["type"]
+    conversation = [user([{"type": "text", "text": "What is it?"}, block])]
+    with pytest.raises(ValueError, match=(
+        rf"^message 0, content block 1: {kind} block without its {kind}: it takes exactly one of '{kind}', 'path' or "
+        r"'url' \(None or '' is none\)$"
+    )):  # fmt: skip
+        tiny_processor.apply_chat_template(conversation, tokenize=True, return_dict=True)
+    with pytest.raises(ValueError, match=rf"^sample 1, message 0, content block 1: {kind} block without its {kind}"):
+        tiny_processor.apply_chat_template([[user("Hi")], conversation], tokenize=True, return_dict=True)
+    assert tiny_processor.apply_chat_template(conversation).endswith(f"USER: What is it?<{kind}>\n ")
+
+
+def bad_chat_items(folder):
+    frame = np.zeros((12, 12, 3), np.uint8)
+    image = write_image(folder / "red.png")
+    (folder / "notes.txt").write_text("not a frame")
+    return [
+        ("int image", {"type": "image", "image": 5}, TypeError,
+         r"^image 1: expected a PIL image, an array or tensor, a file path or a binary file object, got int$"),
+        ("bytes image", {"type": "image", "image": image.read_bytes()}, TypeError,
+         r"^image 1: expected .*, got bytes \(encoded file bytes\? wrap them in io\.BytesIO\)$"),
+        ("batch of one image", {"type": "image", "image": np.zeros((1, 12, 12, 3), np.uint8)}, ValueError,
+         r"^image 1: expected an \[H, W\], \[H, W, C\] or \[C, H, W\] array with C in 1, 3 or 4, got shape \(1, 12, 12, 3\) \(a batch of one image\? take its first item\)$"),
+        ("None frame", {"type": "video", "video": [frame, None, frame]}, TypeError,
+         r"^video 1 frame 1: expected a PIL image, an array or tensor, a file path or a binary file object, got NoneType$"),
+        ("text frame file", {"type": "video", "video": [str(image), str(folder / "notes.txt")]}, ValueError,
+         r"^video 1 frame 1: cannot read image file '.*notes\.txt' \(cannot identify image file"),
+        ("list audio", {"type": "audio", "audio": [0.0, 0.1, 0.2]}, TypeError,
+         r"^audio 1: expected a file path or binary file object, a waveform array or tensor, .* got list \(samples as a list\? give them as an array, or with their rate: \(samples, rate\)\)$"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(6), ids=["int image", "bytes image", "batch of one image", "None frame", "text frame file", "list audio"])
+def test_a_bad_item_in_a_media_block_is_named_as_itself(tiny_processor, tmp_path, case):
+    """The block's value is the item, whatever it is: its own type and index, not 'got list' (the sample's list)."""
+    _, block, error, message = bad_chat_items(tmp_path)[case]
+    good = {"image": {"type": "image", "image": np.zeros((12, 12, 3), np.uint8)},
+            "video": {"type": "video", "video": [np.zeros((12, 12, 3), np.uint8)] * 2},
+            "audio": {"type": "audio", "audio": (np.zeros(1600, np.float32), 16000)}}[block["type"]]  # fmt: skip
+    with pytest.raises(error, match=message):  # item 1: the first sample holds item 0
+        tiny_processor.apply_chat_template([[user([good, {"type": "text", "text": "a"}])], [user([block])]], tokenize=True, return_dict=True)
+
+
+def test_frame_files_and_file_objects_in_blocks_are_read(tiny_processor, tmp_path):
+    image = write_image(tmp_path / "red.png")
+    for name in ("frame0", "frame1"):  # image files without an image extension: read by their content
+        (tmp_path / name).write_bytes(image.read_bytes())
+    by_extension = tiny_processor.apply_chat_template(
+        [user([{"type": "video", "video": [str(image)] * 2}])], tokenize=True, return_dict=True)["pixel_values_videos"]
+    without = tiny_processor.apply_chat_template(
+        [user([{"type": "video", "video": [str(tmp_path / "frame0"), str(tmp_path / "frame1")]}])], tokenize=True, return_dict=True)
+    assert without["pixel_values_videos"].equal(by_extension)
+    for block in ({"type": "image", "image": "", "path": str(image)}, {"type": "image", "image": io.BytesIO(image.read_bytes())}, {"type": "video", "video": io.BytesIO(write_video(tmp_path / "m.mp4").read_bytes())}):
+        out = tiny_processor.apply_chat_template([user([block, {"type": "text", "text": "What?"}])], tokenize=True, return_dict=True)
+        assert out["pixel_values" if block["type"] == "image" else "pixel_values_videos"].shape[0] == 1
+
+
+@pytest.mark.parametrize("tokenize", [False, True], ids=["text", "tokenized"])
+@pytest.mark.parametrize("conversation, hint", [
+    ("hello", r"; a prompt\? as a conversation: \[\{'role': 'user', 'content': text\}\]$"),
+    ({"role": "user", "content": "hello"}, r"; one message\? a conversation of one message is \[message\]$"),
+    (5, r"$"),
+], ids=["str", "dict", "int"])  # fmt: skip
+def test_a_conversation_must_be_a_list_of_messages(tiny_processor, tokenize, conversation, hint):
+    """Was transformers' "Chat messages should be dicts ... but got 'h'" (the first letter taken for a message)."""
+    kind = type(conversation).__name__
+    with pytest.raises(TypeError, match=(
+        rf"^the conversation is of type {kind}: a conversation is a list of message dicts \(\{{'role': \.\.\., 'content': "
+        rf"\.\.\.\}}\) and a batch a list of conversations{hint}"
+    )) as caught:  # fmt: skip
+        tiny_processor.apply_chat_template(conversation, tokenize=tokenize)
+    assert isinstance(caught.value, ValueError)  # caught by the handlers of bad rows too
+
+
+def test_batched_chat_is_padded_by_default(tiny_processor):
+    """Several conversations returned as tensors were refused by transformers ("Unable to convert output") unless
+    `processor_kwargs={"padding": True}`: now padded by default, labels with -100; one conversation is unchanged."""
+    short = [user("Hi"), user("Hello", role="assistant")]
+    long = [user("What colour is the sky on a clear day?"), user("It is blue.", role="assistant")]
+    for options in ({}, {"return_labels": True}):
+        out = tiny_processor.apply_chat_template([short, long], tokenize=True, return_dict=True, **options)
+        explicit = tiny_processor.apply_chat_template(
+            [short, long], tokenize=True, return_dict=True, processor_kwargs={"padding": True}, **options)
+        assert out.keys() == explicit.keys()
+        for key in out:
+            assert out[key].equal(explicit[key]), key
+    mask, labels = out["attention_mask"], out["labels"]
+    assert (labels[mask == 0] == -100).all() and (mask[0] == 0).any()
+    for sample, conversation in enumerate((short, long)):  # each sample's labels are those of its own call
+        alone = tiny_processor.apply_chat_template(conversation, tokenize=True, return_dict=True, return_labels=True)
+        assert labels[sample][mask[sample] == 1].equal(alone["labels"][0])
+        unpadded = tiny_processor.apply_chat_template(
+            conversation, tokenize=True, return_dict=True, return_labels=True, processor_kwargs={"padding": False})
+        assert alone["input_ids"].equal(unpadded["input_ids"]) and alone["labels"].equal(unpadded["labels"])
+    ids = tiny_processor.apply_chat_template([short, long], tokenize=True)
+    assert ids.shape == out["input_ids"].shape

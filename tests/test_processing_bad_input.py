@@ -1,6 +1,7 @@
 """UniMoEProcessor on bad or unusual media and text: every input is handled correctly or refused with an error that
 names the item and what was expected; nothing is corrupted, dropped or crashes without a word (issue 14)."""
 
+import io
 import json
 import logging
 import subprocess
@@ -335,7 +336,7 @@ def test_bad_text_is_named(tiny_processor, text, error, message):
     ({"images": {"path": "a.png"}}, TypeError, r"`images`: .* got dict"),
     ({"videos": b"\x00\x01"}, TypeError, r"`videos`: .* got bytes"),
     ({"audio": 3.5}, TypeError, r"`audio`: .* got float"),
-    ({"images": [5]}, TypeError, r"image 0: expected a PIL image, an array or a file path, got int"),
+    ({"images": [5]}, TypeError, r"image 0: expected a PIL image, an array or tensor, a file path or a binary file object, got int"),
     ({"truncation": "longest_first"}, TypeError, r"truncation must be True or False .* got 'longest_first'"),
     ({"sampling_rate": 0}, ValueError, r"sampling_rate: the sampling rate must be between 1000 and 1000000 Hz, got 0"),
     ({"sampling_rate": "16000"}, ValueError, r"sampling_rate: the sampling rate must be a whole number of Hz, got '16000'"),
@@ -439,3 +440,251 @@ def test_integer_pcm_audio_is_scaled_and_other_dtypes_refused(tiny_processor):
 def test_a_tuple_with_a_numpy_rate_is_one_audio_item(tiny_processor):
     out = tiny_processor(text="<audio>", audio=(tone(1.0, rate=8000), np.int64(8000)))
     assert out["input_features"].shape[0] == 1
+
+
+# ---- 5. second review: EXIF orientation, float audio scale, file objects, audio pairs, truncated files, batches ----
+
+
+def write_exif_jpeg(path: Path, orientation: int | None, size=(60, 30)) -> Path:
+    """A JPEG whose left half is white, with an EXIF Orientation tag (None: no EXIF)."""
+    picture = np.zeros((size[1], size[0], 3), np.uint8)
+    picture[:, : size[0] // 2] = 255
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    Image.fromarray(picture).save(path, exif=exif, quality=95)
+    return path
+
+
+def test_image_files_are_turned_by_their_exif_orientation_as_transformers_does(tiny_processor, tmp_path):
+    from transformers.image_utils import load_image as transformers_load_image
+
+    path = write_exif_jpeg(tmp_path / "sideways.jpg", 6)  # stored 60x30, shown 30x60
+    upright = transformers_load_image(str(path))
+    assert upright.size == (30, 60)
+    assert load_image(str(path), 0).size == (30, 60)  # was 60x30: the model saw the photo sideways
+    np.testing.assert_array_equal(np.asarray(load_image(str(path), 0)), np.asarray(upright))
+    expected = pixels(tiny_processor, upright)
+    torch.testing.assert_close(pixels(tiny_processor, str(path)), expected, atol=0, rtol=0)
+    with open(path, "rb") as file:  # a file object is a file: turned too
+        torch.testing.assert_close(pixels(tiny_processor, file), expected, atol=0, rtol=0)
+    torch.testing.assert_close(  # frame files as well (training and evaluation read files through load_image)
+        frames_pixels(tiny_processor, [str(path)] * 2), frames_pixels(tiny_processor, [upright] * 2), atol=0, rtol=0
+    )
+    # a PIL image given in memory is taken as the caller decoded it (as transformers' image processors take it)
+    assert load_image(Image.open(path), 0).size == (60, 30)
+
+
+@pytest.mark.parametrize("name, mode", [("plain.jpg", None), ("upright.jpg", 1), ("rgba.png", "RGBA"), ("p.png", "P"),
+                                        ("sixteen.png", "I;16")])  # fmt: skip
+def test_image_files_without_an_orientation_are_read_as_stored(tmp_path, name, mode):
+    path = tmp_path / name
+    if name.endswith(".jpg"):
+        write_exif_jpeg(path, mode)
+    elif mode == "I;16":
+        Image.fromarray((gradient().astype(np.uint16) * 257)).save(path)
+    else:
+        Image.fromarray(np.dstack([gradient()] * 3)).convert(mode).save(path)
+    with Image.open(path) as stored:
+        stored.load()
+        loaded = load_image(str(path), 0)
+        if mode != "I;16":  # (16-bit files become 8 bits by the value rule)
+            assert loaded.mode == stored.mode
+            np.testing.assert_array_equal(np.asarray(loaded), np.asarray(stored))
+        else:
+            assert loaded.size == stored.size
+
+
+@pytest.mark.parametrize("form", ["array", "tensor", "tuple", "dict", "list pair", "stereo"])
+def test_float_audio_on_a_pcm_scale_is_refused_naming_the_peak(tiny_processor, form):
+    wave = tone(1.0) * 32767  # int16 values as float32: peak 16383
+    given = {
+        "array": wave,
+        "tensor": torch.from_numpy(wave),
+        "tuple": (wave, 16000),
+        "dict": {"array": wave, "sampling_rate": 16000},
+        "list pair": (wave.tolist(), 16000),
+        "stereo": np.stack([wave, -wave]),  # averages to silence: the peak is looked for before the mix to mono
+    }[form]
+    with pytest.raises(ValueError, match=(
+        r"^audio 1: float samples must be in \[-1, 1\] \(peaks up to 2 pass as codec or resampler overshoot\), found a "
+        r"peak of 1638\d(\.\d+)?; scale the waveform to \[-1, 1\] \(16-bit PCM values: divide by 32768, or pass them as int16\)$"
+    )):  # fmt: skip
+        tiny_processor(text="<audio><audio>", audio=[tone(1.0), given])
+    scaled = tiny_processor(text="<audio>", audio=[wave / 32768])["input_features"]  # as told: fine
+    torch.testing.assert_close(scaled, tiny_processor(text="<audio>", audio=[tone(1.0)])["input_features"], atol=1e-4, rtol=0)
+
+
+def test_float_audio_files_past_full_scale_are_refused_naming_the_file(tiny_processor, tmp_path):
+    soundfile.write(tmp_path / "five.wav", np.full(16000, 5.0, np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(ValueError, match=r"^audio 0 \(file '.*five\.wav'\): float samples must be in \[-1, 1\] .*found a peak of 5;"):
+        tiny_processor(text="<audio>", audio=[str(tmp_path / "five.wav")])
+    soundfile.write(tmp_path / "pcm.wav", tone(1.0) * 32767, 16000, subtype="FLOAT")
+    with pytest.raises(ValueError, match=r"^audio 0 \(file '.*pcm\.wav'\): .*found a peak of 1638"):
+        tiny_processor(text="<audio>", audio=[str(tmp_path / "pcm.wav")])
+
+
+def write_loud_mp3(path: Path, rate: int = 44100) -> Path:
+    """A 0.999 square wave as MP3: lossy coding overshoots full scale (it decodes to peaks of about 1.46)."""
+    import av
+
+    wave = (0.999 * np.sign(np.sin(2 * np.pi * 440 * np.arange(rate) / rate))).astype(np.float32)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libmp3lame", rate=rate)
+        stream.layout = "mono"
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=rate)
+        for start in range(0, wave.size, 1152):
+            frame = av.AudioFrame.from_ndarray(wave[None, start : start + 1152], format="fltp", layout="mono")
+            frame.sample_rate = rate
+            for resampled in resampler.resample(frame):
+                for packet in stream.encode(resampled):
+                    container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_overshoot_of_loud_recordings_and_rounding_are_accepted(tiny_processor, tmp_path):
+    """Float samples a little past 1 are real audio (a lossy decoder's or resampler's overshoot), not another scale."""
+    import av
+
+    path = write_loud_mp3(tmp_path / "loud.mp3")
+    with av.open(str(path)) as container:
+        peak = max(np.abs(frame.to_ndarray()).max() for frame in container.decode(audio=0))
+    assert 1.2 < peak <= 2.0
+    assert tiny_processor(text="<audio>", audio=[str(path)])["input_features"].shape[0] == 1
+    for high in (1.0 + 1e-6, 1.5, 2.0):
+        wave = tone(1.0)
+        wave[100], wave[200] = high, -high
+        assert tiny_processor(text="<audio>", audio=[(wave, 16000)])["input_features"].shape[0] == 1
+
+
+def png_bytes(color=(255, 0, 0), size=(40, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class ReadOnlyStream:
+    """A file object that can only be read, once (a socket, a pipe): not seekable."""
+
+    def __init__(self, data: bytes):
+        self._data = io.BytesIO(data)
+
+    def read(self, size=-1):
+        return self._data.read(size)
+
+
+def test_file_objects_are_read_like_files(tiny_processor, tmp_path):
+    image, video, sound = write_image(tmp_path / "red.png"), write_video(tmp_path / "move.mp4"), write_audio(tmp_path / "beep.wav")
+    for argument, token, path, key in (("images", "<image>", image, "pixel_values"), ("videos", "<video>", video, "pixel_values_videos"),
+                                       ("audio", "<audio>", sound, "input_features")):  # fmt: skip
+        expected = tiny_processor(text=token, **{argument: str(path)})[key]
+        data = path.read_bytes()
+        buffer = io.BytesIO(data)
+        buffer.seek(0, io.SEEK_END)  # read from its start, wherever it was left (e.g. just written)
+        for given in (buffer, buffer, ReadOnlyStream(data)):  # the same object twice: read whole each time
+            torch.testing.assert_close(tiny_processor(text=token, **{argument: given})[key], expected, atol=0, rtol=0)
+        with open(path, "rb") as file:
+            torch.testing.assert_close(tiny_processor(text=token, **{argument: [file]})[key], expected, atol=0, rtol=0)
+    assert load_image(io.BytesIO(png_bytes()), 0).size == (40, 30)
+
+
+def test_bad_file_objects_are_named(tiny_processor, tmp_path):
+    with pytest.raises(ValueError, match=r"^image 1: cannot read image file <BytesIO> \(cannot identify image file"):
+        tiny_processor(text="<image><image>", images=[gradient(), io.BytesIO(b"not an image")])
+    with pytest.raises(ValueError, match=r"^audio 0: cannot decode audio file <BytesIO> "):
+        tiny_processor(text="<audio>", audio=io.BytesIO(b"not a sound"))
+    with pytest.raises(ValueError, match=r"^video 0: cannot decode video file <BytesIO> "):
+        tiny_processor(text="<video>", videos=[io.BytesIO(b"not a video")])
+    (tmp_path / "notes.txt").write_text("hello")
+    with open(tmp_path / "notes.txt") as text_file:
+        with pytest.raises(TypeError, match=r"^audio 0: the file object '.*notes\.txt' \(a TextIOWrapper\) is open in text mode; open media files in binary mode"):
+            tiny_processor(text="<audio>", audio=text_file)
+    closed = io.BytesIO(png_bytes())
+    closed.close()
+    with pytest.raises(ValueError, match=r"^image 0: cannot read the file object <BytesIO> \(I/O operation on closed file"):
+        tiny_processor(text="<image>", images=closed)
+    with pytest.raises(TypeError, match=r"^image 0: expected a PIL image, .* got bytes \(encoded file bytes\? wrap them in io\.BytesIO\)$"):
+        tiny_processor(text="<image>", images=[png_bytes()])
+
+
+@pytest.mark.parametrize("pair, error, message", [
+    ((tone(1.0), "16000"), ValueError, r"^audio 0: the sampling rate must be a whole number of Hz, got '16000'$"),
+    ((tone(1.0), None), ValueError, r"^audio 0: the sampling rate must be a whole number of Hz, got None$"),
+    ((tone(1.0), 16), ValueError, r"^audio 0: the sampling rate must be between 1000 and 1000000 Hz, got 16 \(a rate in kHz\? give it in Hz\)$"),
+    (("beep.wav", 16000), TypeError,
+     r"^audio 0: the waveform given with a sampling rate must be an array, a tensor or a list of samples, got str; a file's rate is read from the file: give the file alone$"),
+    ((tone(1.0).tolist(), 0.5), ValueError, r"^audio 0: the sampling rate must be a whole number of Hz, got 0.5$"),
+])  # fmt: skip
+def test_malformed_waveform_rate_pairs_are_named_as_pairs(tiny_processor, pair, error, message):
+    """A 2-tuple whose second element was meant as a rate is one (waveform, rate) item, however wrong: not two."""
+    for audio in (pair, [pair], [[pair]]):
+        with pytest.raises(error, match=message):
+            tiny_processor(text="<audio>", audio=audio)
+
+
+def test_a_list_of_samples_is_a_waveform_with_its_rate(tiny_processor):
+    wave = tone(1.0, rate=8000)
+    expected = tiny_processor(text="<audio>", audio=(wave, 8000))["input_features"]
+    for given in ((wave.tolist(), 8000), {"array": wave.tolist(), "sampling_rate": 8000}, (wave, np.array(8000)), (wave, torch.tensor(8000))):
+        torch.testing.assert_close(tiny_processor(text="<audio>", audio=given)["input_features"], expected, atol=1e-6, rtol=0)
+    two = tiny_processor(text="<audio><audio>", audio=(tone(1.0), tone(2.0)))
+    assert two["input_features"].shape[0] == 2  # two waveforms stay two items
+    # bare, a list is no waveform (it could be a list of items): refused, saying what to give
+    with pytest.raises(TypeError, match=r"^audio 0: expected .* got list \(samples as a list\? give them as an array, or with their rate: \(samples, rate\)\)$"):
+        tiny_processor(text="<audio>", audio=[wave.tolist()])
+    with pytest.raises(ValueError, match=r"^1 audio placeholder\(s\) .* but 8000 audio item\(s\) given; item 0 is of type float, which no audio item is$"):
+        tiny_processor(text="<audio>", audio=wave.tolist())
+
+
+def cut_to_no_streams(data: bytes) -> bytes:
+    """The longest prefix of an MP4 that PyAV still opens but finds no stream in (its track table cut off)."""
+    import av
+
+    def streams(prefix: bytes):
+        try:
+            with av.open(io.BytesIO(prefix)) as container:
+                return len(container.streams)
+        except av.error.FFmpegError:
+            return None
+
+    cut = next(n for n in range(data.index(b"moov"), len(data)) if streams(data[:n]) == 0)
+    while streams(data[: cut + 1]) == 0:
+        cut += 1
+    return data[:cut]
+
+
+def test_truncated_media_files_are_named_unreadable_not_streamless(tiny_processor, tmp_path):
+    truncated = tmp_path / "cut.mp4"
+    truncated.write_bytes(cut_to_no_streams(write_video(tmp_path / "move.mp4").read_bytes()))
+    with pytest.raises(ValueError, match=(
+        r"^video 0: cannot read video file '.*cut\.mp4': PyAV opens it \(as mov,mp4,.*\) but finds no streams, no video or "
+        r"audio stream; the file is truncated or corrupt, or not a media file$"
+    )):  # fmt: skip
+        tiny_processor(text="<video>", videos=[str(truncated)])
+    with pytest.raises(ValueError, match=r"^audio 0: cannot read audio file '.*cut\.mp4': PyAV opens it .* but finds no streams"):
+        tiny_processor(text="<audio>", audio=[str(truncated)])
+
+
+def test_several_samples_returned_as_tensors_are_padded_by_default(tiny_processor):
+    tokenizer = tiny_processor.tokenizer
+    out = tiny_processor(text=["", "a b c"])  # was "Unable to convert output 'input_ids' to tensor"
+    explicit = tiny_processor(text=["", "a b c"], padding=True)
+    torch.testing.assert_close(out["input_ids"], explicit["input_ids"], atol=0, rtol=0)
+    assert out["attention_mask"].sum(1).tolist() == [len(tokenizer("")["input_ids"]), len(tokenizer("a b c")["input_ids"])]
+    pads = out["attention_mask"][0] == 0
+    assert pads[0 if tokenizer.padding_side == "left" else -1] and (out["input_ids"][0][pads] == tokenizer.pad_token_id).all()
+    # one sample, lists, and an explicit choice are as before
+    assert tiny_processor(text="a b c")["input_ids"].tolist() == [tokenizer("a b c")["input_ids"]]
+    assert tiny_processor(text=["", "a b c"], return_tensors=None)["input_ids"] == [tokenizer(t)["input_ids"] for t in ("", "a b c")]
+    with pytest.raises(ValueError, match="padding=True"):
+        tiny_processor(text=["", "a b c"], padding=False)
+
+
+def test_the_length_limit_names_the_long_sample_of_a_padded_batch(tiny_processor):
+    tiny_processor.tokenizer.model_max_length = 30
+    two_images = [gradient(), gradient()]  # 2 x 16 soft tokens
+    for texts, images, long in ((["hi", "<image><image>"], [[], two_images], 1), (["<image><image>", "hi"], [two_images, []], 0)):
+        with pytest.raises(ValueError, match=rf"^sample {long} is 33 tokens long after expanding its media \(2 images"):
+            tiny_processor(text=texts, images=images, padding=True)  # (explicit: also how the collator calls it)

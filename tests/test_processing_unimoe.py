@@ -195,7 +195,7 @@ def test_tensors_grayscale_and_float_media(tiny_processor):
         text="<image><image><image><video><audio>",
         images=[torch.rand(3, 20, 20), np.zeros((20, 20), np.uint8), np.random.rand(20, 20, 3)],
         videos=[torch.rand(5, 3, 20, 20)],
-        audio=[torch.randn(16000)],
+        audio=[torch.rand(16000) * 2 - 1],  # float samples in [-1, 1]
     )
     assert out["pixel_values"].shape == (3, 3, 28, 28)
     assert out["pixel_values_videos"].shape[:2] == (1, tiny_processor.num_frames)
