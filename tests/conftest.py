@@ -1,20 +1,22 @@
 import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
-import pytest
-import torch
 
-from modeling_unimoe import UniMoEForCausalLM
-from trl_scripts import load_preset
+# Never reach a hub from tests. Set before anything imports huggingface_hub, which reads it once at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from modeling_unimoe import UniMoEForCausalLM  # noqa: E402
+from trl_scripts import load_preset  # noqa: E402
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-# Never reach a hub from tests.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def make_tiny_model(seed: int = 0, text_only: bool = True, **text_overrides) -> UniMoEForCausalLM:

@@ -4,6 +4,7 @@ training CLI's defaults (media next to the data, YAML files with overrides, a mi
 import configparser
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,53 @@ def test_a_yaml_file_takes_overrides_from_the_command_line(tmp_path):
     )
     main([str(config), "--output_dir", str(tmp_path / "overridden")])
     assert (tmp_path / "overridden" / "config.json").is_file() and not (tmp_path / "from-yaml").exists()
+
+
+def run_module(module: str, *args: str, cwd, env: dict | None = None, warnings_as_errors: bool = False) -> subprocess.CompletedProcess:
+    flags = ["-W", "error::RuntimeWarning"] if warnings_as_errors else []
+    return subprocess.run(
+        [sys.executable, *flags, "-m", f"trl_scripts.{module}", *args], capture_output=True, text=True, cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}, timeout=300,
+    )
+
+
+def test_running_a_tool_as_a_module_does_not_warn(tmp_path):
+    """`trl_scripts/__init__.py` imported `upcycling` eagerly, so `python -m trl_scripts.upcycling` ran a module
+    already in sys.modules (runpy's RuntimeWarning). The package imports none of its submodules; its names load lazily."""
+    result = run_module("upcycling", "--help", cwd=tmp_path, warnings_as_errors=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage:") and "RuntimeWarning" not in result.stderr
+    code = ("import sys, trl_scripts; print(sorted(m for m in sys.modules if m.startswith('trl_scripts.')));"
+            "from trl_scripts import PRESETS_DIR, load_preset, load_tiny_processor, upcycle_llama; print(callable(upcycle_llama))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "[]" and result.stdout.splitlines()[1] == "True"
+
+
+def one_line_error(result: subprocess.CompletedProcess, tool: str) -> str:
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith(f"{tool}: error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+def test_stage1_text_only_rows_are_one_line_before_training(tmp_path):
+    """They crashed mid-run with a 51-line "element 0 of tensors does not require grad" traceback."""
+    train = write_rows(tmp_path)
+    rows = json.loads(Path(train).read_text()) + [
+        {"id": "txt-0", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "hello"}]}]
+    Path(train).write_text(json.dumps(rows))
+    error = one_line_error(run_module("train", *train_arguments(train, tmp_path / "out"), cwd=tmp_path), "train.py")
+    assert "1 text-only row(s) of 9 (no image, video or audio): txt-0. Stage 1 trains only the connectors" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_names_a_missing_checkpoint_folder_in_one_line(tmp_path):
+    """It printed a 109-line OSError traceback from transformers."""
+    (tmp_path / "data.json").write_text(json.dumps([{"id": "q-1", "text": "Say red.", "gt": "red"}]))
+    (tmp_path / "out").mkdir()
+    result = run_module("evaluate", "--model", "out/nope", "--data", "data.json", "--task", "vqa", cwd=tmp_path)
+    error = one_line_error(result, "evaluate.py")
+    assert f"--model 'out/nope': no such folder ({tmp_path / 'out' / 'nope'}); expected a checkpoint folder" in error

@@ -363,3 +363,99 @@ def test_training_validates_with_the_stage_processor_and_model_maximum(tmp_path)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", use_cpu=True, save_strategy="no")
     with pytest.raises(ValueError, match=r"^row long-audio: audio file .*long\.wav' lasts 20\.0 s \(5 windows of 4 s\)"):
         run(StageArguments(stage=1, model_name_or_path="tiny"), data, args)
+
+
+# ------------------------------------------------------------------------------------- review: rows, files, media
+
+
+def test_text_only_rows_are_refused_when_the_stage_needs_media(tmp_path, caplog):
+    """Stage 1 trains only the connectors: a text-only batch has no gradient ("element 0 of tensors does not require
+    grad" mid-run). `media_required` names every text-only row before training, or skip_invalid drops and counts them."""
+    write_image(tmp_path / "red.png")
+    rows = [_qa("img-1", question="<image>\nColour?", answer="red", image="red.png"),
+            _qa("txt-1", question="Hi", answer="hello"), _qa("txt-2", question="Bye", answer="bye")]  # fmt: skip
+    dataset = load_conversations(str(write_rows(tmp_path, rows)))
+    assert len(validate_dataset(dataset, tmp_path)) == 3  # other stages train the language model: text-only is fine
+    reason = "stage 1 trains only the connectors"
+    with pytest.raises(ValueError, match=r"^2 text-only row\(s\) of 3 \(no image, video or audio\): txt-1, txt-2\. Stage 1 trains"):
+        validate_dataset(dataset, tmp_path, media_required=reason)
+    with caplog.at_level("WARNING"):
+        kept = validate_dataset(dataset, tmp_path, skip_invalid=True, media_required=reason)
+    assert kept["id"] == ["img-1"] and "Dropped 2 invalid row(s) of 3" in caplog.text and "row txt-2: text-only" in caplog.text
+    with pytest.raises(ValueError, match=r"^no valid row left: all 2 row\(s\) are invalid \(first: row txt-1: text-only"):
+        validate_dataset(dataset.select([1, 2]), tmp_path, skip_invalid=True, media_required=reason)
+
+
+def test_data_files_of_both_formats_and_types_load_together(tmp_path, tiny_processor):
+    """Each file loads alone, then they are concatenated: a `conversations` file with a `messages` file (one
+    schema for both made `datasets` fail with a 61-line DatasetGenerationError naming neither file), and an `image`
+    that is a path in one file and a list in another."""
+    write_image(tmp_path / "red.png")
+    write_image(tmp_path / "blue.png", color=(0, 0, 255))
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps([_qa("llava-1", question="<image>\nColour?", answer="red", image="red.png")]))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"id": "chat-1", "messages": [
+        {"role": "user", "content": [{"type": "image", "path": "red.png"}, {"type": "text", "text": "Shape?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "square"}]}]}))  # fmt: skip
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps([_qa("two-1", question="<image>\n<image>\nSame?", answer="no", image=["red.png", "blue.png"])]))
+    dataset = load_conversations([str(llava), str(chat), str(two)])
+    assert dataset["id"] == ["llava-1", "chat-1", "two-1"]
+    kept = validate_dataset(dataset, tmp_path, processor=tiny_processor)
+    assert [modality_mix(row) for row in kept] == ["image", "image", "image"]
+    assert UniMoEDataCollator(tiny_processor, tmp_path)(list(kept))["pixel_values"].shape[0] == 4
+
+
+@pytest.mark.parametrize(
+    "name, text, error, message",
+    [
+        ("bad.json", '[{"id": "a",\n "conversations": }]', ValueError, r"data file .*bad\.json: invalid JSON at line 2, column 19"),
+        ("bad.jsonl", '{"id": "a"}\n{"id": \n', ValueError, r"data file .*bad\.jsonl: line 2 is not valid JSON \(column 8"),
+        ("empty.json", "[]", ValueError, r"data file .*empty\.json: no rows \(an empty JSON list\)"),
+        ("zero.json", "", ValueError, r"data file .*zero\.json is empty"),
+        ("blank.jsonl", "\n  \n", ValueError, r"data file .*blank\.jsonl: the file is empty"),
+        ("numbers.json", "[1, 2]", ValueError, r"data file .*numbers\.json: its first row is not a JSON object"),
+        ("missing.json", None, FileNotFoundError, r"no such data file: .*missing\.json"),
+    ],
+    ids=lambda value: value if isinstance(value, str) and value.endswith(("json", "jsonl")) else "",
+)
+def test_a_bad_data_file_is_named_with_its_problem(tmp_path, name, text, error, message):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([_qa("ok-1", question="Hi", answer="hello")]))
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    with pytest.raises(error, match=message):
+        load_conversations([str(good), str(tmp_path / name)])
+
+
+def test_media_under_the_block_type_key_is_a_path(tmp_path, tiny_processor):
+    """`{"type": "image", "image": "x.png"}` (the processor's and README's form) is resolved, validated and counted
+    like `path` (it was refused: "1 <image> placeholder(s) ... but 0 image item(s)"); URLs, a file given twice and
+    a value that is not a path are refused naming the block."""
+    (tmp_path / "media").mkdir()
+    write_image(tmp_path / "media" / "red.png")
+
+    def row(block, row_id="by-type-key"):
+        return {"id": row_id, "messages": [
+            {"role": "user", "content": [block, {"type": "text", "text": "Colour?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]}  # fmt: skip
+
+    dataset = load_conversations(str(write_rows(tmp_path, [row({"type": "image", "image": "media/red.png"})])))
+    kept = validate_dataset(dataset, tmp_path, processor=tiny_processor)
+    assert to_messages(kept[0], tmp_path)[0]["content"][0] == {"type": "image", "path": str(tmp_path / "media/red.png")}
+    assert modality_mix(kept[0]) == "image"
+    assert UniMoEDataCollator(tiny_processor, tmp_path)(list(kept))["pixel_values"].shape[0] == 1
+    dataset = load_conversations(str(write_rows(tmp_path, [row({"type": "image", "image": "media/gone.png"}, "gone")])))
+    with pytest.raises(ValueError, match=r"^row gone: image file .*media/gone\.png' is missing or unreadable"):
+        validate_dataset(dataset, tmp_path)
+
+    at = r"^row by-type-key, message 0, content block 0: "
+    for block, message in [
+        ({"type": "image", "image": "https://example.com/red.png"}, at + r"image URL 'https://example.com/red.png': only local media files"),
+        ({"type": "image", "url": "http://example.com/red.png"}, at + r"image URL .*only local media files are supported"),
+        ({"type": "image", "image": "media/red.png", "path": "media/red.png"}, at + r"image block with (both )?'image' and 'path'"),
+        ({"type": "audio", "audio": 5}, at + r"audio 'audio' must be a file path \(a str\), got int"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            to_messages(row(block), tmp_path)

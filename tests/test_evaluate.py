@@ -339,3 +339,77 @@ def test_bad_rows_fail_before_the_model_loads(synthetic, tmp_path):
         load_eval_samples(write_json(tmp_path / "object.json", {"data": []}), "vqa")
     with pytest.raises(ValueError, match="row q: no prompt"):
         load_eval_samples(write_json(tmp_path / "no_prompt.json", [{"id": "q", "gt": "a"}]), "vqa")
+
+
+# ------------------------------------------------------------------------------- review: options and references
+
+
+def test_options_and_the_checkpoint_are_checked_naming_them(tmp_path, monkeypatch):
+    import torch
+
+    data = write_json(tmp_path / "rows.json", [{"id": "q-1", "text": "Say red.", "gt": "red"}, {"id": "q-2", "text": "Hi", "gt": "hi"}])
+    checkpoint_folder = tmp_path / "checkpoint"
+    checkpoint_folder.mkdir()
+
+    def evaluate(*options, model=str(checkpoint_folder)):
+        main(["--model", model, "--data", str(data), "--task", "vqa", "--output_dir", str(tmp_path / "out"), *options])
+
+    # a missing folder (an OSError traceback from transformers), a folder that is not a checkpoint
+    with pytest.raises(FileNotFoundError, match=rf"^--model '.*nope': no such folder \({re.escape(str(tmp_path))}/nope\)"):
+        evaluate(model=str(tmp_path / "nope"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"^--model 'out/nope': no such folder .*; expected a checkpoint folder"):
+        evaluate(model="out/nope")  # out/ exists: a local folder was meant, not a Hub id
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no retries against the real Hub
+    with pytest.raises(FileNotFoundError, match=r"^--model 'org/nope': no such folder .*, and not loadable as a Hub model id"):
+        evaluate(model="org/nope")
+    with pytest.raises(FileNotFoundError, match=r"^--model '.*checkpoint': .*checkpoint is not a checkpoint: it has no config\.json"):
+        evaluate()
+    # --max_samples -1 silently dropped the last row
+    for value in ("-1", "0"):
+        with pytest.raises(ValueError, match=rf"^--max_samples must be at least 1 \(the number of rows to evaluate\), got {value}$"):
+            evaluate("--max_samples", value)
+    with pytest.raises(ValueError, match=r"^max_samples must be at least 1"):
+        load_eval_samples(data, "vqa", max_samples=-1)
+    # a device this torch does not have (an AssertionError traceback from torch's CUDA lazy init)
+    with pytest.raises(ValueError, match=r"^--device 'gpu' is not a device name \(e\.g\. cpu, cuda, cuda:1\)"):
+        evaluate("--device", "gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^--device 'cuda' is not available: .*; available: cpu"):
+            evaluate("--device", "cuda")
+    else:
+        with pytest.raises(ValueError, match=r"^--device 'cuda:99' is not available: no such device here; available: cpu, cuda:0"):
+            evaluate("--device", "cuda:99")
+
+
+@pytest.mark.parametrize(
+    "row, task, message",
+    [
+        ({"gt": {"label": "x"}}, "vqa", r"^row q-1: reference field 'gt' must be a string or a list of strings .*, got dict \{\"label\": \"x\"\}"),
+        ({"answers": ["a", 3]}, "vqa", r"^row q-1: reference field 'answers' must be .*, got int 3"),
+        ({"answers": [{"answer": ["a"]}]}, "vqa", r"^row q-1: reference field 'answers' must be .*, got dict"),
+        ({"gt": "Z", "options": ["a cat", "a dog"]}, "mcq", r"^row q-1 in .*rows\.json: the reference 'Z' is not one of the row's options \(A, B\)"),
+        ({"gt": ["B", "a bird"], "options": ["a cat", "a dog"]}, "mcq", r"^row q-1 .*the reference 'a bird' is not one of the row's options"),
+        ({"text": 5}, "vqa", r"^row q-1: the prompt 'text' must be a string, got int 5$"),
+        ({"text": "  "}, "vqa", r"^row q-1: the prompt 'text' is empty$"),
+        ({"text": None, "conversations": "Hi"}, "vqa", r"^row q-1: 'conversations' must be a list of turns"),
+    ],
+    ids=["dict gt", "number in a list", "answer not a string", "mcq letter not an option", "mcq text not an option",
+         "number text", "blank text", "conversations not a list"],
+)
+def test_references_and_prompts_that_cannot_be_right_are_refused(tmp_path, row, task, message):
+    data = write_json(tmp_path / "rows.json", [{"id": "q-1", "text": "Which animal?", "gt": "a", **row}])
+    with pytest.raises(ValueError, match=message):
+        load_eval_samples(data, task)
+
+
+def test_mcq_references_may_be_an_option_letter_or_text(tmp_path):
+    rows = [{"id": "q-1", "text": "Which animal?", "gt": "B", "options": ["a cat", "a dog"]},
+            {"id": "q-2", "text": "Which animal?", "gt": ["a dog"], "options": {"A": "a cat", "B": "a dog"}},
+            {"id": "q-3", "text": "Which?", "gt": "Z"},  # options unknown: any letter or text
+            {"id": "q-4", "text": "Which?", "answers": [{"answer": "B", "answer_id": 1}, "b"], "options": ["x", "y"]}]  # fmt: skip
+    samples = load_eval_samples(write_json(tmp_path / "rows.json", rows), "mcq")
+    assert [sample.references for sample in samples] == [["B"], ["a dog"], ["Z"], ["B", "b"]]

@@ -409,3 +409,33 @@ def test_card_of_a_text_only_model(tmp_path):
     assert "AutoTokenizer.from_pretrained(\"org/text-moe\", trust_remote_code=True)" in card.text
     assert "routing_heatmap" not in card.text  # none in the folder: no section
     assert "| Speech Recognition | Tones | dev | wer | 0.25 |" in card.text
+
+
+def test_an_unreachable_endpoint_is_one_line_naming_it(online, tmp_path):
+    """A 75-line httpx ConnectError traceback before; port 9 (discard) refuses connections on 127.0.0.1."""
+    from trl_scripts.push_to_hub import HubConnectionError
+
+    folder = tmp_path / "model"
+    make_tiny_model().save_pretrained(folder)
+    load_tiny_processor().save_pretrained(folder)
+    endpoint = "http://127.0.0.1:9"
+    with pytest.raises(HubConnectionError, match=rf"^Cannot reach the Hub at {re.escape(endpoint)} to push me/x: ConnectError"):
+        push_folder_to_hub(folder, "me/x", token="x", endpoint=endpoint)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("HF_")}
+    env |= {"HF_ENDPOINT": endpoint, "HF_TOKEN": "x", "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0",
+            "PYTHONPATH": str(REPO_ROOT)}  # fmt: skip
+    result = run_cli(["--model", str(folder), "--repo-id", "me/x"], env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"push_to_hub: error: Cannot reach the Hub at {endpoint} to push me/x")
+
+
+def test_offline_mode_is_one_line_too(tmp_path, monkeypatch):
+    from trl_scripts.push_to_hub import HubConnectionError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    folder = tmp_path / "model"
+    make_tiny_model().save_pretrained(folder)
+    load_tiny_processor().save_pretrained(folder)
+    with pytest.raises(HubConnectionError, match=r"^Cannot push me/x to http://127\.0\.0\.1:9: offline mode is enabled \(HF_HUB_OFFLINE\)"):
+        push_folder_to_hub(folder, "me/x", token="x", endpoint="http://127.0.0.1:9")

@@ -142,3 +142,87 @@ def test_component_learning_rates_parse():
     assert StageArguments(stage=1, model_name_or_path="tiny").learning_rates() == {}
     with pytest.raises(ValueError, match=r"'speech_tower:1e-3' is not 'module=learning_rate'"):
         StageArguments(stage=1, model_name_or_path="tiny", component_learning_rates="speech_tower:1e-3").learning_rates()
+
+
+# ---------------------------------------------------------------------------- review: checked before anything loads
+
+
+def _nothing_loads(monkeypatch, *names):
+    import trl_scripts.train as train
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("loaded before the options or the data were checked")
+
+    for name in names:
+        monkeypatch.setattr(train, name, loaded)
+
+
+def test_stage1_refuses_text_only_rows_before_training(tmp_path, monkeypatch):
+    """A stage-1 batch of text-only rows has no gradient (stage 1 trains connectors, which text never reaches): it
+    crashed mid-run with "element 0 of tensors does not require grad". Named before the model loads; --skip_invalid
+    drops and counts them; stages 0, 2 and 3 (and --train_output_layers) train what text reaches."""
+    from trl_scripts.train import stage1_media_reason
+
+    train = write_rows(tmp_path)
+    rows = json.loads((tmp_path / "train.json").read_text())
+    rows += [{"id": f"txt-{i}", "modality": "text", "conversations": [
+        {"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]} for i in range(2)]  # fmt: skip
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    with monkeypatch.context() as patch:
+        _nothing_loads(patch, "load_stage_model")
+        with pytest.raises(ValueError, match=r"^2 text-only row\(s\) of 10 \(no image, video or audio\): txt-0, txt-1\. "
+                           r"Stage 1 trains only the connectors, which a text-only row never reaches"):
+            run(StageArguments(stage=1, model_name_or_path="tiny"), DataArguments(train_files=[train]), training_args(tmp_path / "s1"))
+    trainer = run(StageArguments(stage=1, model_name_or_path="tiny"), DataArguments(train_files=[train], skip_invalid=True),
+                  training_args(tmp_path / "s1", max_steps=1))  # fmt: skip
+    assert len(trainer.train_dataset) == 8
+    assert stage1_media_reason(StageArguments(stage=1, model_name_or_path="tiny", train_output_layers=True)) is None
+    assert "connectors and towers" in stage1_media_reason(StageArguments(stage=1, model_name_or_path="tiny", train_towers=True))
+
+
+@pytest.mark.parametrize(
+    "stage, options, message",
+    [
+        (3, {"moe_layers": "1,x"}, r"^--moe_layers '1,x': 'x' is not a layer index \(expected all, even, odd or"),
+        (3, {"moe_layers": "0,-2"}, r"^--moe_layers '0,-2': layer indices start at 0, got \[-2\]"),
+        (3, {"moe_layers": "0,99"}, r"^--moe_layers '0,99': the model has layers 0 to 3; out of range: \[99\]"),
+        (3, {"router_type": "top1"}, r"^--router_type 'top1': expected one of topk_softmax, softmax_topk"),
+        (3, {"num_experts_per_tok": 3}, r"^--num_experts_per_tok 3: expected 1 to 2, the experts stage 2 trained \(image, audio\)"),
+        (3, {"lora_r": 0}, r"^--lora_r must be >= 1"),
+        (2, {"experts": ""}, r"^stage 2 needs --experts"),
+        (2, {"experts": "image,audio,image"}, r"^--experts 'image,audio,image': image given twice"),
+        (1, {"component_learning_rates": "speech_towr=1e-3"},
+         r"^--component_learning_rates names modules the model does not have: \['speech_towr'\] \(its components: .*speech_tower"),
+        (1, {"component_learning_rates": "speech_tower=-1e-3"}, r"^--component_learning_rates: 'speech_tower=-1e-3': a learning rate must be a positive"),
+        (1, {"component_learning_rates": "=1e-3"}, r"^--component_learning_rates: '=1e-3' is not 'module=learning_rate'"),
+    ],
+    ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None,
+)
+def test_options_are_checked_before_anything_loads(tmp_path, monkeypatch, stage, options, message):
+    """`--moe_layers 1,x` failed with "invalid literal for int()" after the model had loaded; unknown component
+    names after it too. Each option is checked first, naming it."""
+    from safetensors.torch import save_file
+
+    from trl_scripts import load_preset
+
+    stage2 = tmp_path / "s2"  # what stage 3 reads of a stage-2 folder: its config and experts list
+    load_preset("tiny", moe_layers=[]).save_pretrained(stage2)
+    (stage2 / "experts").mkdir()
+    for name in ("image", "audio"):
+        save_file({}, stage2 / "experts" / f"{name}.safetensors")
+    (stage2 / "experts" / "experts.json").write_text(json.dumps(["image", "audio"]))
+    source = {1: "tiny", 2: str(tmp_path / "s1"), 3: str(stage2)}[stage]
+    _nothing_loads(monkeypatch, "load_stage_model", "load_stage_processor", "load_conversations", "validate_dataset")
+    with pytest.raises(ValueError, match=message):
+        run(StageArguments(stage=stage, model_name_or_path=source, **options),
+            DataArguments(train_files=[str(tmp_path / "train.json")]), training_args(tmp_path / "out"))  # fmt: skip
+
+
+def test_every_expert_needs_rows_before_any_trains(tmp_path, monkeypatch):
+    """`--experts image,imgae` trained the whole image expert before refusing 'imgae'."""
+    train = write_rows(tmp_path)
+    _nothing_loads(monkeypatch, "load_stage_model")
+    with pytest.raises(ValueError, match=r"^--experts: no training rows with modality 'imgae' in .*train\.json \(the rows' "
+                       r"modalities: audio, image\)$"):
+        run(StageArguments(stage=2, model_name_or_path=str(tmp_path / "s1"), experts="image,imgae"),
+            DataArguments(train_files=[train]), training_args(tmp_path / "s2"))  # fmt: skip

@@ -5,8 +5,9 @@ import os
 import sys
 
 
-# What our validation raises for bad arguments or inputs (a missing file, a wrong option, a row that does not convert).
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
+# What our validation raises for bad arguments or inputs (a missing file, a wrong option, a row that does not convert)
+# and for an unreachable server (a Hub endpoint: the tools raise a ConnectionError naming it).
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ConnectionError)
 
 
 def command_line(main):

@@ -8,11 +8,13 @@ Rows follow the original Uni-MoE / LLaVA JSON format
 
 (`"voice"` is accepted for `"audio"`, as in the original speech data; a `"video"` list of frame image files,
 `["frame_000.jpg", ...]`, is one video given as its frames, as in the original data), or carry HF chat `"messages"`
-with content lists (`{"type": "image", "path": ...}`; a video block's path may be such a frame list). Media paths are
-resolved against a root directory and decoded lazily, by the processor, when the collator builds a batch. The k-th
-`<image>` of a row takes the row's k-th image, and so on.
+with content lists (`{"type": "image", "path": ...}` or `{"type": "image", "image": ...}`; a video block's path may be
+such a frame list; local files only, not URLs). Media paths are resolved against a root directory and decoded
+lazily, by the processor, when the collator builds a batch. The k-th `<image>` of a row takes the row's k-th image,
+and so on.
 """
 
+import json
 import logging
 import math
 import os
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow
 from torch.utils.data import Sampler
 
 from modeling_unimoe.processing_unimoe import (
@@ -81,6 +84,31 @@ def _resolver(media_root: str | Path | None):
     return resolve
 
 
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _block_source(block: dict, at: str) -> str | list[str]:
+    """The media file of a `messages` content block: its `path`, or a string under its type key (`{"type": "image",
+    "image": "x.png"}`, the form the processor and the README take), resolved like `path`; a video's may be a list of
+    frame files. Training and evaluation read local files only: a URL (`url`, or `http://...` as the path) is refused,
+    and so are a block without a file, one giving it twice (the processor would take both) and a non-path value."""
+    kind = block["type"]
+    given = {key: block[key] for key in (kind, "path", "url") if block.get(key) not in (None, "")}
+    if not given:
+        raise ValueError(f"{at}: {kind} block without a path")
+    if len(given) > 1:
+        raise ValueError(f"{at}: {kind} block with both {' and '.join(map(repr, given))}: give its file once, as 'path'")
+    key, source = next(iter(given.items()))
+    if key == "url" or (isinstance(source, str) and URL.match(source)):
+        raise ValueError(
+            f"{at}: {kind} URL {source!r}: only local media files are supported; download it and give its path"
+        )
+    if isinstance(source, str) or (kind == "video" and is_frame_paths(source)):
+        return source if isinstance(source, str) else list(source)
+    frames = ", or a list of frame image files" if kind == "video" else ""
+    raise ChatContentTypeError(f"{at}: {kind} {key!r} must be a file path (a str{frames}), got {type(source).__name__}")
+
+
 def media_key(item: str | list[str]) -> str | tuple[str, ...]:
     """A hashable key for a media entry (a video's frame list becomes a tuple)."""
     return tuple(item) if isinstance(item, list) else item
@@ -92,10 +120,12 @@ def row_media(row: dict, media_root: str | Path | None = None) -> dict[str, list
     if row.get("messages"):
         media = defaultdict(list)
         for message in row["messages"]:
-            content = message["content"]
-            for block in [] if isinstance(content, str) else content:
-                if block["type"] in ("image", "video", "audio") and block.get("path"):
-                    media[block["type"]].append(resolve(block["path"]))
+            content = message.get("content") if isinstance(message, dict) else None
+            for block in content if isinstance(content, (list, tuple)) else []:
+                if isinstance(block, dict) and block.get("type") in ("image", "video", "audio"):
+                    source = next((block[key] for key in (block["type"], "path") if block.get(key) not in (None, "")), None)
+                    if source is not None:
+                        media[block["type"]].append(resolve(source))
         return dict(media)
     return {modality: [resolve(item) for item in _items(row, modality)] for modality in ("image", "video", "audio") if _items(row, modality)}
 
@@ -108,7 +138,8 @@ def to_messages(row: dict, media_root: str | Path | None = None) -> list[dict]:
     with a speaker not in `ROLES`, a message without a role or with one other than system, user and assistant (both
     case-sensitive), a system turn after the first, a `value` or text that is not a string, a content block without
     a type, of another type than text, image, video and audio, or (media) without a path, as
-    `processing_unimoe.check_chat_messages` refuses them in the processor."""
+    `processing_unimoe.check_chat_messages` refuses them in the processor. A media block's file may be its `path` or
+    a string under its type key (`_block_source`: local files only); it comes out as `path`."""
     row_id = row.get("id", "?")
     if row.get("messages") is not None:
         given = row["messages"]
@@ -131,12 +162,14 @@ def to_messages(row: dict, media_root: str | Path | None = None) -> list[dict]:
         for index, message in enumerate(given):
             content = message.get("content", [])
             if not isinstance(content, str):
-                for number, block in enumerate(content):
-                    kind = block["type"]
-                    if kind != "text" and not any(key in block for key in (kind, "path", "url")):
-                        raise ValueError(f"row {row_id}, message {index}, content block {number}: {kind} block without a path")
-                if media_root is not None:
-                    content = [{**block, "path": resolve(block["path"])} if block.get("path") else block for block in content]
+                # each media block as {"type", "path"}: its one file (`_block_source`), resolved against the media root
+                content = [
+                    block if block["type"] == "text" else {
+                        "type": block["type"],
+                        "path": resolve(_block_source(block, f"row {row_id}, message {index}, content block {number}")),
+                    }
+                    for number, block in enumerate(content)
+                ]
             messages.append({"role": message["role"], "content": content})
         return messages
 
@@ -227,8 +260,104 @@ def modality_mix(row: dict) -> str:
 
 
 def load_conversations(data_files: str | list[str], split: str = "train") -> datasets.Dataset:
-    """Rows from JSON / JSONL files (either format above) as a `datasets.Dataset`."""
-    return datasets.load_dataset("json", data_files=data_files, split=split)
+    """Rows from JSON / JSONL files (either format above, one or both in each file) as a `datasets.Dataset`.
+
+    Each file loads on its own (with one file's schema, `datasets` cannot read the next if its rows differ: a
+    `conversations` file and a `messages` file), then the files are concatenated: a column a file lacks is None in
+    its rows, a column whose type differs between files (`"image": "x.png"` in one, a list in another) is kept as
+    JSON values. A missing or empty file, invalid JSON (with the line and column), a file of no rows or of non-object
+    rows, and files that still cannot be combined are errors naming the file(s) and the problem."""
+    files = [str(data_files)] if isinstance(data_files, (str, Path)) else [str(path) for path in data_files]
+    if not files:
+        raise ValueError("no data files given")
+    parts = [_load_file(path, split) for path in files]
+    return parts[0] if len(parts) == 1 else _concatenate(parts, files)
+
+
+def _load_file(path: str, split: str) -> datasets.Dataset:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such data file: {path}" + (" (a folder)" if os.path.isdir(path) else ""))
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"data file {path} is empty: expected a JSON list of rows or JSON lines, one row per line")
+    with open(path, encoding="utf-8", errors="replace") as file:
+        start = file.read(65536).lstrip()
+    first = start[1:].lstrip()[:1] if start.startswith("[") else start[:1]
+    if first and first not in "{]":  # `datasets` would make [1, 2] or ["a"] rows of a `text` column
+        raise ValueError(f"data file {path}: its first row is not a JSON object ({start[:40]!r}...); rows are objects")
+    json_logger = logging.getLogger("datasets.packaged_modules.json.json")
+    level = json_logger.level
+    json_logger.setLevel(logging.CRITICAL)  # it logs its parse error, with no line, before raising: ours replaces both
+    try:
+        dataset = datasets.load_dataset("json", data_files=[path], split=split)
+    except (datasets.exceptions.DatasetsError, pyarrow.ArrowException, ValueError, StopIteration) as error:
+        # datasets' and pyarrow's errors name neither the file nor the line (a 0-byte file: a bare StopIteration)
+        raise ValueError(f"data file {path}: {_diagnose_json(path, error)}") from error
+    finally:
+        json_logger.setLevel(level)
+    if len(dataset) == 0:
+        raise ValueError(f"data file {path} holds no rows")
+    return dataset
+
+
+def _diagnose_json(path: str, error: Exception) -> str:
+    """Why `datasets` could not load the JSON / JSONL file `path`: the first JSON error with its line, an empty list
+    or file, rows that are not objects; else (valid JSON) the rows' types, with `datasets`' own reason."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        return "the file is empty (only whitespace): expected a JSON list of rows or JSON lines, one row per line"
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as whole:
+        if text.lstrip().startswith("["):
+            return f"invalid JSON at line {whole.lineno}, column {whole.colno}: {whole.msg}"
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):  # JSON lines
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as bad:
+                    return f"line {number} is not valid JSON (column {bad.colno}: {bad.msg}); each line must be one row"
+    if isinstance(rows, list) and not rows:
+        return "no rows (an empty JSON list)"
+    for index, row in enumerate(rows if isinstance(rows, list) else [rows]):
+        if not isinstance(row, dict):
+            return f"row {index} is a {type(row).__name__}, expected an object"
+    reason = error.__cause__ or error.__context__ or error
+    reason = str(reason).strip().splitlines()[-1] if str(reason).strip() else type(reason).__name__
+    return f"valid JSON, but its rows do not load as one table ({reason}); give each key one type in every row"
+
+
+def _concatenate(parts: list[datasets.Dataset], files: list[str]) -> datasets.Dataset:
+    """The files' rows in order; columns whose types differ between files become JSON values first."""
+    types = defaultdict(dict)  # column -> {feature: first file with it}
+    for part, path in zip(parts, files):
+        for column, feature in part.features.items():
+            if not (isinstance(feature, datasets.Value) and feature.dtype == "null"):  # a column of Nones fits any
+                types[column].setdefault(repr(feature), path)
+    conflicts = {column: found for column, found in types.items() if len(found) > 1}
+    json_feature = getattr(datasets, "Json", None)
+    if conflicts and json_feature is not None:
+        parts = [_as_json(part, [column for column in conflicts if column in part.column_names], json_feature) for part in parts]
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as error:
+        if not conflicts:
+            raise ValueError(f"the data files {', '.join(files)} cannot be combined: {error}") from error
+        column, found = next(iter(conflicts.items()))
+        kinds = "; ".join(f"{feature} in {path}" for feature, path in found.items())
+        raise ValueError(
+            f"the data files {', '.join(files)} cannot be combined: column {column!r} has different types ({kinds}); "
+            "write it the same way in every file"
+        ) from error
+
+
+def _as_json(part: datasets.Dataset, columns: list[str], json_feature) -> datasets.Dataset:
+    if not columns:
+        return part
+    features = part.features.copy()
+    for column in columns:
+        features[column] = json_feature()
+    return part.map(lambda row: {column: row[column] for column in columns}, features=features)
 
 
 class NonFiniteMediaError(ValueError):
@@ -262,6 +391,7 @@ def validate_dataset(
     processor=None,
     max_length: int | None = None,
     system_prompt: str | None = None,
+    media_required: str | None = None,
 ) -> datasets.Dataset:
     """Check every row before training for whatever would fail at a training step, with no row id by then: the
     conversation converts (`to_messages`: no or an empty conversation, unknown roles, content types or text blocks
@@ -269,11 +399,13 @@ def validate_dataset(
     decodes and holds no NaN or infinite value. With the training `processor`, also what the collator would refuse:
     audio longer than `max_audio_windows` windows, and a conversation (with `system_prompt`, as the collator adds it)
     longer after media expansion than the model maximum, the smaller of the tokenizer's `model_max_length` and
-    `max_length` (the model's `max_position_embeddings`).
+    `max_length` (the model's `max_position_embeddings`). With `media_required` (the reason, e.g. stage 1's: it
+    trains only the connectors, which a text-only row never reaches, so its batch has no gradient), a row without
+    media is invalid too: all of them are named in one error.
 
     A bad row stops everything with an error naming the row id (and the media file), unless `skip_invalid`, in which
-    case the bad rows are dropped, counted and logged (with their ids and reasons). Each media file is decoded once,
-    however many rows use it.
+    case the bad rows are dropped, counted and logged (with their ids and reasons); no row left is an error. Each
+    media file is decoded once, however many rows use it.
     """
     limit, limit_name = None, None
     if processor is not None:
@@ -281,18 +413,32 @@ def validate_dataset(
         if max_length is not None and max_length < limit:
             limit, limit_name = max_length, "the model's max_position_embeddings"
     decoded = {}  # (path, kind) -> the audio sample count, or the error: each file is decoded once
-    bad = {}
+    bad, text_only = {}, []
     for index, row in enumerate(dataset):
         row_id = row.get("id")
         row_id = index if row_id is None else row_id
         try:
             _check_row(row, row_id, media_root, processor, limit, limit_name, system_prompt, decoded)
+            if media_required is not None and not row_media(row):
+                if not skip_invalid:
+                    text_only.append(str(row_id))
+                    continue
+                raise ValueError(f"row {row_id}: text-only (no image, video or audio): {media_required}")
         except ValueError as error:
             if not skip_invalid:
                 raise
             bad[index] = str(error)
+    if text_only:
+        named = ", ".join(text_only[:10]) + (f" and {len(text_only) - 10} more" if len(text_only) > 10 else "")
+        raise ValueError(
+            f"{len(text_only)} text-only row(s) of {len(dataset)} (no image, video or audio): {named}. "
+            f"{media_required[:1].upper()}{media_required[1:]}. Remove them, or drop and count them with skip_invalid "
+            "(--skip_invalid)"
+        )
     if bad:
         logger.warning("Dropped %d invalid row(s) of %d:\n%s", len(bad), len(dataset), "\n".join(bad.values()))
+        if len(bad) == len(dataset):
+            raise ValueError(f"no valid row left: all {len(dataset)} row(s) are invalid (first: {next(iter(bad.values()))})")
         dataset = dataset.select([i for i in range(len(dataset)) if i not in bad])
     return dataset
 

@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
 
@@ -48,6 +50,7 @@ from modeling_unimoe.processing_unimoe import is_frame_paths
 from .console import command_line
 from .data import ROLES, media_path_candidates, modality_mix, to_messages
 from .metrics import load_metric
+from .metrics.mcq_accuracy.mcq_accuracy import resolve_reference
 
 
 logger = logging.getLogger(__name__)
@@ -159,14 +162,25 @@ def _text_of(content) -> str:
     return "".join(block.get("text", "") for block in content if block.get("type") == "text")
 
 
-def row_references(row: dict, answer_turn: str | None) -> list[str] | None:
-    """The reference answers: an explicit field (VQA-style `{"answer": ...}` dicts accepted), else the answer turn."""
+def row_references(row: dict, answer_turn: str | None, rid: str | None = None) -> list[str] | None:
+    """The reference answers: an explicit field (a string, or a list of strings or of VQA-style `{"answer": ...}`
+    objects), else the answer turn. Any other value (a number, an object without `answer`, a nested list) is refused,
+    naming the row (`rid`) and the field, never scored as its Python repr."""
     for key in REFERENCE_KEYS:
         value = row.get(key)
-        if value in (None, "", []):
+        if value is None or (isinstance(value, (str, list)) and not value):
             continue
-        values = value if isinstance(value, list) else [value]
-        references = [str(v["answer"] if isinstance(v, dict) and "answer" in v else v).strip() for v in values]
+        references = []
+        for item in value if isinstance(value, list) else [value]:
+            text = item["answer"] if isinstance(item, dict) and "answer" in item else item
+            if not isinstance(text, str):
+                at = f"row {rid}: " if rid is not None else ""
+                shown = json.dumps(item, ensure_ascii=False, default=str)
+                raise ValueError(
+                    f"{at}reference field {key!r} must be a string or a list of strings (or of {{\"answer\": string}} "
+                    f"objects), got {type(item).__name__} {shown[:80]}"
+                )
+            references.append(text.strip())
         references = [reference for reference in references if reference]
         if references:
             return references
@@ -216,14 +230,21 @@ def _add_missing_placeholders(turns: list[dict], media: dict[str, list]) -> list
 def _conversation_messages(row: dict, root: Path, rid: str) -> tuple[list[dict], str | None]:
     """(prompt messages, answer turn text or None) of a `conversations` or `text` row."""
     if row.get("conversations"):
+        if not isinstance(row["conversations"], list):
+            kind = type(row["conversations"]).__name__
+            raise ValueError(f"row {rid}: 'conversations' must be a list of turns ({{'from', 'value'}}), got {kind}")
+        for turn in row["conversations"]:
+            if not isinstance(turn, dict) or "from" not in turn or not isinstance(turn.get("value"), str):
+                raise ValueError(f"row {rid}: every conversation turn needs 'from' and a string 'value', got {turn!r}")
         turns = [dict(turn) for turn in row["conversations"]]
-    elif isinstance(row.get("text"), str):
+    elif isinstance(row.get("text"), str) and row["text"].strip():
         turns = [{"from": "human", "value": row["text"]}]
+    elif row.get("text") is not None:
+        text = row["text"]
+        problem = "is empty" if isinstance(text, str) else f"must be a string, got {type(text).__name__} {text!r}"[:120]
+        raise ValueError(f"row {rid}: the prompt 'text' {problem}")
     else:
         raise ValueError(f"row {rid}: no prompt (expected 'conversations', 'messages' or 'text')")
-    for turn in turns:
-        if not isinstance(turn, dict) or "from" not in turn or not isinstance(turn.get("value"), str):
-            raise ValueError(f"row {rid}: every conversation turn needs 'from' and a string 'value', got {turn!r}")
     answer = None
     if ROLES.get(turns[-1]["from"]) == "assistant":
         answer = turns.pop()["value"]
@@ -302,6 +323,19 @@ def row_options(row: dict, prompt: str, rid: str) -> dict[str, str] | None:
     return parse_options(prompt)
 
 
+def check_mcq_references(sample: EvalSample, data_file: str | Path) -> None:
+    """With the row's options known, each reference must be one of them (its letter, or its text, as mcq_accuracy
+    reads references): a reference that is neither would be scored against the answer's text, silently wrong."""
+    if not sample.options:
+        return
+    for reference in sample.references:
+        if resolve_reference(reference, sample.options) is None:
+            raise ValueError(
+                f"row {sample.id} in {data_file}: the reference {reference!r} is not one of the row's options "
+                f"({', '.join(sample.options)}); give the correct option's letter (or its text)"
+            )
+
+
 def _group_value(row: dict, group_by: str) -> str | None:
     value = row.get(group_by)
     if value is None and group_by == "modality":
@@ -321,6 +355,8 @@ def load_eval_samples(
     """Every row of `data_file` as an `EvalSample`, checked: media files exist, references are present."""
     if task not in TASK_METRICS:
         raise ValueError(f"unknown task {task!r}: expected one of {sorted(TASK_METRICS)}")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be at least 1 (the number of rows to evaluate), got {max_samples}")
     data_file = Path(data_file)
     root = Path(media_root) if media_root is not None else data_file.resolve().parent
     rows = read_rows(data_file)[:max_samples]
@@ -332,7 +368,7 @@ def load_eval_samples(
         messages, answer = (
             _chat_messages(row, root, rid) if row.get("messages") else _conversation_messages(row, root, rid)
         )
-        references = row_references(row, answer)
+        references = row_references(row, answer, rid)
         if references is None:
             raise ValueError(
                 f"row {rid} in {data_file}: no reference answer (expected a non-empty final assistant turn or one of "
@@ -346,6 +382,7 @@ def load_eval_samples(
         sample = EvalSample(rid, messages, prompt, references)
         if task == "mcq":
             sample.options = row_options(row, prompt, rid)
+            check_mcq_references(sample, data_file)
         samples.append(sample)
         groups.append(_group_value(row, group_by) if group_by else None)
     if any(group is not None for group in groups):
@@ -360,16 +397,89 @@ def load_eval_samples(
 # -------------------------------------------------------------------------------------------------------- generating
 
 
+def available_devices() -> list[str]:
+    """The devices this torch can run on: cpu, then each CUDA device, mps, xpu where present."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        devices += [f"xpu:{index}" for index in range(torch.xpu.device_count())]
+    return devices
+
+
+def resolve_device(device: str | None) -> str:
+    """`device` checked (cuda when available if None): a device name this torch knows, and present here."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"--device {device!r} is not a device name (e.g. cpu, cuda, cuda:1): {error}") from None
+    if parsed.type == "cpu":
+        return device
+    available = available_devices()
+    if parsed.type == "cuda" and torch.version.cuda is None and torch.version.hip is None:
+        why = f"this torch ({torch.__version__}) is built without CUDA"
+    elif parsed.type == "cuda" and not torch.cuda.is_available():
+        why = "no CUDA device is visible"
+    elif parsed.index is None and any(name.split(":")[0] == parsed.type for name in available):
+        return device
+    elif str(parsed) in available:
+        return device
+    else:
+        why = "no such device here"
+    raise ValueError(f"--device {device!r} is not available: {why}; available: {', '.join(available)}")
+
+
+def check_model_path(model_path: str) -> bool:
+    """Whether `model_path` is a local checkpoint folder (True) or to be tried as a Hub model id (False); a path
+    that cannot be either is refused: a missing folder (a path whose parent exists, or that is not a repo id), a
+    file, a folder without config.json."""
+    path = Path(model_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"--model {model_path!r}: {path.resolve()} is not a checkpoint: it has no config.json (expected a folder "
+                "written by save_pretrained: the model and its processor)"
+            )
+        return True
+    if path.exists():
+        raise NotADirectoryError(f"--model {model_path!r} is a file; expected a checkpoint folder written by save_pretrained")
+    try:
+        validate_repo_id(model_path)
+        # ORG/NAME, where no local folder ORG exists: a Hub model id; anything else meant a local folder
+        repo_id = model_path.count("/") == 1 and not model_path.startswith((".", "~")) and not path.parent.is_dir()
+    except HFValidationError:
+        repo_id = False
+    if not repo_id:
+        raise FileNotFoundError(
+            f"--model {model_path!r}: no such folder ({path.resolve()}); expected a checkpoint folder written by save_pretrained"
+        )
+    return False
+
+
 def load_model_and_processor(model_path: str, device: str | None = None, dtype: str = "auto"):
-    """The checkpoint's model (eval mode, on `device`) and processor (left padding), both through the Auto classes."""
+    """The checkpoint's model (eval mode, on `device`) and processor (left padding), both through the Auto classes;
+    a checkpoint that does not load is one error naming it."""
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: expected one of {DTYPES}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    device = resolve_device(device)
+    local = check_model_path(model_path)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = (
-        AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype).to(device).eval()
-    )
-    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype)
+        processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if not local:
+            raise FileNotFoundError(
+                f"--model {model_path!r}: no such folder ({Path(model_path).resolve()}), and not loadable as a Hub "
+                f"model id ({reason})"
+            ) from error
+        raise ValueError(f"--model {model_path!r}: cannot load the checkpoint in {Path(model_path).resolve()}: {reason}") from error
+    model = model.to(device).eval()
     processor.tokenizer.padding_side = "left"  # decoder-only batch generation continues from the last position
     return model, processor
 
@@ -450,8 +560,23 @@ def write_outputs(
     return result
 
 
+def check_arguments(args: EvaluationArguments) -> None:
+    """The options that need neither the data nor the model, each error naming its option: counts, dtype, device.
+    (The model folder is checked after the data, as it loads: a bad row is reported whatever the model.)"""
+    for name in ("batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise ValueError(f"--max_samples must be at least 1 (the number of rows to evaluate), got {args.max_samples}")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
+    resolve_device(args.device)
+
+
 def evaluate_checkpoint(args: EvaluationArguments) -> dict:
-    """Read and check the data, generate, score and write the outputs; returns the metrics.json content."""
+    """Check the options, read and check the data, generate, score and write the outputs; returns the metrics.json
+    content."""
+    check_arguments(args)
     group_by = None if args.group_by in (None, "", "none") else args.group_by
     samples = load_eval_samples(args.data, args.task, args.media_root, group_by, args.max_samples)
     logger.info("Evaluating %d rows of %s (task %s)", len(samples), args.data, args.task)

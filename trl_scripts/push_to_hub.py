@@ -19,16 +19,22 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from transformers import HfArgumentParser
 from transformers.dynamic_module_utils import get_relative_imports
 
 from modeling_unimoe import UniMoEConfig
+
+try:  # the HTTP client huggingface_hub uses (httpx2 in the releases this package needs; httpx before)
+    import httpx2 as http_client
+except ImportError:  # pragma: no cover
+    import httpx as http_client
 
 from .console import command_line
 from .model_card import EVAL_RESULTS_PATTERN, build_model_card, load_eval_result, modalities
@@ -52,6 +58,41 @@ RESAVE_HINT = (
 
 class HubTokenError(RuntimeError):
     """No usable Hugging Face token for the push."""
+
+
+class HubConnectionError(ConnectionError):
+    """The Hub endpoint cannot be reached: connection refused, unknown host, timeout, TLS failure, offline mode."""
+
+
+class HubRequestError(RuntimeError):
+    """The Hub answered the push with an HTTP error other than a refused token."""
+
+
+@contextmanager
+def _hub_errors(endpoint: str, repo_id: str):
+    """huggingface_hub's network and HTTP errors (tracebacks of httpx internals) as one-line errors naming the
+    endpoint: `HubConnectionError` when it cannot be reached, `HubTokenError` for 401/403, else `HubRequestError`."""
+    try:
+        yield
+    except OfflineModeIsEnabled:
+        raise HubConnectionError(
+            f"Cannot push {repo_id} to {endpoint}: offline mode is enabled (HF_HUB_OFFLINE); unset it to push"
+        ) from None
+    except http_client.TransportError as error:
+        raise HubConnectionError(
+            f"Cannot reach the Hub at {endpoint} to push {repo_id}: {type(error).__name__} ({error}). Check the "
+            "network, HF_ENDPOINT and proxy settings"
+        ) from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        message = error.server_message or (error.response.reason_phrase if error.response is not None else str(error))
+        message = " ".join(str(message).split())
+        if status in (401, 403):
+            raise HubTokenError(
+                f"The Hub at {endpoint} refused the token for {repo_id} ({status}: {message}). Use a write token "
+                "with access to that namespace (`hf auth login`, HF_TOKEN or --token)."
+            ) from None
+        raise HubRequestError(f"The Hub at {endpoint} refused the push to {repo_id} ({status}: {message})") from None
 
 
 @dataclass
@@ -263,7 +304,8 @@ def push_folder_to_hub(
 
     replaced = {}
     if checked.adapter_config is not None:
-        config = _adapter_base_config(checked, api)
+        with _hub_errors(api.endpoint, repo_id):
+            config = _adapter_base_config(checked, api)
         base_models = [checked.base_model, *(base_models or [])[1:]]
         # Hub users' peft resolves the base model from adapter_config.json: make it the Hub id.
         adapter_config = {**checked.adapter_config, "base_model_name_or_path": checked.base_model}
@@ -277,22 +319,13 @@ def push_folder_to_hub(
         has_processor=len(modalities(config)) > 1, adapter_config=checked.adapter_config,
     )
     operations = upload_operations(folder, str(card), replaced)
-    try:
+    with _hub_errors(api.endpoint, repo_id):
         api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         if private and not api.repo_info(repo_id).private:
             api.update_repo_settings(repo_id, private=True)
         kind = "adapter" if checked.adapter_config is not None else "model"
         commit_message = commit_message or f"Upload Uni-MoE {kind} with model card"
         commit = api.create_commit(repo_id, operations, commit_message=commit_message)
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else None
-        if status in (401, 403):
-            message = error.server_message or error.response.reason_phrase
-            raise HubTokenError(
-                f"The Hub at {api.endpoint} refused the token for {repo_id} ({status}: {message}). Use a write token "
-                "with access to that namespace (`hf auth login`, HF_TOKEN or --token)."
-            ) from None
-        raise
     logger.info("Pushed %d files of %s to %s", len(operations), folder, commit.commit_url)
     return commit
 
@@ -328,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
             args.model, args.repo_id, private=args.private, token=args.token, eval_result_files=args.eval_results,
             license=args.license, base_models=args.base_model, datasets=args.datasets, commit_message=args.commit_message,
         )
-    except (ValueError, HubTokenError) as error:
+    except (ValueError, HubTokenError, HubConnectionError, HubRequestError) as error:
         # A refused push is the user's to fix: the message, not a traceback.
         sys.exit(f"push_to_hub: error: {error}")
     print(f"Pushed {args.model} to {commit.repo_url} (commit {commit.oid[:8]}): {commit.commit_url}")

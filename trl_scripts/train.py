@@ -11,7 +11,8 @@
 
 Media paths in the rows are relative to `--media_root`, by default the folder of the train files (the evaluation
 CLI's rule, `trl_scripts.data.media_path_candidates`). Paths in a YAML file are relative to the working directory;
-options after the YAML file override its values.
+options after the YAML file override its values. The options are checked first (`check_options`), then every row
+(`validate_dataset`; stage 1 also refuses text-only rows, which its connectors never see), all before a model loads.
 
 Stage 0, the text warm-up, is not in the paper: a randomly initialised language model (the `tiny` preset) first
 learns to answer from text, each media placeholder replaced by its media's caption, as a pretrained LLM already can.
@@ -24,6 +25,7 @@ the adapters and saves a plain checkpoint with its remote code, processor and ch
 
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM
+from modeling_unimoe.configuration_unimoe import MOE_LAYER_PATTERNS, ROUTER_TYPES
 
 from .console import command_line
 from .data import UniMoEDataCollator, load_conversations, text_warmup_rows, validate_dataset
@@ -77,17 +80,53 @@ class StageArguments:
     )
 
     def learning_rates(self) -> dict[str, float]:
-        """`component_learning_rates` as {module name: learning rate}."""
+        """`component_learning_rates` as {module name: learning rate}: each a name and a positive finite number."""
         rates = {}
         for item in filter(None, (part.strip() for part in self.component_learning_rates.split(","))):
             name, _, value = item.partition("=")
             try:
-                rates[name.strip()] = float(value)
+                rate = float(value)
             except ValueError:
+                rate = None
+            if rate is None or not name.strip():
                 raise ValueError(
                     f"--component_learning_rates: {item!r} is not 'module=learning_rate' (e.g. speech_tower=1e-3)"
-                ) from None
+                )
+            if not (math.isfinite(rate) and rate > 0):
+                raise ValueError(f"--component_learning_rates: {item!r}: a learning rate must be a positive finite number")
+            if name.strip() in rates:
+                raise ValueError(f"--component_learning_rates: {name.strip()!r} is given twice")
+            rates[name.strip()] = rate
         return rates
+
+    def expert_names(self) -> list[str]:
+        """Stage 2's `experts`: distinct modality names, at least one."""
+        names = [name.strip() for name in self.experts.split(",") if name.strip()]
+        if not names:
+            raise ValueError("stage 2 needs --experts: comma-separated modality names, e.g. image,video,audio,speech")
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"--experts {self.experts!r}: {', '.join(twice)} given twice (one expert per modality)")
+        return names
+
+    def moe_layer_spec(self) -> str | list[int]:
+        """Stage 3's `moe_layers`: all, even, odd, or distinct non-negative layer indices."""
+        value = self.moe_layers.strip()
+        if value in MOE_LAYER_PATTERNS:
+            return value
+        layers = []
+        for part in value.split(","):
+            try:
+                layers.append(int(part))
+            except ValueError:
+                raise ValueError(
+                    f"--moe_layers {self.moe_layers!r}: {part.strip()!r} is not a layer index (expected "
+                    f"{', '.join(MOE_LAYER_PATTERNS)} or comma-separated layer indices, e.g. 0,2,5)"
+                ) from None
+        if negative := [layer for layer in layers if layer < 0]:
+            raise ValueError(f"--moe_layers {self.moe_layers!r}: layer indices start at 0, got {negative}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"--moe_layers {self.moe_layers!r}: a layer is given twice")
+        return layers
 
 
 @dataclass
@@ -99,7 +138,8 @@ class DataArguments:
     skip_invalid: bool = field(
         default=False,
         metadata={"help": "Drop (and count) invalid rows: no conversation or assistant reply, missing, unreadable or "
-                  "NaN media, audio over max_audio_windows, text over the model maximum after media expansion."},
+                  "NaN media, audio over max_audio_windows, text over the model maximum after media expansion, "
+                  "text-only rows in stage 1 (without --train_output_layers)."},
     )
     group_by_modality: bool = field(default=True, metadata={"help": "One modality mix per global batch."})
     captions_file: str | None = field(
@@ -127,9 +167,10 @@ def load_stage_model(name_or_path: str, stage: int) -> tuple[UniMoEForCausalLM, 
             return UniMoEForCausalLM.from_pretrained(name_or_path), AutoProcessor.from_pretrained(name_or_path)
         except (OSError, ValueError) as error:  # a path-like name is not even a valid repo id (HFValidationError)
             presets = ", ".join(sorted(path.stem for path in PRESETS_DIR.glob("*.json")))
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]  # one line on the command line
             raise FileNotFoundError(
                 f"--model_name_or_path {name_or_path!r}: no such folder ({Path(name_or_path).resolve()}), not a preset "
-                f"({presets}), and not loadable from the Hub ({error})"
+                f"({presets}), and not loadable from the Hub ({reason})"
             ) from error
     if not Path(name_or_path).is_dir():
         if stage > 1:
@@ -155,6 +196,86 @@ def load_stage_processor(name_or_path: str, stage: int) -> tuple[object | None, 
         return AutoProcessor.from_pretrained(name_or_path), config.text_config.max_position_embeddings
     except (OSError, ValueError):
         return None, None
+
+
+def stage2_experts(source: str | Path) -> list[str]:
+    """The expert names stage 2 saved in `source` (`experts/experts.json`), each with its FFN file."""
+    experts_file = Path(source) / "experts" / "experts.json"
+    if not experts_file.is_file():
+        raise FileNotFoundError(f"stage 3 needs the stage-2 output: {experts_file} is missing")
+    try:
+        names = json.loads(experts_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{experts_file} is not valid JSON ({error})") from None
+    if not (isinstance(names, list) and names and all(isinstance(name, str) for name in names)):
+        raise ValueError(f"{experts_file}: expected a non-empty list of expert names, got {names!r}")
+    if missing := [name for name in names if not (experts_file.parent / f"{name}.safetensors").is_file()]:
+        raise FileNotFoundError(f"{experts_file.parent} lacks the FFN file(s) of expert(s) {missing} (<name>.safetensors)")
+    return names
+
+
+def _stage_config(name_or_path: str, stage: int) -> UniMoEConfig | None:
+    """The config of the model a stage starts from, without its weights (None where `load_stage_model` will refuse
+    the name with its own error)."""
+    try:
+        if not Path(name_or_path).is_dir() and (PRESETS_DIR / f"{name_or_path}.json").is_file():
+            return load_preset(name_or_path, moe_layers=[]) if stage <= 1 else None
+        return UniMoEConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        return None
+
+
+def check_options(stage_args: StageArguments, data_args: DataArguments) -> None:
+    """Every option checked before anything loads (model, processor or data), each error naming its option: the
+    stage; the component learning rates (numbers; for stages 0-2 also the module names, against the model's
+    architecture built on the meta device); stage 0's captions file; stage 2's expert names; stage 3's MoE layers
+    (in the stage-2 model's range), router type, experts per token (at most the stage-2 experts), LoRA rank and
+    alpha and balance-loss weight."""
+    stage = stage_args.stage
+    if stage not in STAGES:
+        raise ValueError(f"--stage must be 0, 1, 2 or 3, got {stage}")
+    rates = stage_args.learning_rates()
+    if stage == 0 and data_args.captions_file is None:
+        raise ValueError("stage 0 needs --captions_file: the caption rows that describe the media of --train_files")
+    if stage == 2:
+        stage_args.expert_names()
+    if stage == 3:
+        moe_layers = stage_args.moe_layer_spec()
+        if stage_args.router_type not in ROUTER_TYPES:
+            raise ValueError(f"--router_type {stage_args.router_type!r}: expected one of {', '.join(ROUTER_TYPES)}")
+        if stage_args.lora_r < 1 or not (math.isfinite(stage_args.lora_alpha) and stage_args.lora_alpha > 0):
+            raise ValueError(f"--lora_r must be >= 1 and --lora_alpha > 0, got {stage_args.lora_r} and {stage_args.lora_alpha}")
+        coef = stage_args.router_aux_loss_coef
+        if coef is not None and not (math.isfinite(coef) and coef >= 0):
+            raise ValueError(f"--router_aux_loss_coef must be a finite number >= 0, got {coef}")
+        names = stage2_experts(stage_args.model_name_or_path)
+        if not 1 <= stage_args.num_experts_per_tok <= len(names):
+            raise ValueError(
+                f"--num_experts_per_tok {stage_args.num_experts_per_tok}: expected 1 to {len(names)}, the experts stage 2 "
+                f"trained ({', '.join(names)})"
+            )
+        config = _stage_config(stage_args.model_name_or_path, stage)
+        layers = config.text_config.num_hidden_layers if config is not None else None
+        if layers is not None and isinstance(moe_layers, list) and (out := [i for i in moe_layers if i >= layers]):
+            raise ValueError(f"--moe_layers {stage_args.moe_layers!r}: the model has layers 0 to {layers - 1}; out of range: {out}")
+    if rates and stage <= 2 and (config := _stage_config(stage_args.model_name_or_path, stage)) is not None:
+        with torch.device("meta"):  # the architecture, no weights
+            parts = {part for name, _ in UniMoEForCausalLM(config).named_parameters() for part in name.split(".")}
+        if unknown := sorted(set(rates) - parts):
+            components = ", ".join(sorted(part for part in parts if part.endswith(("_tower", "_aligner", "_projector", "language_model", "lm_head"))))
+            raise ValueError(
+                f"--component_learning_rates names modules the model does not have: {unknown} (its components: {components})"
+            )
+
+
+def check_experts_have_rows(names: list[str], dataset, train_files: list[str]) -> None:
+    """Stage 2: every expert has training rows (rows whose `modality` is its name), checked before any trains."""
+    modalities = sorted({str(value) for value in dataset["modality"] if value is not None}) if "modality" in dataset.column_names else []
+    if missing := [name for name in names if name not in modalities]:
+        raise ValueError(
+            f"--experts: no training rows with modality {', '.join(map(repr, missing))} in {', '.join(train_files)} "
+            f"(the rows' modalities: {', '.join(modalities) or 'none: the rows have no modality field'})"
+        )
 
 
 def _trainer(model, processor, dataset, stage_args, data_args: DataArguments, training_args: TrainingArguments) -> UniMoETrainer:
@@ -197,9 +318,8 @@ def run_stage1(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
 
 
 def run_stage2(stage_args, data_args, training_args, dataset) -> list[UniMoETrainer]:
-    experts = [name for name in stage_args.experts.split(",") if name]
-    if not experts:
-        raise ValueError("stage 2 needs --experts, e.g. image,video,audio,speech")
+    experts = stage_args.expert_names()
+    check_experts_have_rows(experts, dataset, data_args.train_files)
     model, processor = load_stage_model(stage_args.model_name_or_path, 2)
     base_ffn = {key: value.clone() for key, value in dense_ffn_state_dict(model).items()}
     output_dir = Path(training_args.output_dir)
@@ -207,8 +327,6 @@ def run_stage2(stage_args, data_args, training_args, dataset) -> list[UniMoETrai
     trainers = []
     for name in experts:
         rows = dataset.filter(lambda row: row.get("modality") == name)
-        if len(rows) == 0:
-            raise ValueError(f"stage 2: no training rows with modality {name!r} in {data_args.train_files}")
         _load_ffn(model, base_ffn)  # every expert starts from the stage-1 FFNs
         prepare_stage2(model, train_output_layers=stage_args.train_output_layers)
         expert_args = TrainingArguments(**{**training_args.to_dict(), "output_dir": str(output_dir / f"run-{name}")})
@@ -235,13 +353,10 @@ def _load_ffn(model, ffn: dict[str, torch.Tensor]):
 
 def run_stage3(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
     source = Path(stage_args.model_name_or_path)
-    experts_file = source / "experts" / "experts.json"
-    if not experts_file.is_file():
-        raise FileNotFoundError(f"stage 3 needs the stage-2 output: {experts_file} is missing")
-    names = json.loads(experts_file.read_text())
+    names = stage2_experts(source)
+    moe_layers = stage_args.moe_layer_spec()
     ffns = [load_file(source / "experts" / f"{name}.safetensors") for name in names]
     dense, processor = load_stage_model(str(source), 3)
-    moe_layers = stage_args.moe_layers if stage_args.moe_layers in ("all", "even", "odd") else [int(i) for i in stage_args.moe_layers.split(",")]
     model = upcycle_unimoe(
         dense, ffns, num_experts=len(ffns), num_experts_per_tok=stage_args.num_experts_per_tok,
         moe_layers=moe_layers, router_type=stage_args.router_type,
@@ -260,12 +375,25 @@ def run_stage3(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
     return trainer
 
 
+def stage1_media_reason(stage_args: StageArguments) -> str | None:
+    """Why stage 1 refuses text-only rows (None where it need not): it trains only the connectors (and towers), which
+    a text-only row never reaches, so a text-only batch has no gradient. Stages 0, 2 and 3 train the language model
+    (all of it, its FFNs, its attention and experts): every row reaches them. `--train_output_layers` adds the final
+    norm and head, which a text-only row does reach."""
+    if stage_args.train_output_layers:
+        return None
+    trained = "connectors and towers" if stage_args.train_towers else "connectors"
+    return (
+        f"stage 1 trains only the {trained}, which a text-only row never reaches (its batch has no gradient; "
+        "--train_output_layers also trains the output layers, which it does reach)"
+    )
+
+
 STAGES = {0: run_stage0, 1: run_stage1, 2: run_stage2, 3: run_stage3}
 
 
 def run(stage_args: StageArguments, data_args: DataArguments, training_args: TrainingArguments):
-    if stage_args.stage not in STAGES:
-        raise ValueError(f"--stage must be 0, 1, 2 or 3, got {stage_args.stage}")
+    check_options(stage_args, data_args)  # before the processor, the data or the model load
     training_args.remove_unused_columns = False  # rows carry media paths the collator needs
     # before any model is built: fresh weights (routers, LoRA) are then the same in every process and every launch
     set_seed(training_args.seed)
@@ -276,7 +404,10 @@ def run(stage_args: StageArguments, data_args: DataArguments, training_args: Tra
     dataset = validate_dataset(
         load_conversations(data_args.train_files), data_args.media_root, data_args.skip_invalid,
         processor=processor, max_length=max_length, system_prompt=data_args.system_prompt,
+        media_required=stage1_media_reason(stage_args) if stage_args.stage == 1 else None,
     )
+    if stage_args.stage == 2:  # before the model loads and the first expert trains
+        check_experts_have_rows(stage_args.expert_names(), dataset, data_args.train_files)
     return STAGES[stage_args.stage](stage_args, data_args, training_args, dataset)
 
 
