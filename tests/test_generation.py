@@ -250,7 +250,7 @@ def test_media_that_does_not_split_over_the_rows_is_named(tiny_multimodal_model,
         tiny_multimodal_model.generate(**inputs, max_new_tokens=2, num_beams=2)
 
 
-def test_generating_past_max_position_embeddings_warns_once(caplog):
+def test_generating_past_max_position_embeddings_warns_once():
     """The context length lives in `text_config`; the composite config exposes it as `config.max_position_embeddings`,
     where transformers' generation reads it: its `MaxLengthCriteria` warns (once) past it, as for a LLaMA, and the
     default `max_length` stops there."""
@@ -258,21 +258,25 @@ def test_generating_past_max_position_embeddings_warns_once(caplog):
     model = make_tiny_model(max_position_embeddings=limit)
     assert model.config.max_position_embeddings == model.config.text_config.max_position_embeddings == limit
     reminder = f"exceeded the model's predefined maximum length ({limit})"
-    transformers_logger = logging.getLogger("transformers")  # the library logger does not propagate to the root
-    transformers_logger.addHandler(caplog.handler)
+    # a handler of our own on transformers' logger: caplog's root handler would also see the record whenever another
+    # test has turned on transformers' propagation, and count it twice
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
     try:
-        with caplog.at_level(logging.WARNING, logger="transformers"):
-            model.generate(random_ids(1, 10), max_new_tokens=limit - 10, min_new_tokens=limit - 10, do_sample=False)
-            assert reminder not in caplog.text  # up to the limit: silent
-            for _ in range(2):
-                out = model.generate(random_ids(1, 20), max_new_tokens=15, min_new_tokens=15, do_sample=False)
-                assert out.shape[1] == 35  # it warns, it does not cut what was asked for
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # transformers' advice to set max_new_tokens
-                default = model.generate(random_ids(1, 20), do_sample=False, min_new_tokens=limit - 20)
+        model.generate(random_ids(1, 10), max_new_tokens=limit - 10, min_new_tokens=limit - 10, do_sample=False)
+        assert not [r for r in records if reminder in r.getMessage()]  # up to the limit: silent
+        for _ in range(2):
+            out = model.generate(random_ids(1, 20), max_new_tokens=15, min_new_tokens=15, do_sample=False)
+            assert out.shape[1] == 35  # it warns, it does not cut what was asked for
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' advice to set max_new_tokens
+            default = model.generate(random_ids(1, 20), do_sample=False, min_new_tokens=limit - 20)
     finally:
-        transformers_logger.removeHandler(caplog.handler)
-    assert caplog.text.count(reminder) == 1
+        transformers_logger.removeHandler(handler)
+    assert len([r for r in records if reminder in r.getMessage()]) == 1
     assert default.shape[1] == limit  # the default max_length (prompt + 20) is capped at the context length
 
 
