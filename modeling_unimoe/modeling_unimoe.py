@@ -5,6 +5,7 @@ decorator appears in the same module as the model class.
 """
 
 import copy
+import inspect
 import re
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -1113,14 +1114,13 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         generation_config.suppress_tokens = suppressed or generation_config.suppress_tokens
         return generation_config, model_kwargs
 
-    def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, **kwargs):
+    def prepare_inputs_for_generation(self, *args, **kwargs):
         """`GenerationMixin`'s, except for an assistant (draft) model's first forward in assisted decoding: transformers
         withholds the media from assistants on purpose (their prefill runs with `is_first_iteration=False`), since a
         draft only proposes tokens that the main model then checks with the media. The forward refuses placeholders
         without their media, so the draft gets its prompt as embeddings, which carry no ids to check: its placeholders
         embed as text, as they do in transformers' own multimodal models."""
-        # (`inputs_embeds` named in the signature: `generate` only forwards embeddings to a model whose signature has it)
-        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         media = ("pixel_values", "pixel_values_videos", "input_features", "input_values")
         withheld = any(kwargs.get(name) is not None and model_inputs.get(name) is None for name in media)
         cache, fed_ids = model_inputs.get(CACHE_NAME), model_inputs.get("input_ids")
@@ -1130,6 +1130,10 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
             model_inputs["inputs_embeds"] = _embed(embedding, fed_ids)
             model_inputs["input_ids"] = None
         return model_inputs
+
+    # The running release's own signature: `generate` checks model kwargs against it (the cache under the name this
+    # release uses, `inputs_embeds`, which it forwards only to a model whose signature names it).
+    prepare_inputs_for_generation.__signature__ = inspect.signature(GenerationMixin.prepare_inputs_for_generation)
 
     def _prepare_model_inputs(self, *args, **kwargs):
         """`GenerationMixin`'s, refusing token ids that are not [batch, sequence] with a `ValueError` (`generate`
