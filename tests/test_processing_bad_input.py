@@ -37,21 +37,27 @@ def frames_pixels(processor, video) -> torch.Tensor:
     return processor(text="<video>", videos=[video])["pixel_values_videos"]
 
 
-def write_audio_only_mp4(path: Path, seconds: float = 1.0) -> Path:
+def encode_audio(path: Path, wave: np.ndarray, codec: str, rate: int) -> Path:
+    """`wave` (mono float32 at `rate`) encoded with PyAV's `codec` into `path` (the container from its extension)."""
     import av
 
-    wave = tone(seconds)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("aac", rate=16000)
+        stream = container.add_stream(codec, rate=rate)
         stream.layout = "mono"
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=rate)
         for start in range(0, wave.size, 1024):
             frame = av.AudioFrame.from_ndarray(wave[None, start : start + 1024], format="fltp", layout="mono")
-            frame.sample_rate = 16000
-            for packet in stream.encode(frame):
-                container.mux(packet)
+            frame.sample_rate = rate
+            for resampled in resampler.resample(frame):
+                for packet in stream.encode(resampled):
+                    container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def write_audio_only_mp4(path: Path, seconds: float = 1.0) -> Path:
+    return encode_audio(path, tone(seconds), "aac", 16000)
 
 
 # ---- 1. image value ranges ---------------------------------------------------------------------------------------
@@ -526,22 +532,8 @@ def test_float_audio_files_past_full_scale_are_refused_naming_the_file(tiny_proc
 
 def write_loud_mp3(path: Path, rate: int = 44100) -> Path:
     """A 0.999 square wave as MP3: lossy coding overshoots full scale (it decodes to peaks of about 1.46)."""
-    import av
-
     wave = (0.999 * np.sign(np.sin(2 * np.pi * 440 * np.arange(rate) / rate))).astype(np.float32)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libmp3lame", rate=rate)
-        stream.layout = "mono"
-        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=rate)
-        for start in range(0, wave.size, 1152):
-            frame = av.AudioFrame.from_ndarray(wave[None, start : start + 1152], format="fltp", layout="mono")
-            frame.sample_rate = rate
-            for resampled in resampler.resample(frame):
-                for packet in stream.encode(resampled):
-                    container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    return encode_audio(path, wave, "libmp3lame", rate)
 
 
 def test_overshoot_of_loud_recordings_and_rounding_are_accepted(tiny_processor, tmp_path):
