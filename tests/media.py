@@ -1,4 +1,5 @@
-"""Small real media files for tests, written at test time: PNG images, MP4 videos (PyAV, h264/mpeg4), WAV audio."""
+"""Small real media files for tests, written at test time: PNG images, MP4 videos (PyAV, h264/mpeg4), WAV audio,
+other audio containers through PyAV's encoders (`encode_audio`)."""
 
 from pathlib import Path
 
@@ -43,4 +44,23 @@ def tone(seconds: float, frequency: float = 440.0, rate: int = 16000) -> np.ndar
 def write_audio(path: Path, seconds: float = 2.0, rate: int = 16000, channels: int = 1, frequency: float = 440.0) -> Path:
     wave = tone(seconds, frequency, rate)
     soundfile.write(path, np.stack([wave] * channels, axis=1) if channels > 1 else wave, rate)
+    return path
+
+
+def encode_audio(path: Path, wave: np.ndarray, codec: str, rate: int) -> Path:
+    """`wave` (mono float32 at `rate`) encoded with PyAV's `codec` into `path` (the container from its extension)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.layout = "mono"
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=rate)
+        for start in range(0, wave.size, 1024):
+            frame = av.AudioFrame.from_ndarray(wave[None, start : start + 1024], format="fltp", layout="mono")
+            frame.sample_rate = rate
+            for resampled in resampler.resample(frame):
+                for packet in stream.encode(resampled):
+                    container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
     return path

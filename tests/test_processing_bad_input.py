@@ -15,7 +15,7 @@ import soundfile
 import torch
 from PIL import Image
 
-from media import tone, write_audio, write_image, write_video
+from media import encode_audio, tone, write_audio, write_image, write_video
 from modeling_unimoe.processing_unimoe import load_audio, load_image
 
 
@@ -35,25 +35,6 @@ def pixels(processor, image) -> torch.Tensor:
 
 def frames_pixels(processor, video) -> torch.Tensor:
     return processor(text="<video>", videos=[video])["pixel_values_videos"]
-
-
-def encode_audio(path: Path, wave: np.ndarray, codec: str, rate: int) -> Path:
-    """`wave` (mono float32 at `rate`) encoded with PyAV's `codec` into `path` (the container from its extension)."""
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.layout = "mono"
-        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=rate)
-        for start in range(0, wave.size, 1024):
-            frame = av.AudioFrame.from_ndarray(wave[None, start : start + 1024], format="fltp", layout="mono")
-            frame.sample_rate = rate
-            for resampled in resampler.resample(frame):
-                for packet in stream.encode(resampled):
-                    container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 def write_audio_only_mp4(path: Path, seconds: float = 1.0) -> Path:

@@ -1,0 +1,384 @@
+"""The OpenAI-compatible server (`unimoe-serve`, trl_scripts.serving.server), run as its command line in a
+subprocess on a tiny checkpoint and queried with the official `openai` client (and raw HTTP for what a client
+cannot send): answers equal `generate`, concurrent requests are batched, bad requests are 4xx, memory is bounded."""
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile
+import torch
+from conftest import REPO_ROOT, make_tiny_model
+from media import encode_audio, tone, write_audio, write_image, write_video
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+from trl_scripts import load_tiny_processor
+from trl_scripts.serving.server import RequestError, chat_messages_from_openai, collate, main, parse_arguments
+
+
+MAX_TOKENS = 12
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def data_uri(path: Path, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("serve") / "tiny-unimoe"
+    make_tiny_model(text_only=False).save_pretrained(folder)
+    load_tiny_processor().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("media")
+    gradient = np.add.outer(np.arange(30), np.arange(40)).astype(np.uint8) * 3
+    image = folder / "gradient.png"
+    from PIL import Image
+
+    Image.fromarray(np.stack([gradient, 255 - gradient, gradient // 2], axis=-1)).save(image)
+    flac = folder / "chirp.flac"
+    soundfile.write(flac, tone(1.2, 660.0), 16000)
+    return {
+        "image": image,
+        "red": write_image(folder / "red.png", color=(200, 20, 20)),
+        "wav": write_audio(folder / "tone.wav", seconds=1.5),
+        "mp3": encode_audio(folder / "tone.mp3", tone(1.0, 330.0, 44100), "libmp3lame", 44100),
+        "flac": flac,
+        "video": write_video(folder / "right.mp4"),
+        "left": write_video(folder / "left.mp4", moving="left"),
+        "text": (folder / "notes.txt").write_text("not a media file\n" * 20) and folder / "notes.txt",
+    }
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen, port: int, log: Path, model: str):
+        self.process, self.port, self.log, self.model = process, port, log, model
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=10).json()
+
+    def rss_kib(self) -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+
+    def ask(self, content, stream: bool = False, max_tokens: int = MAX_TOKENS) -> tuple[str, int]:
+        """(answer text, completion tokens) for one user message, greedy."""
+        messages = [{"role": "user", "content": content}]
+        if not stream:
+            response = self.client.chat.completions.create(
+                model=self.model, messages=messages, max_tokens=max_tokens, temperature=0
+            )
+            return response.choices[0].message.content, response.usage.completion_tokens
+        chunks = list(
+            self.client.chat.completions.create(
+                model=self.model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True
+            )
+        )
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        return text, chunks[-1].usage.completion_tokens
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    port, log = free_port(), tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "trl_scripts.serve", str(checkpoint), "--port", str(port)],
+            cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
+        )
+    running = Server(process, port, log, str(checkpoint))
+    deadline = time.monotonic() + 180
+    while True:
+        assert process.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
+        try:
+            if running.health()["status"] == "ok":
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"the server did not start in 180 s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+    yield running
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """The checkpoint loaded here as a user would, and its greedy answer to one user message (files by path)."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    cache = {}
+
+    def answer(blocks: list[dict], max_new_tokens: int = MAX_TOKENS) -> tuple[str, int]:
+        key = (json.dumps(blocks, sort_keys=True), max_new_tokens)
+        if key not in cache:
+            inputs = processor.apply_chat_template(
+                [{"role": "user", "content": blocks}], add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+            with torch.inference_mode():
+                output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+            new_tokens = output[0, inputs["input_ids"].shape[1] :]
+            cache[key] = (processor.decode(new_tokens, skip_special_tokens=True), len(new_tokens))
+        return cache[key]
+
+    return answer
+
+
+QUESTION = {"type": "text", "text": "What do you see and hear?"}
+
+
+def cases(media: dict[str, Path]) -> dict[str, tuple[list[dict], list[dict]]]:
+    """name -> (OpenAI content parts, the same message as the processor's blocks with file paths)."""
+    image, video = media["image"], media["video"]
+    return {
+        "text": ([QUESTION], [QUESTION]),
+        "image data URI": ([QUESTION, {"type": "image_url", "image_url": {"url": data_uri(image, "image/png")}}],
+                           [QUESTION, {"type": "image", "path": str(image)}]),
+        "image file URL": ([{"type": "image_url", "image_url": {"url": image.as_uri()}}, QUESTION],
+                           [{"type": "image", "path": str(image)}, QUESTION]),
+        "wav": ([QUESTION, {"type": "input_audio", "input_audio": {"data": b64(media["wav"]), "format": "wav"}}],
+                [QUESTION, {"type": "audio", "path": str(media["wav"])}]),
+        "mp3": ([QUESTION, {"type": "input_audio", "input_audio": {"data": b64(media["mp3"]), "format": "mp3"}}],
+                [QUESTION, {"type": "audio", "path": str(media["mp3"])}]),
+        "flac": ([{"type": "input_audio", "input_audio": {"data": b64(media["flac"]), "format": "flac"}}, QUESTION],
+                 [{"type": "audio", "path": str(media["flac"])}, QUESTION]),
+        "video data URI": ([QUESTION, {"type": "video_url", "video_url": {"url": data_uri(video, "video/mp4")}}],
+                           [QUESTION, {"type": "video", "path": str(video)}]),
+        "video local file": ([QUESTION, {"type": "video_url", "video_url": {"url": str(video)}}],
+                             [QUESTION, {"type": "video", "path": str(video)}]),
+        "all four": (
+            [
+                {"type": "image_url", "image_url": {"url": data_uri(image, "image/png")}},
+                {"type": "input_audio", "input_audio": {"data": b64(media["wav"]), "format": "wav"}},
+                {"type": "video_url", "video_url": {"url": data_uri(video, "video/mp4")}},
+                QUESTION,
+            ],
+            [
+                {"type": "image", "path": str(image)},
+                {"type": "audio", "path": str(media["wav"])},
+                {"type": "video", "path": str(video)},
+                QUESTION,
+            ],
+        ),
+    }
+
+
+CASES = ["text", "image data URI", "image file URL", "wav", "mp3", "flac", "video data URI", "video local file", "all four"]
+
+
+def test_models_health_and_retrieve(server):
+    assert [model.id for model in server.client.models.list().data] == [server.model]
+    assert server.client.models.retrieve(server.model).id == server.model
+    assert server.health()["status"] == "ok"
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        server.client.models.retrieve("someone/else")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_answer_equals_generate(server, reference, media, case, stream):
+    parts, blocks = cases(media)[case]
+    text, tokens = server.ask(parts, stream=stream)
+    assert (text, tokens) == reference(blocks)
+
+
+def test_a_system_message_and_a_second_turn_reach_the_model(server, reference, media, checkpoint):
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": [QUESTION, {"type": "image_url", "image_url": {"url": data_uri(media["red"], "image/png")}}]},
+        {"role": "assistant", "content": "A red picture."},
+        {"role": "user", "content": "And the colour?"},
+    ]
+    response = server.client.chat.completions.create(model=server.model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    converted, _ = chat_messages_from_openai(messages)
+    inputs = processor.apply_chat_template(converted, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert "Answer briefly." in processor.decode(inputs["input_ids"][0])
+    output = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_TOKENS)
+    expected = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert response.choices[0].message.content == expected
+    assert response.usage.prompt_tokens == inputs["input_ids"].shape[1]
+
+
+def test_concurrent_requests_are_batched_and_each_answer_equals_its_sequential_answer(server, media):
+    table = cases(media)
+    prompts = [table[name][0] for name in ("text", "image data URI", "wav", "video data URI", "all four", "flac", "mp3")]
+    prompts.append([{"type": "text", "text": "A longer question, so that the prompts of one batch differ in length: why?"}])
+    sequential = [server.ask(parts, stream=index % 2 == 1) for index, parts in enumerate(prompts)]
+    before = server.health()
+    answers, barrier = [None] * len(prompts), threading.Barrier(len(prompts))
+
+    def client(index: int):
+        barrier.wait()
+        answers[index] = server.ask(prompts[index], stream=index % 2 == 1)
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    after = server.health()
+    assert answers == sequential
+    assert after["requests_batched"] - before["requests_batched"] == len(prompts)
+    # 8 requests in fewer generate calls than requests: batched, not serialised
+    assert after["batches_run"] - before["batches_run"] < len(prompts)
+    assert after["largest_batch"] >= 2
+
+
+def post(server, body, raw: bytes | None = None) -> httpx.Response:
+    if raw is not None:
+        return httpx.post(f"{server.url}/v1/chat/completions", content=raw, headers={"content-type": "application/json"}, timeout=60)
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+
+
+def test_bad_requests_are_4xx_naming_the_problem_and_the_server_keeps_answering(server, reference, media):
+    not_media = media["text"]
+    user = lambda *parts: {"model": server.model, "max_tokens": 4, "messages": [{"role": "user", "content": [QUESTION, *parts]}]}  # noqa: E731
+    bad = {
+        "corrupt base64 image": (user({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR%%%w0K"}}), 400, "messages[0].content[1]: corrupt base64"),
+        "corrupt base64 audio": (user({"type": "input_audio", "input_audio": {"data": "UklGR!!", "format": "wav"}}), 400, "corrupt base64"),
+        "text file as an image": (user({"type": "image_url", "image_url": {"url": data_uri(not_media, "image/png")}}), 400, "image 0 is messages[0].content[1]"),
+        "text file as audio": (user({"type": "input_audio", "input_audio": {"data": b64(not_media), "format": "wav"}}), 400, "audio 0 is messages[0].content[1]"),
+        "text file as a video": (user({"type": "video_url", "video_url": {"url": not_media.as_uri()}}), 400, "video 0 is messages[0].content[1]"),
+        "unknown content type": (user({"type": "file", "file": {"file_id": "x"}}), 400, "unknown content part type 'file'"),
+        "unknown audio format": (user({"type": "input_audio", "input_audio": {"data": b64(media["wav"]), "format": "ogg"}}), 400, "format 'ogg'"),
+        "remote URL": (user({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}), 400, "does not fetch remote URLs"),
+        "missing local file": (user({"type": "video_url", "video_url": {"url": "file:///no/such/video.mp4"}}), 400, "no such file"),
+        "too many new tokens": ({**user(), "max_tokens": 10**6}, 400, "past the model's context of 2048 tokens"),
+        "too long after media expansion": (user(*[{"type": "input_audio", "input_audio": {"data": b64(media["wav"]), "format": "wav"}}] * 9, {"type": "text", "text": "word " * 1900}), 400, "tokens long after expanding its media"),
+        "negative max_tokens": ({**user(), "max_tokens": -3}, 400, "max_tokens must be a positive integer"),
+        "unknown model": ({**user(), "model": "org/other-model"}, 404, "model 'org/other-model' is not served here"),
+        "no messages": ({"model": server.model}, 400, "'messages' must be a non-empty list"),
+        "unexpected field": ({**user(), "frobnicate": True}, 422, "frobnicate"),
+        "a list as body": ([1, 2], 400, "must be a JSON object"),
+    }
+    good_parts, good_blocks = cases(media)["image data URI"]
+    expected = reference(good_blocks, 4)
+    for name, (body, status, message) in bad.items():
+        response = post(server, body)
+        assert response.status_code == status, (name, response.text[:500])
+        error = response.json()["error"]
+        assert message in error["message"], (name, error)
+        assert server.ask(good_parts, max_tokens=4) == expected, name
+    response = post(server, None, raw=b'{"model": "x", "messages": [')
+    assert response.status_code == 400 and "malformed JSON body" in response.json()["error"]["message"]
+    assert server.ask(good_parts, max_tokens=4) == expected
+    # the official client raises its typed errors on them
+    with pytest.raises(openai.BadRequestError, match="unknown content part type 'image'"):
+        server.client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": [{"type": "image", "image": "x"}]}])
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        server.client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_memory_stays_bounded_over_200_mixed_requests(server, media):
+    table = cases(media)
+    mix = [table[name][0] for name in ("text", "image data URI", "wav", "video data URI", "all four")]
+    for index in range(20):
+        server.ask(mix[index % len(mix)], stream=index % 3 == 0, max_tokens=2)
+    settled = server.rss_kib()
+    for index in range(20, 200):
+        server.ask(mix[index % len(mix)], stream=index % 3 == 0, max_tokens=2)
+    final = server.rss_kib()
+    assert final <= 1.10 * settled, f"RSS grew from {settled} KiB after 20 requests to {final} KiB after 200"
+
+
+# ------------------------------------------------------------------------------------------------ in process
+
+
+def test_content_parts_convert_to_processor_blocks(media):
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [
+            {"type": "text", "text": "Compare"},
+            {"type": "image_url", "image_url": {"url": data_uri(media["image"], "image/png")}},
+            {"type": "audio_url", "audio_url": {"url": media["wav"].as_uri()}},
+            {"type": "input_audio", "input_audio": {"data": b64(media["mp3"])}},
+        ]},
+    ]
+    converted, legend = chat_messages_from_openai(messages)
+    assert converted[0] == {"role": "system", "content": "Be brief."}
+    blocks = converted[1]["content"]
+    assert [block["type"] for block in blocks] == ["text", "image", "audio", "audio"]
+    assert blocks[1]["image"].read() == media["image"].read_bytes()
+    assert blocks[2] == {"type": "audio", "path": str(media["wav"])}
+    assert blocks[3]["audio"].read() == media["mp3"].read_bytes()
+    assert legend.explain() == (
+        " (image 0 is messages[1].content[1]; audio 0 is messages[1].content[2]; audio 1 is messages[1].content[3])"
+    )
+    for bad, message in [
+        ([], "non-empty list"),
+        (["hello"], "messages[0]: a message is an object"),
+        ([{"role": "user", "content": [{"text": "no type"}]}], "messages[0].content[0]: a content part is an object with a 'type'"),
+        ([{"role": "user", "content": [{"type": "image_url"}]}], "needs {'image_url': {'url': ...}}"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png,rawbytes"}}]}], "must be base64-encoded"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://host/x.png"}}]}], "unsupported URL scheme 'ftp'"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}]}], "payload is empty"),
+    ]:
+        with pytest.raises(RequestError, match=__import__("re").escape(message)):
+            chat_messages_from_openai(bad)
+
+
+def test_collate_equals_the_processors_own_batch(media, tiny_processor):
+    """Requests encoded one by one and collated = the processor's left-padded batch of the same conversations."""
+    tiny_processor.tokenizer.padding_side = "left"
+    conversations = [
+        [{"role": "user", "content": [QUESTION]}],
+        [{"role": "user", "content": [{"type": "image", "path": str(media["image"])}, {"type": "audio", "path": str(media["wav"])}, QUESTION]}],
+        [{"role": "user", "content": [{"type": "video", "path": str(media["video"])}, {"type": "image", "path": str(media["red"])}, QUESTION]}],
+        [{"role": "user", "content": [{"type": "audio", "path": str(media["flac"])}, QUESTION]}],
+    ]
+    kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True)
+    singles = [tiny_processor.apply_chat_template(conversation, **kwargs) for conversation in conversations]
+    batch = tiny_processor.apply_chat_template(conversations, **kwargs)
+    collated = collate(singles, tiny_processor.tokenizer.pad_token_id)
+    assert set(collated) == set(batch.keys())
+    for key in batch:
+        torch.testing.assert_close(collated[key], batch[key], rtol=0, atol=0, msg=key)
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    with pytest.raises(ValueError, match="give the checkpoint to serve"):
+        main([])
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        main([str(tmp_path / "missing")])
+    with pytest.raises(ValueError, match="--port must be in 1..65535"):
+        parse_arguments([str(tmp_path), "--port", "0"])
+    with pytest.raises(ValueError, match="give one checkpoint"):
+        parse_arguments(["a", "b"])
+    assert parse_arguments(["--model", "org/name", "--port", "9001"]).model == "org/name"
+    result = subprocess.run(
+        [sys.executable, "-m", "trl_scripts.serve", str(tmp_path / "missing")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))},
+    )
+    assert result.returncode == 1
+    assert "error:" in result.stderr.strip().splitlines()[-1] and "no such folder" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
