@@ -279,6 +279,10 @@ def test_bad_requests_are_4xx_naming_the_problem_and_the_server_keeps_answering(
         "no messages": ({"model": server.model}, 400, "'messages' must be a non-empty list"),
         "unexpected field": ({**user(), "frobnicate": True}, 422, "frobnicate"),
         "a list as body": ([1, 2], 400, "must be a JSON object"),
+        "two choices": ({**user(), "n": 2}, 400, "n=2 is not supported"),
+        "log-probabilities": ({**user(), "logprobs": True}, 400, "logprobs=true is not supported"),
+        "tools": ({**user(), "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools="),
+        "JSON output": ({**user(), "response_format": {"type": "json_object"}}, 400, "response_format="),
     }
     good_parts, good_blocks = cases(media)["image data URI"]
     expected = reference(good_blocks, 4)
@@ -382,3 +386,22 @@ def test_command_line_errors_are_one_line(tmp_path):
     assert result.returncode == 1
     assert "error:" in result.stderr.strip().splitlines()[-1] and "no such folder" in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
+
+
+def test_a_client_leaving_mid_stream_does_not_disturb_the_others(server, reference, media):
+    parts, blocks = cases(media)["wav"]
+    generation = json.dumps({"min_new_tokens": 300, "max_new_tokens": 300, "do_sample": False})
+    long_stream = server.client.chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": [QUESTION]}], max_tokens=300, temperature=0,
+        stream=True, extra_body={"generation_config": generation},
+    )
+    answers = {}
+    other = threading.Thread(target=lambda: answers.update(other=server.ask(parts)))
+    first = next(iter(long_stream))  # the long request is running: the other one joins its batch or the next
+    other.start()
+    long_stream.close()  # the client goes away
+    other.join(timeout=300)
+    assert first.choices[0].delta.role == "assistant"
+    assert answers["other"] == reference(blocks)
+    assert server.ask(parts, stream=True) == reference(blocks)
+    assert server.health()["status"] == "ok"

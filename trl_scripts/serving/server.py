@@ -72,6 +72,25 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_PARTS = ("text", "image_url", "input_audio", "video_url", "audio_url")
 AUDIO_FORMATS = ("wav", "mp3", "flac")
+# OpenAI fields transformers' handler accepts but ignores (with a warning): each one that would change the answer is
+# refused (its value -> whether it asks for something this server does not do); the others (user, metadata, store,
+# service_tier, stream_options, parallel_tool_calls) do not change it.
+_REFUSED_FIELDS = {
+    "n": lambda value: value not in (None, 1),
+    "logprobs": bool,
+    "top_logprobs": bool,
+    "response_format": lambda value: isinstance(value, dict) and value.get("type") not in (None, "text"),
+    "tools": bool,
+    "tool_choice": lambda value: value not in (None, "none"),
+    "functions": bool,
+    "function_call": lambda value: value not in (None, "none"),
+    "audio": bool,
+    "modalities": lambda value: bool(value) and list(value) != ["text"],
+    "presence_penalty": bool,
+    "prediction": bool,
+    "web_search_options": bool,
+    "reasoning_effort": bool,
+}
 
 
 class RequestError(ValueError):
@@ -471,6 +490,12 @@ class UniMoEChatCompletionHandler(ChatCompletionHandler):
 
     async def handle_request(self, body: dict, request_id: str):
         self._validate_request(body)
+        for name, refused in _REFUSED_FIELDS.items():
+            if refused(body.get(name)):
+                raise RequestError(
+                    f"{name}={json.dumps(body[name])[:100]} is not supported: this server answers with one text choice "
+                    "(no log-probabilities, tools, structured or audio output, presence penalty)"
+                )
         served = self.model_manager.model_name
         if body.get("model") != served:
             raise RequestError(
