@@ -104,29 +104,42 @@ class Server:
         return text, chunks[-1].usage.completion_tokens
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    port, log = free_port(), tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+def start_server(model: str, log: Path, env: dict | None = None) -> Server:
+    """`python -m trl_scripts.serve MODEL --port P` in a subprocess, returned once /health answers."""
+    port = free_port()
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {}), "PYTHONPATH": pythonpath}
     with open(log, "w") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "trl_scripts.serve", str(checkpoint), "--port", str(port)],
+            [sys.executable, "-m", "trl_scripts.serve", model, "--port", str(port)],
             cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
         )
-    running = Server(process, port, log, str(checkpoint))
+    running = Server(process, port, log, model)
     deadline = time.monotonic() + 180
     while True:
-        assert process.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited:\n{log.read_text()[-3000:]}")
         try:
             if running.health()["status"] == "ok":
-                break
+                return running
         except httpx.HTTPError:
             pass
-        assert time.monotonic() < deadline, f"the server did not start in 180 s:\n{log.read_text()[-3000:]}"
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"the server did not start in 180 s:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
+
+
+def stop(server: Server) -> None:
+    server.process.terminate()
+    server.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    running = start_server(str(checkpoint), tmp_path_factory.mktemp("server") / "server.log")
     yield running
-    process.terminate()
-    process.wait(timeout=30)
+    stop(running)
 
 
 @pytest.fixture(scope="module")
@@ -405,3 +418,23 @@ def test_a_client_leaving_mid_stream_does_not_disturb_the_others(server, referen
     assert answers["other"] == reference(blocks)
     assert server.ask(parts, stream=True) == reference(blocks)
     assert server.health()["status"] == "ok"
+
+
+def test_a_hub_repo_id_is_served_under_its_name(checkpoint, reference, media, tmp_path):
+    """Push the checkpoint to a local Hub, then serve it by repo id (downloaded through the Auto classes)."""
+    from local_hub import LocalHub
+
+    with LocalHub(tokens={"hf_serve"}) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_serve", "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0"}
+        pushed = subprocess.run(
+            [sys.executable, "-m", "trl_scripts.push_to_hub", "--model", str(checkpoint), "--repo-id", "someone/tiny-unimoe"],
+            cwd=REPO_ROOT, env={**os.environ, **env, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=300,
+        )
+        assert pushed.returncode == 0, pushed.stderr[-3000:]
+        served = start_server("someone/tiny-unimoe", tmp_path / "server.log", env)
+        try:
+            assert [model.id for model in served.client.models.list().data] == ["someone/tiny-unimoe"]
+            parts, blocks = cases(media)["image data URI"]
+            assert served.ask(parts) == reference(blocks)
+        finally:
+            stop(served)
