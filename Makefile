@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 
-.PHONY: demo test system-packages compat lock bench fuzz clean
+.PHONY: demo chat test system-packages compat lock bench fuzz clean
 
 # Exactly the locked versions, transitive ones included (`--no-deps`: the lock is the whole closure, resolved once by
 # `make lock`), then this package itself in editable mode without touching them. A new venv each time, so that
@@ -20,14 +20,23 @@ $(STAMP): $(LOCK) setup.cfg pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m trl_scripts.quickstart
 
+# The Gradio chat app on the quickstart's checkpoint (trained first when it is missing): http://127.0.0.1:7860
+chat: $(STAMP)
+	@[ -d outputs/quickstart/stage3 ] || $(PY) -m trl_scripts.quickstart
+	$(PY) -m trl_scripts.chat_app outputs/quickstart/stage3
+
 test: $(STAMP) system-packages
 	$(PY) -m pytest -q tests
 
-# Debian packages the tests use: espeak-ng (the synthetic-data generator's speech synthesis path).
+# Debian packages the tests use: espeak-ng (the synthetic-data generator's speech synthesis path), chromium and
+# chromium-driver (the chat app's browser test drives /usr/bin/chromium with playwright; nothing is downloaded).
 system-packages:
 	@command -v espeak-ng >/dev/null || { \
 	  [ "$$(id -u)" = 0 ] || { echo "make test needs espeak-ng: sudo apt-get install espeak-ng"; exit 1; }; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] || { echo "make test needs chromium: sudo apt-get install chromium chromium-driver"; exit 1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 # The compatibility job: the remote-code / generation / peft / processor subset on the oldest transformers (and peft,
 # accelerate) that setup.cfg accepts and on the newest release on the registry, each in its own venv.

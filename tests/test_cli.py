@@ -15,8 +15,10 @@ from conftest import REPO_ROOT
 from test_train import write_rows
 
 
+# the tools: modules defining `main`, or entry modules importing it from their sub-package (`serve` -> serving.server)
 CLI_MODULES = sorted(
-    path.stem for path in (REPO_ROOT / "trl_scripts").glob("*.py") if "\ndef main(" in path.read_text()
+    path.stem for path in (REPO_ROOT / "trl_scripts").glob("*.py")
+    if "\ndef main(" in path.read_text() or " import main\n" in path.read_text()
 )
 
 

@@ -23,6 +23,7 @@ from modeling_unimoe import UniMoEForCausalLM
 from trl_scripts import load_preset, load_tiny_processor
 from trl_scripts.model_card import build_model_card, load_eval_result
 from trl_scripts.push_to_hub import check_model_folder, push_folder_to_hub
+from trl_scripts.space import write_space
 
 
 TOKEN = "hf_local_test_token"
@@ -439,3 +440,61 @@ def test_offline_mode_is_one_line_too(tmp_path, monkeypatch):
     load_tiny_processor().save_pretrained(folder)
     with pytest.raises(HubConnectionError, match=r"^Cannot push me/x to http://127\.0\.0\.1:9: offline mode is enabled \(HF_HUB_OFFLINE\)"):
         push_folder_to_hub(folder, "me/x", token="x", endpoint="http://127.0.0.1:9")
+
+
+def test_cli_publishes_the_chat_space_which_runs_from_the_hub(hub, online, tmp_path):
+    folder = tmp_path / "model"
+    save_multimodal(folder)
+    result = run_cli(["--model", str(folder), "--repo-id", "org/chat-model", "--private", "--space", "org/chat-space"],
+                     hub_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Pushed the chat Space to" in result.stdout and "org/chat-space" in result.stdout
+    assert "give the Space an HF_TOKEN secret that can read org/chat-model" in result.stderr
+
+    space = hub.repo("org/chat-space", repo_type="space")
+    assert space.private and [c.title for c in space.commits] == ["initial commit", "Upload the Uni-MoE chat app"]
+    written = write_space(tmp_path / "expected-space", "org/chat-model")
+    expected = {path.relative_to(written).as_posix(): path.read_bytes() for path in written.rglob("*") if path.is_file()}
+    assert {name: content for name, content in space.files.items() if name != ".gitattributes"} == expected
+    card = ModelCard(space.files["README.md"].decode())  # the front matter Spaces read
+    assert card.data.sdk == "gradio" and card.data.app_file == "app.py" and card.data.models == ["org/chat-model"]
+    assert ("model", "org/chat-model") in hub.repos
+
+    # The Space at work: its files in a fresh interpreter (our packages only from there) loading org/chat-model
+    space_dir = tmp_path / "space-clone"
+    for name, content in space.files.items():
+        (space_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (space_dir / name).write_bytes(content)
+    code = textwrap.dedent(
+        """
+        import os, sys
+        sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+        import app
+        from trl_scripts.serving.chat_app import ChatApp
+        chat = ChatApp.from_pretrained(app.MODEL_ID, device="cpu")
+        *_, (answer, heatmap) = chat.respond({"text": "Hello", "files": []}, [], 4)
+        ours = [m.__file__ or list(m.__path__)[0] for n, m in sys.modules.items() if n.split(".")[0] in ("trl_scripts", "modeling_unimoe")]
+        print("MODEL", type(chat.model).__module__, "HEATMAP", type(heatmap).__name__,
+              "OUTSIDE", [path for path in ours if not path.startswith(os.getcwd() + os.sep)])
+        """
+    )
+    env = hub_env(hub, tmp_path) | {"PYTHONPATH": "", "GRADIO_ANALYTICS_ENABLED": "False"}
+    ran = subprocess.run([sys.executable, "-c", code], cwd=space_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-4000:]
+    # the classes of the Space's copy of modeling_unimoe (registered with the Auto classes), the files of the Hub's
+    assert "MODEL modeling_unimoe.modeling_unimoe HEATMAP Image OUTSIDE []" in ran.stdout, ran.stdout
+
+
+def test_space_is_refused_before_anything_is_pushed(hub, online, tmp_path, monkeypatch):
+    from trl_scripts.push_to_hub import main
+
+    folder = tmp_path / "model"
+    save_multimodal(folder)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with pytest.raises(SystemExit, match=r"repo_id 'no-namespace' must be ORG/NAME"):
+        main(["--model", str(folder), "--repo-id", "org/space-refused", "--space", "no-namespace"])
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(SystemExit, match=r"--space needs a full model; .* is a peft adapter"):
+        main(["--model", str(folder), "--repo-id", "org/space-refused", "--space", "org/space"])
+    assert ("model", "org/space-refused") not in hub.repos and ("space", "org/space") not in hub.repos

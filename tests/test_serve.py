@@ -382,7 +382,7 @@ def test_collate_equals_the_processors_own_batch(media, tiny_processor):
 
 
 def test_command_line_errors_are_one_line(tmp_path):
-    with pytest.raises(ValueError, match="give the checkpoint to serve"):
+    with pytest.raises(ValueError, match="give the checkpoint: unimoe-serve DIR"):
         main([])
     with pytest.raises(FileNotFoundError, match="no such folder"):
         main([str(tmp_path / "missing")])

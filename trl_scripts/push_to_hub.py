@@ -1,7 +1,8 @@
 """Publish a saved Uni-MoE checkpoint (or a peft adapter) to the Hugging Face Hub with a generated model card.
 
     python -m trl_scripts.push_to_hub --model out/stage3 --repo-id ORG/NAME [--private] \
-        [--eval_results results/vqa.json ...] [--base_model lmsys/vicuna-7b-v1.5 ...] [--datasets ...]
+        [--eval_results results/vqa.json ...] [--base_model lmsys/vicuna-7b-v1.5 ...] [--datasets ...] \
+        [--space ORG/NAME-chat]
 
 The folder is what `model.save_pretrained(DIR)` and `processor.save_pretrained(DIR)` write: safetensors weights,
 `config.json` with `auto_map`, the flat remote-code files, the processor files and chat template. It is checked before
@@ -12,6 +13,10 @@ in the folder is embedded. Training leftovers (`checkpoint-*`, optimizer states,
 
 A peft adapter folder (`adapter_config.json` + `adapter_model.safetensors`) is published the same way; its base model
 must be a Hub repository (`--base_model ORG/BASE` when the adapter was trained on a local folder).
+
+`--space ORG/NAME` also publishes a gradio Space running the chat app (`trl_scripts.serving.chat_app`) on the pushed
+model, written by `trl_scripts.space` (the app with this package's code, pinned requirements, the Space card), after
+the model's commit; private too with `--private`. Adapters get none (the chat needs a full model).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +44,7 @@ except ImportError:  # pragma: no cover
 
 from .console import command_line
 from .model_card import EVAL_RESULTS_PATTERN, build_model_card, load_eval_result, modalities
+from .space import write_space
 
 
 logger = logging.getLogger(__name__)
@@ -240,6 +247,13 @@ def _check_adapter_folder(folder: Path, base_models: list[str] | None) -> Checke
     return CheckedFolder(folder, adapter_config=adapter_config, base_model=base_models[0] if base_models else recorded)
 
 
+def check_repo_id(repo_id: str) -> None:
+    """A `ValueError` unless `repo_id` is a valid ORG/NAME (or USER/NAME) Hub repository id."""
+    validate_repo_id(repo_id)
+    if "/" not in repo_id:
+        raise ValueError(f"repo_id {repo_id!r} must be ORG/NAME (or USER/NAME)")
+
+
 def resolve_token(token: str | None = None) -> str:
     """`token`, else the one from `HF_TOKEN` / `hf auth login`; a clear error when there is none."""
     token = token or get_token()
@@ -293,9 +307,7 @@ def push_folder_to_hub(
     `private` makes the repository private (also when it already exists). `endpoint` defaults to `HF_ENDPOINT`.
     """
     folder = Path(folder)
-    validate_repo_id(repo_id)
-    if "/" not in repo_id:
-        raise ValueError(f"repo_id {repo_id!r} must be ORG/NAME (or USER/NAME)")
+    check_repo_id(repo_id)
     checked = check_model_folder(folder, base_models)
     result_files = [*(eval_result_files or []), *sorted(folder.glob(EVAL_RESULTS_PATTERN))]
     eval_results = [load_eval_result(path) for path in dict.fromkeys(Path(p).resolve() for p in result_files)]
@@ -330,6 +342,31 @@ def push_folder_to_hub(
     return commit
 
 
+def push_space_to_hub(
+    space_folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    endpoint: str | None = None,
+) -> CommitInfo:
+    """Upload a folder written by `trl_scripts.space.write_space` to the gradio Space `repo_id` (created if needed)
+    in one commit; returns the commit. `private` makes the Space private (also when it already exists)."""
+    check_repo_id(repo_id)
+    api = HfApi(endpoint=endpoint, token=resolve_token(token))
+    with _hub_errors(api.endpoint, repo_id):
+        api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=True if private else None, exist_ok=True)
+        if private and not api.repo_info(repo_id, repo_type="space").private:
+            api.update_repo_settings(repo_id, private=True, repo_type="space")
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=space_folder, repo_type="space",
+            commit_message=commit_message or "Upload the Uni-MoE chat app", ignore_patterns=["__pycache__/*", "*.pyc"],
+        )
+    logger.info("Pushed the Space %s to %s", space_folder, commit.commit_url)
+    return commit
+
+
 @dataclass
 class PushToHubArguments:
     model: str = field(
@@ -350,6 +387,11 @@ class PushToHubArguments:
     )
     commit_message: str | None = None
     token: str | None = field(default=None, metadata={"help": "Hub token (defaults to HF_TOKEN or `hf auth login`)."})
+    space: str | None = field(
+        default=None,
+        metadata={"help": "Also publish a gradio Space (ORG/NAME) running the chat app on the pushed model "
+                  "(`trl_scripts.space`); private with --private."},
+    )
 
 
 @command_line
@@ -357,14 +399,31 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     (args,) = HfArgumentParser(PushToHubArguments).parse_args_into_dataclasses(args=argv)
     try:
-        commit = push_folder_to_hub(
-            args.model, args.repo_id, private=args.private, token=args.token, eval_result_files=args.eval_results,
-            license=args.license, base_models=args.base_model, datasets=args.datasets, commit_message=args.commit_message,
-        )
-    except (ValueError, HubTokenError, HubConnectionError, HubRequestError) as error:
+        with tempfile.TemporaryDirectory() as scratch:
+            space_folder = _space_folder(args, Path(scratch)) if args.space else None  # checked before any upload
+            commit = push_folder_to_hub(
+                args.model, args.repo_id, private=args.private, token=args.token, eval_result_files=args.eval_results,
+                license=args.license, base_models=args.base_model, datasets=args.datasets,
+                commit_message=args.commit_message,
+            )
+            if space_folder is not None:
+                space_commit = push_space_to_hub(space_folder, args.space, private=args.private, token=args.token)
+    except (ValueError, FileNotFoundError, HubTokenError, HubConnectionError, HubRequestError) as error:
         # A refused push is the user's to fix: the message, not a traceback.
         sys.exit(f"push_to_hub: error: {error}")
     print(f"Pushed {args.model} to {commit.repo_url} (commit {commit.oid[:8]}): {commit.commit_url}")
+    if space_folder is not None:
+        print(f"Pushed the chat Space to {space_commit.repo_url} (commit {space_commit.oid[:8]})")
+
+
+def _space_folder(args: PushToHubArguments, scratch: Path) -> Path:
+    """The Space of `--space`, written under `scratch`: for a full model (an adapter has no processor to chat with)."""
+    check_repo_id(args.space)
+    if (Path(args.model) / "adapter_config.json").is_file():
+        raise ValueError(f"--space needs a full model; {args.model} is a peft adapter (merge it and push the model)")
+    if args.private:
+        logger.warning("The model is private: give the Space an HF_TOKEN secret that can read %s", args.repo_id)
+    return write_space(scratch / "space", args.repo_id)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from tqdm.auto import tqdm
@@ -146,25 +147,47 @@ def routing_shares(model, processor, samples: list[EvalSample], batch_size: int 
     return counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
 
 
-def plot_routing(shares: torch.Tensor, layers: list[int], expert_names: list[str], path: Path) -> None:
+def plot_routing(
+    shares: torch.Tensor,
+    layers: list[int],
+    expert_names: list[str],
+    path: str | Path | BinaryIO,
+    *,
+    row_labels: list[str] | None = None,
+    title: str = "Share of each modality's media tokens routed to each expert (top-k assignments, held-out data)",
+    max_columns: int = 8,
+) -> None:
+    """Draw routing shares as one annotated heatmap per sparse layer (at most `max_columns` per row of panels).
+
+    `shares` [rows, layers, experts] (rows default to `MODALITIES`, named by `row_labels` otherwise), values in
+    0..1; `expert_names` labels the experts under their index ("" for none); `path` is a file path or a binary file
+    object, written as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.2), squeeze=False)
-    for column, (axis, layer) in enumerate(zip(axes[0], layers)):
-        axis.imshow(shares[:, column].numpy(), vmin=0, vmax=1, cmap="viridis")
+    row_labels = list(MODALITIES) if row_labels is None else row_labels
+    if shares.shape[:2] != (len(row_labels), len(layers)):
+        raise ValueError(f"shares of shape {tuple(shares.shape)} for {len(row_labels)} rows and {len(layers)} layers")
+    columns = min(len(layers), max_columns)
+    grid_rows = -(-len(layers) // columns)
+    panel_height = 1.2 + 0.5 * len(row_labels)  # inches: 3.2 for the four modalities
+    figure, axes = plt.subplots(grid_rows, columns, figsize=(3.2 * columns, panel_height * grid_rows), squeeze=False)
+    for axis in axes.flat[len(layers):]:
+        axis.set_visible(False)
+    for index, (axis, layer) in enumerate(zip(axes.flat, layers)):
+        axis.imshow(shares[:, index].numpy(), vmin=0, vmax=1, cmap="viridis")
         axis.set_title(f"layer {layer}")
         axis.set_xticks(range(len(expert_names)), [f"e{i}\n{name}" for i, name in enumerate(expert_names)], fontsize=7)
-        axis.set_yticks(range(len(MODALITIES)), MODALITIES if column == 0 else [""] * len(MODALITIES))
-        for m in range(len(MODALITIES)):
+        axis.set_yticks(range(len(row_labels)), row_labels if index % columns == 0 else [""] * len(row_labels))
+        for m in range(len(row_labels)):
             for e in range(len(expert_names)):
-                value = shares[m, column, e].item()
+                value = shares[m, index, e].item()
                 axis.text(e, m, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.5 else "black")
-    figure.suptitle("Share of each modality's media tokens routed to each expert (top-k assignments, held-out data)")
+    figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, format="png", bbox_inches="tight")
     plt.close(figure)
 
 

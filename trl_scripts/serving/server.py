@@ -40,11 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser, StoppingCriteria, StoppingCriteriaList
+from transformers import AutoModelForCausalLM, AutoProcessor, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from ..console import command_line
 from ..evaluate import DTYPES, check_model_path, resolve_device
+from .arguments import ServingArguments, parse_serving_arguments
 
 
 try:
@@ -634,14 +635,7 @@ def create_app(model: str, device: str | None = None, dtype: str = "auto", max_b
 
 
 @dataclass
-class ServeArguments:
-    model: str | None = field(
-        default=None, metadata={"help": "Checkpoint folder or Hub repo id (also the first positional argument)."}
-    )
-    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
-    port: int = field(default=8000, metadata={"help": "Port to listen on."})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1... (default: cuda when available)."})
-    dtype: str = field(default="auto", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
+class ServeArguments(ServingArguments):
     max_batch_size: int = field(default=8, metadata={"help": "Most concurrent requests in one batched generate."})
     batch_wait_ms: float = field(
         default=5.0, metadata={"help": "How long a batch waits for more requests after its first (milliseconds)."}
@@ -649,20 +643,8 @@ class ServeArguments:
 
 
 def parse_arguments(argv: list[str] | None = None) -> ServeArguments:
-    args, rest = HfArgumentParser(ServeArguments).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    positional = [item for item in rest if not item.startswith("-")]
-    unknown = [item for item in rest if item.startswith("-")]
-    if unknown:
-        raise ValueError(f"unknown option(s): {' '.join(unknown)}")
-    if len(positional) > 1 or (positional and args.model is not None):
-        raise ValueError(f"give one checkpoint (DIR or --model), got {[*positional, *([args.model] if args.model else [])]}")
-    if positional:
-        args.model = positional[0]
-    if args.model is None:
-        raise ValueError("give the checkpoint to serve: unimoe-serve DIR (a folder written by save_pretrained or a Hub repo id)")
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    return args
+    """`ServeArguments` from the command line: the checkpoint as the first positional argument or `--model`."""
+    return parse_serving_arguments(ServeArguments, argv, "unimoe-serve")
 
 
 @command_line
