@@ -438,3 +438,32 @@ def test_a_hub_repo_id_is_served_under_its_name(checkpoint, reference, media, tm
             assert served.ask(parts) == reference(blocks)
         finally:
             stop(served)
+
+
+def test_the_server_stops_within_its_grace_period_while_generating(checkpoint, tmp_path):
+    """SIGTERM with long generations in flight (one running, two queued behind it, about 30 s of work): the process
+    exits after the 10 s grace period, not when the work is done."""
+    served = start_server(str(checkpoint), tmp_path / "server.log")
+    generation = json.dumps({"min_new_tokens": 1500, "max_new_tokens": 1500, "do_sample": False})
+    body = {"model": served.model, "messages": [{"role": "user", "content": "Talk."}], "max_tokens": 1500,
+            "generation_config": generation}
+
+    def send():
+        try:
+            httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=300)
+        except httpx.HTTPError:
+            pass  # cut off by the shutdown
+
+    clients = [threading.Thread(target=send, daemon=True) for _ in range(3)]
+    clients[0].start()
+    time.sleep(1)  # the first is generating: the next two wait for its batch to end
+    for client in clients[1:]:
+        client.start()
+    time.sleep(1)
+    started = time.monotonic()
+    served.process.terminate()
+    try:
+        served.process.wait(timeout=90)
+    finally:
+        served.process.kill()
+    assert time.monotonic() - started < 20

@@ -653,7 +653,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
     app = create_app(args.model, args.device, args.dtype, args.max_batch_size, args.batch_wait_ms)
     logger.info("serving %s on http://%s:%d/v1", args.model, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    # on Ctrl-C / SIGTERM, requests still generating get 10 s to finish (uvicorn's default waits for them all)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
 
 
 if __name__ == "__main__":
