@@ -419,3 +419,21 @@ def test_chat_page_in_chromium(chat, media, app_url, browser, no_internet, tmp_p
     page.screenshot(path=tmp_path / "chat.png", full_page=True)
     assert (tmp_path / "chat.png").stat().st_size > 10_000
     assert not elsewhere and not no_internet, f"reached for the network: {elsewhere} {no_internet}"
+
+
+def test_a_conversation_past_the_context_is_refused(tmp_path):
+    """Prompt + max new tokens past max_position_embeddings: a readable refusal, not generation past the context."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from conftest import make_tiny_model
+    from trl_scripts import load_tiny_processor
+    from trl_scripts.serving.chat_app import ChatApp
+
+    folder = tmp_path / "ckpt"
+    make_tiny_model(text_only=False).save_pretrained(folder)
+    load_tiny_processor().save_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    app = ChatApp(model, AutoProcessor.from_pretrained(folder, trust_remote_code=True))
+    answers = list(app.respond({"text": "word " * 700, "files": []}, [], max_new_tokens=1024))
+    assert len(answers) == 1 and "pass the model's context of 2048" in answers[0]["content"]
+    assert [answer for answer in app.respond({"text": "hi", "files": []}, [], max_new_tokens=2)]

@@ -351,6 +351,15 @@ class ChatApp:
             raise ChatInputError(str(error)) from error
         return inputs.to(self.model.device)
 
+    def check_room(self, inputs, max_new_tokens: int) -> None:
+        """`ChatInputError` when prompt + `max_new_tokens` would pass the model's context (`max_position_embeddings`)."""
+        prompt, context = inputs["input_ids"].shape[1], self.model.config.max_position_embeddings
+        if prompt + int(max_new_tokens) > context:
+            raise ChatInputError(
+                f"the conversation is {prompt} tokens after media expansion; with up to {int(max_new_tokens)} new tokens "
+                f"it would pass the model's context of {context}: clear the chat or lower max new tokens"
+            )
+
     def respond(
         self,
         message: dict,
@@ -364,6 +373,7 @@ class ChatApp:
         a warning and an `error_answer`, which later turns leave out of the conversation."""
         try:
             inputs = self.inputs(conversation(message, history, self.readable))
+            self.check_room(inputs, max_new_tokens)
         except ChatInputError as error:
             logger.info("Refused a message: %s", error)
             text = _with_upload_names(error, _message_paths(message, history))
@@ -375,13 +385,13 @@ class ChatApp:
                 self.model, self.processor, inputs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
             )
             shares, tokens = answer_routing_shares(self.model, inputs, sequences)
+            heatmap = routing_heatmap(shares, tokens, self.sparse_layers, self.expert_names)
         except Exception as error:  # e.g. out of memory: the page says so and takes the next message
             logger.exception("Generation failed")
             text = f"{type(error).__name__}: {error}"
             gr.Warning(f"{FAILURE_TITLE}: {text}")
             yield error_answer(FAILURE_TITLE, text)
             return
-        heatmap = routing_heatmap(shares, tokens, self.sparse_layers, self.expert_names)
         # no label: in a chat message it would cover the top of the heatmap
         yield [answer, gr.Image(heatmap, alt_text=HEATMAP_LABEL, format="png", buttons=["download", "fullscreen"])]
 

@@ -28,8 +28,10 @@ import base64
 import binascii
 import copy
 import io
+import ipaddress
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -50,9 +52,9 @@ from .arguments import ServingArguments, parse_serving_arguments
 
 try:
     import uvicorn
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.exceptions import RequestValidationError
+    from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
     from transformers.cli.serving.chat_completion import ChatCompletionHandler
     from transformers.cli.serving.model_manager import ModelManager
     from transformers.cli.serving.utils import (
@@ -143,8 +145,9 @@ def _decode_base64(payload, where: str) -> io.BytesIO:
     return io.BytesIO(data)
 
 
-def _media_source(url, where: str):
-    """A media URL of a content part -> what the processor reads: bytes (`data:` URI) or a local file path."""
+def _media_source(url, where: str, local_files: "bool | Path" = True):
+    """A media URL of a content part -> what the processor reads: bytes (`data:` URI) or a local file path, read only
+    where `local_files` allows it (True: any, False: none, a folder: files inside it)."""
     if not isinstance(url, str) or not url:
         raise RequestError(f"{where}: expected a non-empty URL string, got {url!r}"[:300])
     if url.startswith("data:"):
@@ -163,6 +166,10 @@ def _media_source(url, where: str):
         raise RequestError(f"{where}: unsupported URL scheme {parsed.scheme!r}; use a data: URI or a file URL")
     else:
         path = Path(url)
+    if local_files is False:
+        raise RequestError(f"{where}: this server reads no local files (see --media_dir); send the file as a data: URI")
+    if local_files is not True and not path.resolve().is_relative_to(Path(local_files).resolve()):
+        raise RequestError(f"{where}: this server reads local files only under its --media_dir; send a data: URI")
     if not path.is_file():
         raise RequestError(f"{where}: no such file on the server: {path}")
     return str(path)
@@ -177,7 +184,18 @@ def _part_url(part: dict, key: str, where: str):
     return value
 
 
-def _convert_part(part, where: str, legend: MediaLegend) -> dict:
+def _check_text(text: str, where: str, special_tokens: dict[str, str]) -> None:
+    """Text that holds one of the model's special tokens would be read as that token (a media placeholder, a turn
+    end): refused, naming it."""
+    for token, meaning in special_tokens.items():
+        if token in text:
+            raise RequestError(
+                f"{where}: the text contains {token!r}, the model's {meaning}; media go in image_url / input_audio / "
+                "video_url parts, and turns in messages"
+            )
+
+
+def _convert_part(part, where: str, legend: MediaLegend, local_files: "bool | Path" = True) -> dict:
     if not isinstance(part, dict) or not isinstance(part.get("type"), str):
         raise RequestError(f"{where}: a content part is an object with a 'type', got {json.dumps(part)[:100]}")
     kind = part["type"]
@@ -185,12 +203,8 @@ def _convert_part(part, where: str, legend: MediaLegend) -> dict:
         if not isinstance(part.get("text"), str):
             raise RequestError(f"{where}: a text part needs a string 'text'")
         return {"type": "text", "text": part["text"]}
-    if kind == "image_url":
-        source, media = _media_source(_part_url(part, "image_url", where), where), "image"
-    elif kind == "video_url":
-        source, media = _media_source(_part_url(part, "video_url", where), where), "video"
-    elif kind == "audio_url":
-        source, media = _media_source(_part_url(part, "audio_url", where), where), "audio"
+    if kind in ("image_url", "video_url", "audio_url"):
+        source, media = _media_source(_part_url(part, kind, where), where, local_files), kind.removesuffix("_url")
     elif kind == "input_audio":
         audio = part.get("input_audio")
         if not isinstance(audio, dict) or "data" not in audio:
@@ -207,9 +221,23 @@ def _convert_part(part, where: str, legend: MediaLegend) -> dict:
     return {"type": media, media if isinstance(source, io.BytesIO) else "path": source}
 
 
-def chat_messages_from_openai(messages) -> tuple[list[dict], MediaLegend]:
+def special_tokens_of(processor) -> dict[str, str]:
+    """{token: what it is} for the tokenizer's special tokens that text must not carry."""
+    tokenizer = processor.tokenizer
+    tokens = {token: "special token" for token in tokenizer.all_special_tokens}
+    tokens.update({processor.image_token: "image placeholder", processor.video_token: "video placeholder",
+                   processor.audio_token: "audio placeholder"})
+    if tokenizer.eos_token:
+        tokens[tokenizer.eos_token] = "end-of-turn token"
+    return tokens
+
+
+def chat_messages_from_openai(messages, processor=None, local_files: "bool | Path" = True) -> tuple[list[dict], MediaLegend]:
     """OpenAI chat messages -> the processor's chat format, every media part decoded (bytes) or located (a local
-    path); `developer` messages are system messages. Raises `RequestError` naming the message and part."""
+    path, where `local_files` allows: True any, False none, a folder the files inside it); `developer` messages are
+    system messages. With `processor`, text holding one of its special tokens is refused. Raises `RequestError`
+    naming the message and part."""
+    special = special_tokens_of(processor) if processor is not None else {}
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list of chat messages")
     legend, conversation = MediaLegend(), []
@@ -221,8 +249,15 @@ def chat_messages_from_openai(messages) -> tuple[list[dict], MediaLegend]:
         if converted.get("role") == "developer":
             converted["role"] = "system"
         content = message.get("content")
-        if isinstance(content, list):
-            content = [_convert_part(part, f"{where}.content[{i}]", legend) for i, part in enumerate(content)]
+        if content in (None, "", []) and converted.get("role") in ("user", "system"):
+            raise RequestError(f"{where}: a {converted['role']} message needs content (text or media parts)")
+        if isinstance(content, str):
+            _check_text(content, where, special)
+        elif isinstance(content, list):
+            content = [_convert_part(part, f"{where}.content[{i}]", legend, local_files) for i, part in enumerate(content)]
+            for i, block in enumerate(content):
+                if block["type"] == "text":
+                    _check_text(block["text"], f"{where}.content[{i}]", special)
         converted["content"] = content
         conversation.append(converted)
     return conversation, legend
@@ -253,8 +288,10 @@ class _Row:
     """One request inside a batched `generate`: its new tokens, until its end of sequence, its own token budget,
     or its client going away; streamed to `sink` (a transformers `DirectStreamer`) or collected for `future`."""
 
-    def __init__(self, encoding, generation_config, eos_token_ids: set[int], sink=None, future=None, loop=None):
-        self.encoding, self.generation_config = encoding, generation_config
+    def __init__(
+        self, encoding, generation_config, eos_token_ids: set[int], sink=None, future=None, loop=None, seed=None
+    ):
+        self.encoding, self.generation_config, self.seed = encoding, generation_config, seed
         self.budget = generation_config.max_new_tokens
         self.eos_token_ids = eos_token_ids
         self.sink, self.future, self.loop = sink, future, loop
@@ -262,8 +299,16 @@ class _Row:
         self.done = False
 
     def start(self) -> None:
+        """Before the batch runs: a row whose client already left is done (and left out of the batch)."""
         if self.sink is not None:
-            self.sink.put(self.encoding["input_ids"][0])  # the streamer protocol: the prompt first (not streamed)
+            try:
+                self.sink.put(self.encoding["input_ids"][0])  # the streamer protocol: the prompt first (not streamed)
+            except _GenerationCancelled:
+                self.done = True
+
+    def cancel(self) -> None:
+        """The client went away: the row ends at the next token, and nothing more is sent."""
+        self.done = True
 
     def add(self, token: int) -> None:
         self.tokens.append(token)
@@ -285,8 +330,8 @@ class _Row:
 
     def fail(self, message: str) -> None:
         self.done = True
-        if self.sink is not None:
-            self.sink._enqueue(_StreamError(message))
+        if self.sink is not None:  # (transformers writes the message into a JSON string unescaped)
+            self.sink._enqueue(_StreamError(json.dumps(message)[1:-1]))
         elif self.future is not None:
             self.loop.call_soon_threadsafe(_set_exception, self.future, RuntimeError(message))
 
@@ -331,15 +376,16 @@ class _RowsDone(StoppingCriteria):
         return torch.tensor([row.done for row in self.rows], device=input_ids.device)
 
 
-def _batch_key(generation_config, row_id: int) -> str:
-    """Requests batch together when their generation settings agree but for the token budget; a request with stop
-    strings runs alone (transformers ends its row without telling the streamer)."""
-    settings = generation_config.to_dict()
+def _batch_key(row: "_Row", row_id: int) -> str:
+    """Requests batch together when their generation settings agree but for the token budget. A request with stop
+    strings runs alone (transformers ends its row without telling the streamer), and so does one with a `seed` (the
+    seed is the global torch generator's, set right before its `generate`)."""
+    settings = row.generation_config.to_dict()
     for name in ("max_new_tokens", "max_length", "transformers_version"):
         settings.pop(name, None)
-    if settings.get("stop_strings"):
+    if settings.get("stop_strings") or row.seed is not None:
         settings["alone"] = row_id
-    return json.dumps(settings, sort_keys=True, default=str)
+    return repr(sorted((name, repr(value)) for name, value in settings.items()))
 
 
 class BatchingGenerateManager(BaseGenerateManager):
@@ -362,6 +408,7 @@ class BatchingGenerateManager(BaseGenerateManager):
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
         self.batches_run = self.requests_batched = self.largest_batch = 0  # reported by /health
         self._queue: queue.Queue = queue.Queue()
+        self._seeds: dict[str, int] = {}
         self._stopped = False
         self._thread = threading.Thread(target=self._serve, name="unimoe-generate", daemon=True)
         self._thread.start()
@@ -371,16 +418,37 @@ class BatchingGenerateManager(BaseGenerateManager):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         streamer = DirectStreamer(processor.tokenizer._tokenizer, loop, events, response_parser=response_parser)
-        self._queue.put(_Row(inputs, gen_config, self.eos_token_ids, sink=streamer))
+        self._submit(_Row(inputs, gen_config, self.eos_token_ids, sink=streamer, seed=self._seeds.pop(request_id, None)))
         return events, streamer
 
-    async def generate_non_streaming(self, model, processor, inputs, gen_config, request_id):
+    async def generate_non_streaming(self, model, processor, inputs, gen_config, request_id, disconnected=None):
+        """As transformers' managers; `disconnected` (an async callable, e.g. `Request.is_disconnected`) is polled
+        while the request waits, and a client gone ends its row."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Row(inputs, gen_config, self.eos_token_ids, future=future, loop=loop))
+        row = _Row(inputs, gen_config, self.eos_token_ids, future=future, loop=loop, seed=self._seeds.pop(request_id, None))
+        self._submit(row)
+        while disconnected is not None and not future.done():
+            await asyncio.wait({future}, timeout=0.25)
+            if not future.done() and await disconnected():
+                row.cancel()
+                future.cancel()
         generated_ids = await future
         text = processor.decode(generated_ids, skip_special_tokens=True)
         return text, inputs["input_ids"].shape[-1], generated_ids
+
+    def set_seed(self, request_id: str, seed: int) -> None:
+        """The request's sampling seed, applied in the generation thread right before its (unbatched) `generate`."""
+        self._seeds[request_id] = seed
+
+    def _submit(self, row: "_Row") -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("the generation thread has stopped; restart the server")
+        self._queue.put(row)
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self) -> None:
         self._stopped = True
@@ -403,7 +471,11 @@ class BatchingGenerateManager(BaseGenerateManager):
                 waiting.append(row)
             groups: dict[str, list[_Row]] = {}
             for index, row in enumerate(waiting):
-                groups.setdefault(_batch_key(row.generation_config, index), []).append(row)
+                try:
+                    groups.setdefault(_batch_key(row, index), []).append(row)
+                except Exception as error:  # (never expected) the thread outlives any one request
+                    logger.exception("cannot batch a request")
+                    row.fail(f"cannot schedule the request: {type(error).__name__}: {error}")
             for rows in groups.values():
                 self._run(rows)
 
@@ -415,6 +487,11 @@ class BatchingGenerateManager(BaseGenerateManager):
         try:
             for row in rows:
                 row.start()
+            rows = [row for row in rows if not row.done]  # clients gone while waiting
+            if not rows:
+                return
+            if rows[0].seed is not None:  # (a seeded request runs alone)
+                torch.manual_seed(rows[0].seed)
             batch = collate([row.encoding for row in rows], self.pad_token_id)
             batch = {key: value.to(self.model.device) for key, value in batch.items()}
             generation_config = copy.deepcopy(rows[0].generation_config)
@@ -481,22 +558,94 @@ class UniMoEModelManager(ModelManager):
         return self.served_model, self.served_processor
 
 
+def _number(body: dict, name: str, low: float, high: float, *, low_open: bool = False) -> float | None:
+    """`body[name]`: None, or a finite number in [low, high] ((low, high] with `low_open`); else a `RequestError`."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"{name} must be a number, got {json.dumps(value)[:50]}")
+    if value < low or value > high or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise RequestError(f"{name} must be in {interval}, got {value}")
+    return value
+
+
+def _integer(body: dict, name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RequestError(f"{name} must be an integer in [{low}, {high}], got {json.dumps(value)[:50]}")
+    return value
+
+
+# keys of transformers serve's `generation_config` extension (a JSON string) that this server accepts: the ones that
+# change how tokens are chosen, not the shape of the answer (beams, several sequences) or what is returned
+GENERATION_CONFIG_KEYS = ("min_new_tokens", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
+                          "repetition_penalty", "no_repeat_ngram_size")
+
+
+def check_request_fields(body: dict, vocab_size: int) -> None:
+    """The request's fields, each checked before any media is decoded: a `RequestError` names the field and what it
+    takes (OpenAI's ranges, or transformers' where it maps the field: `frequency_penalty` > -1 becomes
+    `repetition_penalty = 1 + frequency_penalty`)."""
+    for name, refused in _REFUSED_FIELDS.items():
+        if refused(body.get(name)):
+            raise RequestError(
+                f"{name}={json.dumps(body[name])[:100]} is not supported: this server answers with one text choice "
+                "(no log-probabilities, tools, structured or audio output, presence penalty)"
+            )
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise RequestError(f"stream must be true or false, got {json.dumps(body['stream'])[:50]}")
+    for name in ("max_tokens", "max_completion_tokens"):
+        _integer(body, name, 1, 2**31 - 1)
+    _number(body, "temperature", 0, 2)
+    _number(body, "top_p", 0, 1, low_open=True)
+    _number(body, "frequency_penalty", -1, 2, low_open=True)
+    _integer(body, "seed", 0, 2**63 - 1)
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise RequestError("logit_bias must be an object {token id: bias}")
+        for key, value in bias.items():
+            if not key.isdigit() or int(key) >= vocab_size:
+                raise RequestError(f"logit_bias: {key!r} is not a token id (0..{vocab_size - 1})")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+                raise RequestError(f"logit_bias[{key!r}] must be a number in [-100, 100], got {json.dumps(value)[:50]}")
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not 1 <= len(stops) <= 4 or not all(isinstance(x, str) and x for x in stops):
+            raise RequestError("stop must be a non-empty string or a list of 1 to 4 of them")
+        if body.get("stream"):
+            raise RequestError("stop cannot be combined with stream here (the streamed text would include the stop string)")
+    if body.get("chat_template_kwargs"):
+        raise RequestError("chat_template_kwargs is not supported: Uni-MoE's chat template (Vicuna v1) takes no options")
+    raw = body.get("generation_config")
+    if raw is not None:
+        try:
+            settings = json.loads(raw) if isinstance(raw, str) else None
+        except json.JSONDecodeError as error:
+            raise RequestError(f"generation_config is not valid JSON ({error})") from None
+        if not isinstance(settings, dict):
+            raise RequestError("generation_config must be a JSON object in a string (transformers serve's extension)")
+        if unknown := sorted(set(settings) - set(GENERATION_CONFIG_KEYS)):
+            raise RequestError(f"generation_config: {', '.join(unknown)} not accepted here; it takes {', '.join(GENERATION_CONFIG_KEYS)}")
+
+
 class UniMoEChatCompletionHandler(ChatCompletionHandler):
     """transformers' chat-completions handler with our content parts, checks and batching manager; its response
     builders (`_streaming`, `_non_streaming`, `_build_generation_config`) are used as they are."""
 
-    def __init__(self, model_manager: UniMoEModelManager, generate_manager: BatchingGenerateManager):
+    def __init__(
+        self, model_manager: UniMoEModelManager, generate_manager: BatchingGenerateManager, local_files: "bool | Path" = True
+    ):
         super().__init__(model_manager, GenerationState())
-        self.generate_manager = generate_manager
+        self.generate_manager, self.local_files = generate_manager, local_files
 
-    async def handle_request(self, body: dict, request_id: str):
+    async def handle_request(self, body: dict, request_id: str, request: "Request | None" = None):
         self._validate_request(body)
-        for name, refused in _REFUSED_FIELDS.items():
-            if refused(body.get(name)):
-                raise RequestError(
-                    f"{name}={json.dumps(body[name])[:100]} is not supported: this server answers with one text choice "
-                    "(no log-probabilities, tools, structured or audio output, presence penalty)"
-                )
         served = self.model_manager.model_name
         if body.get("model") != served:
             raise RequestError(
@@ -505,12 +654,23 @@ class UniMoEChatCompletionHandler(ChatCompletionHandler):
                 code="model_not_found",
             )
         model, processor = self.model_manager.served()
-        conversation, legend = chat_messages_from_openai(body.get("messages"))
+        check_request_fields(body, model.config.text_config.vocab_size)
+        conversation, legend = chat_messages_from_openai(body.get("messages"), processor, self.local_files)
         inputs = await asyncio.to_thread(self._encode, processor, conversation, legend)
         generation_config = self._generation_config(body, model, inputs["input_ids"].shape[1])
+        if body.get("seed") is not None:
+            self.generate_manager.set_seed(request_id, body["seed"])
+        manager = self.generate_manager
         if body.get("stream"):
-            return self._streaming(request_id, model, processor, served, inputs, generation_config, self.generate_manager)
-        return await self._non_streaming(request_id, model, processor, served, inputs, generation_config, self.generate_manager)
+            response = self._streaming(request_id, model, processor, served, inputs, generation_config, manager)
+            response.body_iterator = _with_done(response.body_iterator)
+            return response
+        if request is not None:  # a client that goes away ends its generation
+            manager = _WatchedManager(manager, request)
+        response = await self._non_streaming(request_id, model, processor, served, inputs, generation_config, manager)
+        if body.get("stop") is not None:
+            response = _cut_at_stop(response, body["stop"])
+        return response
 
     @staticmethod
     def _encode(processor, conversation: list[dict], legend: MediaLegend):
@@ -523,9 +683,7 @@ class UniMoEChatCompletionHandler(ChatCompletionHandler):
 
     def _generation_config(self, body: dict, model, prompt_length: int):
         context = model.config.max_position_embeddings
-        requested = body.get("max_completion_tokens", body.get("max_tokens"))
-        if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < 1):
-            raise RequestError(f"max_tokens must be a positive integer, got {requested!r}")
+        requested = body.get("max_completion_tokens") or body.get("max_tokens")
         room = context - prompt_length
         if room < 1 or (requested is not None and requested > room):
             asked = f" plus max_tokens={requested}" if requested is not None else ""
@@ -535,16 +693,46 @@ class UniMoEChatCompletionHandler(ChatCompletionHandler):
                 code="context_length_exceeded",
             )
         temperature = body.get("temperature")
-        if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0):
-            raise RequestError(f"temperature must be a number >= 0, got {temperature!r}")
-        generation_config = self._build_generation_config(body, model.generation_config)
+        # the seed is applied in the generation thread, right before this request's generate (not here: transformers
+        # would seed the global generator now, while other requests sample)
+        generation_config = self._build_generation_config({**body, "seed": None}, model.generation_config)
         if requested is None:
             generation_config.max_new_tokens = min(generation_config.max_new_tokens, room)
+        if body.get("logit_bias"):  # (transformers' mapping keeps integer biases, which generate refuses)
+            generation_config.sequence_bias = {(int(key),): float(value) for key, value in body["logit_bias"].items()}
         if temperature:  # OpenAI's meaning: any temperature above 0 samples (0 is greedy)
             generation_config.do_sample = True
         elif temperature is not None:  # greedy: a temperature of 0 is not a sampling setting generate should see
             generation_config.temperature = None
         return generation_config
+
+
+class _WatchedManager:
+    """The batching manager, for one non-streamed request whose client is watched while it waits."""
+
+    def __init__(self, manager: BatchingGenerateManager, request: "Request"):
+        self.manager, self.request = manager, request
+
+    async def generate_non_streaming(self, *args, **kwargs):
+        return await self.manager.generate_non_streaming(*args, **kwargs, disconnected=self.request.is_disconnected)
+
+
+async def _with_done(chunks):
+    """The SSE chunks, then OpenAI's `data: [DONE]` (transformers' stream ends without it)."""
+    async for chunk in chunks:
+        yield chunk
+    yield "data: [DONE]\n\n"
+
+
+def _cut_at_stop(response: "JSONResponse", stop) -> "JSONResponse":
+    """A non-streamed answer cut before its first stop string, as OpenAI returns it (generation ended on it)."""
+    body = json.loads(response.body)
+    content = body["choices"][0]["message"].get("content") or ""
+    ends = [content.find(text) for text in ([stop] if isinstance(stop, str) else stop) if text in content]
+    if ends:
+        body["choices"][0]["message"]["content"] = content[: min(ends)]
+        body["choices"][0]["finish_reason"] = "stop"
+    return JSONResponse(body, status_code=response.status_code)
 
 
 # ------------------------------------------------------------------------------------------------------ the app
@@ -555,7 +743,7 @@ def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
 
 
-def build_app(model_manager: UniMoEModelManager, handler: UniMoEChatCompletionHandler) -> FastAPI:
+def build_app(model_manager: UniMoEModelManager, handler: UniMoEChatCompletionHandler, max_body_bytes: int = 64 << 20) -> FastAPI:
     """The FastAPI app: chat completions, model list and health, errors as OpenAI error objects."""
     app = FastAPI(title="Uni-MoE OpenAI-compatible server")
 
@@ -563,36 +751,30 @@ def build_app(model_manager: UniMoEModelManager, handler: UniMoEChatCompletionHa
     async def request_error(_request: Request, error: RequestError):
         return _error(error.status, str(error), error.code)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, error: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # (fastapi's HTTPException, and routing's 404 and 405)
+    async def http_error(_request: Request, error: StarletteHTTPException):
         return _error(error.status_code, str(error.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_request: Request, error: RequestValidationError):
-        return _error(400, f"malformed request: {error.errors()}"[:1000])
 
     @app.exception_handler(Exception)
     async def server_error(_request: Request, error: Exception):
         logger.exception("request failed")
         return _error(500, f"{type(error).__name__}: {error}")
 
-    @app.middleware("http")
-    async def request_id(request: Request, call_next):
-        request.state.request_id = request.headers.get("x-request-id") or f"chatcmpl-{uuid.uuid4().hex}"
-        response = await call_next(request)
-        response.headers["x-request-id"] = request.state.request_id
-        return response
-
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         raw = await request.body()
+        if len(raw) > max_body_bytes:
+            raise RequestError(f"the request body is {len(raw):,} bytes, over this server's {max_body_bytes:,} (--max_request_mb)", status=413)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise RequestError(f"malformed JSON body: {error}") from None
         if not isinstance(body, dict):
             raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
-        return await handler.handle_request(body, request.state.request_id)
+        request_id = request.headers.get("x-request-id") or f"chatcmpl-{uuid.uuid4().hex}"
+        response = await handler.handle_request(body, request_id, request)
+        response.headers["x-request-id"] = request_id
+        return response
 
     @app.get("/v1/models")
     def list_models():
@@ -609,6 +791,8 @@ def build_app(model_manager: UniMoEModelManager, handler: UniMoEChatCompletionHa
     def health():
         """Ready once the model is loaded; with the batching counters (batches, requests, the largest batch)."""
         manager = handler.generate_manager
+        if not manager.healthy:
+            return JSONResponse({"status": "unhealthy", "reason": "the generation thread stopped"}, status_code=503)
         return {
             "status": "ok",
             "model": model_manager.model_name,
@@ -620,8 +804,19 @@ def build_app(model_manager: UniMoEModelManager, handler: UniMoEChatCompletionHa
     return app
 
 
-def create_app(model: str, device: str | None = None, dtype: str = "auto", max_batch_size: int = 8, batch_wait_ms: float = 5.0):
-    """Load `model` (a checkpoint folder or Hub repo id) and return the app serving it."""
+def create_app(
+    model: str,
+    device: str | None = None,
+    dtype: str = "auto",
+    max_batch_size: int = 8,
+    batch_wait_ms: float = 5.0,
+    local_files: "bool | str | Path" = True,
+    max_request_mb: float = 64,
+):
+    """Load `model` (a checkpoint folder or Hub repo id) and return the app serving it. `local_files`: which local
+    media files requests may name (True: any, False: none, a folder: those inside it)."""
+    if local_files not in (True, False) and not Path(local_files).is_dir():
+        raise NotADirectoryError(f"--media_dir {local_files}: no such folder")
     local = check_model_path(model)
     try:
         model_manager = UniMoEModelManager(model, device=device, dtype=dtype)
@@ -630,8 +825,8 @@ def create_app(model: str, device: str | None = None, dtype: str = "auto", max_b
         raise ValueError(f"{model!r}: cannot load the checkpoint from {where}: {str(error).splitlines()[0]}") from error
     loaded_model, processor = model_manager.served()
     generate_manager = BatchingGenerateManager(loaded_model, processor, max_batch_size, batch_wait_ms / 1000)
-    handler = UniMoEChatCompletionHandler(model_manager, generate_manager)
-    return build_app(model_manager, handler)
+    handler = UniMoEChatCompletionHandler(model_manager, generate_manager, local_files)
+    return build_app(model_manager, handler, int(max_request_mb * (1 << 20)))
 
 
 @dataclass
@@ -640,6 +835,12 @@ class ServeArguments(ServingArguments):
     batch_wait_ms: float = field(
         default=5.0, metadata={"help": "How long a batch waits for more requests after its first (milliseconds)."}
     )
+    media_dir: str | None = field(
+        default=None,
+        metadata={"help": "Local media files (file:// URLs, paths) requests may name: only those under this folder. "
+                  "Default: any file when listening on a loopback address, none otherwise."},
+    )
+    max_request_mb: float = field(default=64, metadata={"help": "Largest request body accepted (MiB)."})
 
 
 def parse_arguments(argv: list[str] | None = None) -> ServeArguments:
@@ -647,11 +848,21 @@ def parse_arguments(argv: list[str] | None = None) -> ServeArguments:
     return parse_serving_arguments(ServeArguments, argv, "unimoe-serve")
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 @command_line
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_arguments(argv)
-    app = create_app(args.model, args.device, args.dtype, args.max_batch_size, args.batch_wait_ms)
+    local_files = args.media_dir if args.media_dir is not None else _is_loopback(args.host)
+    app = create_app(
+        args.model, args.device, args.dtype, args.max_batch_size, args.batch_wait_ms, local_files, args.max_request_mb
+    )
     logger.info("serving %s on http://%s:%d/v1", args.model, args.host, args.port)
     # on Ctrl-C / SIGTERM, requests still generating get 10 s to finish (uvicorn's default waits for them all)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
