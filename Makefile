@@ -23,7 +23,7 @@ demo: $(STAMP)
 # The Gradio chat app on the quickstart's checkpoint (trained first when it is missing): http://127.0.0.1:7860
 chat: $(STAMP)
 	@[ -d outputs/quickstart/stage3 ] || $(PY) -m trl_scripts.quickstart
-	$(PY) -m trl_scripts.chat_app outputs/quickstart/stage3
+	$(PY) -m trl_scripts.chat_app outputs/quickstart/stage3 --system_prompt ""
 
 test: $(STAMP) system-packages
 	$(PY) -m pytest -q tests
@@ -73,6 +73,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_text_only_step.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_checkpoint_layout.py
+	$(PY) benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(VENV) .venv-compat-* outputs

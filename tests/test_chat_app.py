@@ -437,3 +437,28 @@ def test_a_conversation_past_the_context_is_refused(tmp_path):
     answers = list(app.respond({"text": "word " * 700, "files": []}, [], max_new_tokens=1024))
     assert len(answers) == 1 and "pass the model's context of 2048" in answers[0]["content"]
     assert [answer for answer in app.respond({"text": "hi", "files": []}, [], max_new_tokens=2)]
+
+
+def test_the_system_prompt_option_reaches_the_prompt(tmp_path):
+    """--system_prompt '' (the quickstart's training prompts) replaces the template's default system sentence."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from conftest import make_tiny_model
+    from trl_scripts import load_tiny_processor
+    from trl_scripts.serving.chat_app import ChatApp, parse_arguments
+
+    assert parse_arguments(["ckpt", "--system_prompt", ""]).system_prompt == ""
+    assert parse_arguments(["ckpt"]).system_prompt is None
+    folder = tmp_path / "ckpt"
+    make_tiny_model(text_only=False).save_pretrained(folder)
+    load_tiny_processor().save_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    prompts = []
+    for system_prompt in (None, ""):
+        app = ChatApp(model, processor, system_prompt=system_prompt)
+        original = app.inputs
+        app.inputs = lambda messages: prompts.append(messages) or original(messages)
+        list(app.respond({"text": "hi", "files": []}, [], max_new_tokens=1))
+    assert prompts[0][0]["role"] == "user"
+    assert prompts[1][0] == {"role": "system", "content": ""}

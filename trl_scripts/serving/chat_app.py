@@ -326,19 +326,22 @@ def _message_paths(message: dict, history: Sequence[dict]) -> list[str]:
 class ChatApp:
     """A loaded checkpoint and the chat function of its page (`respond`)."""
 
-    def __init__(self, model, processor, expert_names: list[str] | None = None):
+    def __init__(self, model, processor, expert_names: list[str] | None = None, system_prompt: str | None = None):
         self.model = model
         self.processor = processor
+        self.system_prompt = system_prompt  # None: the chat template's default system message
         self.readable = readable_modalities(model.config)
         text_config = model.config.text_config
         self.sparse_layers = list(text_config.sparse_layer_indices)
         self.expert_names = expert_names or [""] * text_config.num_experts
 
     @classmethod
-    def from_pretrained(cls, model_path: str, device: str | None = None, dtype: str = "auto") -> "ChatApp":
+    def from_pretrained(
+        cls, model_path: str, device: str | None = None, dtype: str = "auto", system_prompt: str | None = None
+    ) -> "ChatApp":
         """Load a checkpoint folder or Hub repo id (`trl_scripts.evaluate.load_model_and_processor`)."""
         model, processor = load_model_and_processor(model_path, device, dtype)
-        return cls(model, processor, expert_names(model_path, model.config.text_config.num_experts))
+        return cls(model, processor, expert_names(model_path, model.config.text_config.num_experts), system_prompt)
 
     def inputs(self, messages: list[dict]):
         """The model inputs of a conversation (its last turn the user's); raises `ChatInputError` for a file or
@@ -372,7 +375,10 @@ class ChatApp:
         ([str, gr.Image]). A message it refuses (naming the file and the problem), or whose generation raises, gets
         a warning and an `error_answer`, which later turns leave out of the conversation."""
         try:
-            inputs = self.inputs(conversation(message, history, self.readable))
+            messages = conversation(message, history, self.readable)
+            if self.system_prompt is not None:
+                messages = [{"role": "system", "content": self.system_prompt}, *messages]
+            inputs = self.inputs(messages)
             self.check_room(inputs, max_new_tokens)
         except ChatInputError as error:
             logger.info("Refused a message: %s", error)
@@ -429,6 +435,11 @@ def build_demo(
 @dataclass
 class ChatArguments(ServingArguments):
     port: int = field(default=7860, metadata={"help": "Port to listen on."})
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "The system message of every conversation (default: the chat template's, Vicuna's sentence; "
+                  "the quickstart's checkpoints were trained with an empty one: --system_prompt '')."},
+    )
     share: bool = field(
         default=False, metadata={"help": "Also serve on a public gradio.live link (through Gradio's servers)."}
     )
@@ -443,7 +454,7 @@ def parse_arguments(argv: list[str] | None = None) -> ChatArguments:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_arguments(argv)
-    chat = ChatApp.from_pretrained(args.model, args.device, args.dtype)
+    chat = ChatApp.from_pretrained(args.model, args.device, args.dtype, args.system_prompt)
     demo = build_demo(chat, title=f"Uni-MoE chat: {Path(args.model).name or args.model}")
     logger.info("Chatting with %s on http://%s:%d", args.model, args.host, args.port)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)

@@ -249,8 +249,8 @@ def chat_messages_from_openai(messages, processor=None, local_files: "bool | Pat
         if converted.get("role") == "developer":
             converted["role"] = "system"
         content = message.get("content")
-        if content in (None, "", []) and converted.get("role") in ("user", "system"):
-            raise RequestError(f"{where}: a {converted['role']} message needs content (text or media parts)")
+        if content in (None, "", []) and converted.get("role") == "user":  # (an empty system message: no system prompt)
+            raise RequestError(f"{where}: a user message needs content (text or media parts)")
         if isinstance(content, str):
             _check_text(content, where, special)
         elif isinstance(content, list):
