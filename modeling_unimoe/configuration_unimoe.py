@@ -271,14 +271,20 @@ class UniMoEConfig(PreTrainedConfig):
     projector_num_experts (`int`, defaults to 1): CuMo option; above 1 the vision projector is a sparse MoE of that
         many `mlp2x_gelu` experts (top-`projector_num_experts_per_tok`), upcycled from a trained projector.
     vision_moe_layers (`list[int]`): CuMo option; CLIP layers whose MLP becomes a sparse MoE of
-        `vision_num_experts` copies (top-`vision_num_experts_per_tok`).
-    mm_router_aux_loss_coef / mm_router_z_loss_coef (`float`): weights of those routers' balance and z-losses.
+        `vision_num_experts` copies (top-`vision_num_experts_per_tok`). Only the layers that feed
+        `vision_feature_layer` (`vision_feature_depth`) run, so only they can be listed.
+    mm_router_aux_loss_coef / mm_router_z_loss_coef (`float`): weights of those routers' balance and z-losses, each
+        router group (the projector; CLIP, averaged over its MoE layers) weighted on its own, as in CuMo (which used
+        0.1 and 0.01).
     """
 
     model_type = "unimoe"
-    # Not predictions (Trainer.prediction_step): the cache, and the media features, which only batches with that
-    # medium carry (Trainer would zip them away across batches).
-    keys_to_ignore_at_inference = [CACHE_NAME, "image_hidden_states", "video_hidden_states", "audio_hidden_states"]
+    # Not predictions (Trainer.prediction_step): the cache, and the media features and CuMo's router outputs, which
+    # only batches with that medium carry (Trainer would zip them away across batches).
+    keys_to_ignore_at_inference = [
+        CACHE_NAME, "image_hidden_states", "video_hidden_states", "audio_hidden_states", "projector_router_logits",
+        "vision_router_logits", "projector_aux_loss", "projector_z_loss", "vision_aux_loss", "vision_z_loss",
+    ]
     # The language model's own plans (text config) apply under `model.language_model`; nothing at this level.
     base_model_fsdp_plan = {}
     sub_configs_defaults = {
@@ -331,6 +337,15 @@ class UniMoEConfig(PreTrainedConfig):
     @max_position_embeddings.setter
     def max_position_embeddings(self, value: int):
         self.text_config.max_position_embeddings = value
+
+    @property
+    def vision_feature_depth(self) -> int | None:
+        """How many CLIP layers compute the `vision_feature_layer` hidden state (the first ones; `hidden_states[j]` is
+        the output of layer j - 1): the only layers the model runs, and the only ones that can hold CuMo MoE MLPs.
+        None without a vision tower."""
+        if self.vision_config is None:
+            return None
+        return self.vision_feature_layer % (self.vision_config.num_hidden_layers + 1)
 
     def __post_init__(self, **kwargs):
         if self.audio_config is not None and self.audio_qformer_config is None:
@@ -392,8 +407,8 @@ class UniMoEConfig(PreTrainedConfig):
         if self.vision_moe_layers:
             if self.vision_config is None:
                 bad("vision_moe_layers", self.vision_moe_layers, "no layers: there is no vision tower")
-            # hidden_states[j] is the output of CLIP layer j - 1: layers past the feature layer never reach the LLM
-            used = self.vision_feature_layer % (self.vision_config.num_hidden_layers + 1)
+            # hidden_states[j] is the output of CLIP layer j - 1: layers past the feature layer never run
+            used = self.vision_feature_depth
             if any(not 0 <= i < used for i in self.vision_moe_layers) or len(set(self.vision_moe_layers)) != len(self.vision_moe_layers):
                 bad("vision_moe_layers", self.vision_moe_layers, f"distinct CLIP layer indices in [0, {used - 1}] (the layers feeding vision_feature_layer={self.vision_feature_layer})")
             if self.vision_num_experts < 1:

@@ -6,6 +6,7 @@ decorator appears in the same module as the model class.
 
 import copy
 import inspect
+import itertools
 import re
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -390,15 +391,21 @@ class UniMoEDecoderLayer(GradientCheckpointingLayer):
 @dataclass
 class UniMoEModelOutputWithPast(MoeModelOutputWithPast):
     r"""
-    multimodal_router_logits (`list[tuple[torch.FloatTensor, int]]`, *optional*):
-        `(router logits [tokens, experts], top_k)` of each CuMo MoE block (vision projector, CLIP MLPs) that ran,
-        when router logits are requested.
+    projector_router_logits (`tuple[torch.FloatTensor]`, *optional*):
+        CuMo's sparse MoE projector (`projector_num_experts > 1`): its router logits [tokens, projector experts], one
+        tensor, the image patches first, then the video frames' (`P` rows per image or frame). Set when router logits
+        are requested and the batch has images or video.
+    vision_router_logits (`tuple[torch.FloatTensor]`, *optional*):
+        CuMo's sparse MoE CLIP MLPs (`vision_moe_layers`): per MoE layer, in layer order, its router logits
+        [tokens, vision experts] (`1 + P` rows per image or frame, the CLS token included: it runs through CLIP's MLPs
+        too), images first, then video frames.
     image_hidden_states / video_hidden_states / audio_hidden_states (`torch.FloatTensor`, *optional*):
         The projected media features that replaced the placeholder tokens, as LLaVA's `image_hidden_states`:
         [images, P, D], [videos, P or F*P, D], [audio windows, towers * Q, D]; set when the batch has that medium.
     """
 
-    multimodal_router_logits: list | None = None
+    projector_router_logits: tuple[torch.FloatTensor, ...] | None = None
+    vision_router_logits: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
     video_hidden_states: torch.FloatTensor | None = None
     audio_hidden_states: torch.FloatTensor | None = None
@@ -408,16 +415,23 @@ class UniMoEModelOutputWithPast(MoeModelOutputWithPast):
 class UniMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor`, *optional*):
-        `ce_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` (when labels are given), plus
-        `mm_router_aux_loss_coef * multimodal_aux_loss + mm_router_z_loss_coef * multimodal_z_loss` with CuMo blocks.
+        `ce_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` (when labels are given), plus, for
+        each CuMo router group that ran (the projector; CLIP), `mm_router_aux_loss_coef * {group}_aux_loss +
+        mm_router_z_loss_coef * {group}_z_loss`: each group weighted on its own, as in CuMo
+        (`cumo/model/language_model/llava_mistral.py`: `balance_loss_coef` and `router_z_loss_coef` on the MLP and
+        on the CLIP losses).
     ce_loss (`torch.FloatTensor`, *optional*):
         The language-modelling cross-entropy alone.
     aux_loss (`torch.FloatTensor`, *optional*):
-        The unweighted load-balancing loss (only with `output_router_logits=True`).
+        The language model's unweighted load-balancing loss (only with `output_router_logits=True`).
     z_loss (`torch.FloatTensor`, *optional*):
-        The unweighted router z-loss (only with `output_router_logits=True`).
-    multimodal_aux_loss / multimodal_z_loss (`torch.FloatTensor`, *optional*):
-        The same two losses for the CuMo MoE blocks in the vision projector and CLIP, averaged over blocks.
+        The language model's unweighted router z-loss (only with `output_router_logits=True`).
+    projector_aux_loss / projector_z_loss (`torch.FloatTensor`, *optional*):
+        The same two losses for CuMo's sparse MoE projector, over all its tokens of the batch.
+    vision_aux_loss / vision_z_loss (`torch.FloatTensor`, *optional*):
+        The same two losses for CuMo's sparse MoE CLIP MLPs, averaged over those layers.
+    projector_router_logits / vision_router_logits (`tuple[torch.FloatTensor]`, *optional*):
+        As in [`UniMoEModelOutputWithPast`].
     image_hidden_states / video_hidden_states / audio_hidden_states (`torch.FloatTensor`, *optional*):
         The projected media features that replaced the placeholder tokens, as LLaVA's `image_hidden_states`:
         [images, P, D], [videos, P or F*P, D], [audio windows, towers * Q, D]; set when the batch has that medium.
@@ -425,8 +439,12 @@ class UniMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
 
     ce_loss: torch.FloatTensor | None = None
     z_loss: torch.FloatTensor | None = None
-    multimodal_aux_loss: torch.FloatTensor | None = None
-    multimodal_z_loss: torch.FloatTensor | None = None
+    projector_aux_loss: torch.FloatTensor | None = None
+    projector_z_loss: torch.FloatTensor | None = None
+    vision_aux_loss: torch.FloatTensor | None = None
+    vision_z_loss: torch.FloatTensor | None = None
+    projector_router_logits: tuple[torch.FloatTensor, ...] | None = None
+    vision_router_logits: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
     video_hidden_states: torch.FloatTensor | None = None
     audio_hidden_states: torch.FloatTensor | None = None
@@ -493,6 +511,30 @@ class UniMoEVisionProjector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(features)))
+
+
+class VisionLayersUpToFeature(nn.ModuleList):
+    """The vision tower's encoder layers, of which the encoder runs only the first `depth`: those that compute the
+    `vision_feature_layer` hidden state (`UniMoEConfig.vision_feature_depth`; `hidden_states[j]` is the output of
+    layer j - 1). The encoder iterates over this list, and iteration stops there, so the tower's own forward (its
+    hooks, output recording, activation checkpointing, device placement) runs unchanged, minus the layers whose output
+    the model never reads. LLaVA-style models run them all and keep an earlier hidden state; CuMo's CLIP MoE
+    (`cumo/model/multimodal_encoder/clip_smoe.py`) even computed its 24th layer, router losses included, and returned
+    that layer's input. Every layer stays registered under its index (`__len__`, indexing, `state_dict` see them all),
+    so CLIP checkpoints keep loading strictly and save unchanged."""
+
+    def __init__(self, modules=None, depth: int | None = None):
+        super().__init__(modules)
+        self.depth = len(self) if depth is None else depth
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.depth)
+
+    def extra_repr(self) -> str:
+        return f"runs the first {self.depth} of {len(self)} layers"
+
+    def __repr__(self) -> str:  # `ModuleList`'s own iterates, which would hide the layers that do not run
+        return nn.Module.__repr__(self)
 
 
 class MultimodalSparseMoE(nn.Module):
@@ -816,6 +858,8 @@ class UniMoEModel(UniMoEPreTrainedModel):
         super().__init__(config)
         if config.vision_config is not None:
             self.vision_tower = AutoModel.from_config(config.vision_config)
+            encoder = self.vision_tower.encoder
+            encoder.layers = VisionLayersUpToFeature(encoder.layers, config.vision_feature_depth)
             for index in config.vision_moe_layers:  # CuMo: sparse MoE MLPs inside CLIP
                 layer = self.vision_tower.encoder.layers[index]
                 experts = [copy.deepcopy(layer.mlp) for _ in range(config.vision_num_experts)]
@@ -854,17 +898,23 @@ class UniMoEModel(UniMoEPreTrainedModel):
     @can_return_tuple
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutputWithPooling:
         """pixel_values [N, 3, H, W] -> `last_hidden_state`: the CLIP patch features of `vision_feature_layer`
-        [N, P, Dv] (CLS dropped); `pooler_output`: projected to the LLM width [N, P, D]."""
+        [N, P, Dv] (CLS dropped); `pooler_output`: projected to the LLM width [N, P, D]. CLIP runs only the layers that
+        feature layer needs (`VisionLayersUpToFeature`), so its `hidden_states` end at it."""
         self._require("vision_tower", "image")
         pixel_values = pixel_values.to(self.vision_tower.dtype)
         tower_output = self.vision_tower(
-            pixel_values, output_hidden_states=True, output_attentions=kwargs.get("output_attentions", False), return_dict=True
+            pixel_values,
+            output_hidden_states=kwargs.get("output_hidden_states", False),
+            output_attentions=kwargs.get("output_attentions", False),
+            return_dict=True,
         )
-        selected = tower_output.hidden_states[self.config.vision_feature_layer][:, 1:]
+        # the encoder's output (before CLIP's post-layernorm, which only its pooled CLS gets) is the output of the last
+        # layer run: the vision_feature_layer hidden state
+        selected = tower_output.last_hidden_state[:, 1:]
         return BaseModelOutputWithPooling(
             last_hidden_state=selected,
             pooler_output=self.multi_modal_projector(selected),
-            hidden_states=tower_output.hidden_states if kwargs.get("output_hidden_states") else None,
+            hidden_states=tower_output.hidden_states,
             attentions=tower_output.attentions,
         )
 
@@ -1044,24 +1094,34 @@ class UniMoEModel(UniMoEPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        return UniMoEModelOutputWithPast(
-            **outputs, multimodal_router_logits=multimodal_router_logits or None, **media_features
-        )
+        return UniMoEModelOutputWithPast(**outputs, **multimodal_router_logits, **media_features)
 
     @contextmanager
     def _record_multimodal_router_logits(self, enabled: bool):
-        """Collect `(router logits, top_k)` of the CuMo MoE blocks run inside the block (nothing when disabled)."""
-        records = []
-        blocks = [module for module in self.modules() if isinstance(module, MultimodalSparseMoE)] if enabled else []
-        handles = [
-            block.gate.register_forward_hook(lambda _, __, logits, k=block.top_k: records.append((logits, k)))
-            for block in blocks
-        ]
+        """Yields a dict that, when the block exits, holds `projector_router_logits` and `vision_router_logits` (see
+        `UniMoEModelOutputWithPast`) of the CuMo MoE blocks run inside it (left empty when disabled or none ran).
+
+        The router of each block is hooked; a block that runs several times (images, then video frames) gives one
+        tensor, its calls concatenated in order, so its losses weigh every token alike however the media were split
+        into calls. Blocks are found by name, so copies that peft keeps (`modules_to_save`) count as their block."""
+        calls: dict[tuple[str, int], list[torch.Tensor]] = {}
+        handles = []
+        for name, module in self.named_modules() if enabled else ():
+            if isinstance(module, MultimodalSparseMoE):
+                layer = re.search(r"encoder\.layers\.(\d+)\.", name)
+                key = ("vision", int(layer[1])) if layer else ("projector", 0)
+                store = calls.setdefault(key, [])
+                handles.append(module.gate.register_forward_hook(lambda _module, _args, logits, store=store: store.append(logits)))
+        records = {}
         try:
             yield records
         finally:
             for handle in handles:
                 handle.remove()
+            for group in ("projector", "vision"):
+                ran = [torch.cat(logits) for (name, _), logits in sorted(calls.items()) if name == group and logits]
+                if ran:
+                    records[f"{group}_router_logits"] = tuple(ran)  # each [tokens, experts]
 
     def _merge_media(
         self, input_ids, inputs_embeds, pixel_values, pixel_values_videos, input_features, input_features_mask,
@@ -1228,7 +1288,7 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
 
-        ce_loss = aux_loss = z_loss = mm_aux_loss = mm_z_loss = loss = None
+        ce_loss = aux_loss = z_loss = loss = None
         router_weight = 1.0
         if labels is not None:
             ce_loss = self.loss_function(logits, labels, text_config.vocab_size, **kwargs)
@@ -1246,21 +1306,27 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
             if loss is not None:
                 router_terms = text_config.router_aux_loss_coef * aux_loss + text_config.router_z_loss_coef * z_loss
                 loss = loss + router_weight * router_terms.to(loss.device)
-        if output_router_logits and outputs.multimodal_router_logits:
-            records = outputs.multimodal_router_logits
-            mm_aux_loss = torch.stack([router_balance_loss((logits,), k) for logits, k in records]).mean()
-            mm_z_loss = torch.stack([router_z_loss((logits,)) for logits, _ in records]).mean()
+        # CuMo's routers: the projector's and CLIP's losses, each group weighted on its own (see the output's `loss`)
+        multimodal_losses = {}
+        groups = {"projector": self.config.projector_num_experts_per_tok, "vision": self.config.vision_num_experts_per_tok}
+        for group, top_k in groups.items():
+            group_logits = getattr(outputs, f"{group}_router_logits")
+            if not (output_router_logits and group_logits):
+                continue
+            group_aux = multimodal_losses[f"{group}_aux_loss"] = router_balance_loss(group_logits, top_k)
+            group_z = multimodal_losses[f"{group}_z_loss"] = router_z_loss(group_logits)
             if loss is not None:
-                mm_terms = self.config.mm_router_aux_loss_coef * mm_aux_loss + self.config.mm_router_z_loss_coef * mm_z_loss
-                loss = loss + router_weight * mm_terms.to(loss.device)
+                group_terms = self.config.mm_router_aux_loss_coef * group_aux + self.config.mm_router_z_loss_coef * group_z
+                loss = loss + router_weight * group_terms.to(loss.device)
 
         return UniMoECausalLMOutputWithPast(
             loss=loss,
             ce_loss=ce_loss,
             aux_loss=aux_loss,
             z_loss=z_loss,
-            multimodal_aux_loss=mm_aux_loss,
-            multimodal_z_loss=mm_z_loss,
+            **multimodal_losses,
+            projector_router_logits=outputs.projector_router_logits,
+            vision_router_logits=outputs.vision_router_logits,
             logits=logits,
             **cache_field(output_cache(outputs)),
             hidden_states=outputs.hidden_states,

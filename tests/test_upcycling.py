@@ -112,16 +112,17 @@ def test_cumo_coupcycling_keeps_the_function_and_adds_balance_losses():
     with torch.no_grad():
         torch.testing.assert_close(moe(ids, pixel_values=pixels).logits, dense(ids, pixel_values=pixels).logits, atol=1e-5, rtol=0)
     out = moe(ids, pixel_values=pixels, labels=ids, output_router_logits=True)
-    assert out.multimodal_aux_loss is not None and out.multimodal_aux_loss >= 1.0 - 1e-4
+    assert out.projector_aux_loss >= 1.0 - 1e-4 and out.vision_aux_loss >= 1.0 - 1e-4
     config = moe.config
     expected = (
         out.ce_loss + config.text_config.router_aux_loss_coef * out.aux_loss + config.text_config.router_z_loss_coef * out.z_loss
-        + config.mm_router_aux_loss_coef * out.multimodal_aux_loss + config.mm_router_z_loss_coef * out.multimodal_z_loss
+        + config.mm_router_aux_loss_coef * (out.projector_aux_loss + out.vision_aux_loss)
+        + config.mm_router_z_loss_coef * (out.projector_z_loss + out.vision_z_loss)
     )
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     assert moe.model.multi_modal_projector.gate.weight.grad.abs().sum() > 0  # routers learn from the balance loss
-    assert moe(ids, pixel_values=pixels, labels=ids).multimodal_aux_loss is None
+    assert moe(ids, pixel_values=pixels, labels=ids).projector_aux_loss is None
 
 
 def test_upcycle_refuses_weights_it_cannot_hold_and_keeps_generation_config():

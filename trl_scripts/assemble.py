@@ -169,8 +169,24 @@ class AssembleArguments:
     beats: str | None = field(default=None, metadata={"help": "Official BEATs checkpoint (.pt with cfg and model)."})
     num_experts: int = 4
     num_experts_per_tok: int = 2
-    moe_layers: str = "all"
+    moe_layers: str = field(
+        default="all",
+        metadata={"help": "Sparse decoder layers: all, even, odd, comma-separated indices, or none (a dense language "
+                  "model, as CuMo-7B's and Uni-MoE's stage 1-2 models)."},
+    )
     num_query_tokens: int = 50
+
+
+def _moe_layers(value: str) -> str | list[int]:
+    """`--moe_layers`: a pattern, `none` (no sparse layer: []) or comma-separated layer indices."""
+    if value in ("all", "even", "odd"):
+        return value
+    if value == "none":
+        return []
+    try:
+        return [int(part) for part in value.split(",")]
+    except ValueError:
+        raise ValueError(f"--moe_layers {value!r}: expected all, even, odd, none or comma-separated layer indices") from None
 
 
 @command_line
@@ -184,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         beats=args.beats,
         num_experts=args.num_experts,
         num_experts_per_tok=args.num_experts_per_tok,
-        moe_layers=args.moe_layers,
+        moe_layers=_moe_layers(args.moe_layers),
         num_query_tokens=args.num_query_tokens,
     )
     model.save_pretrained(args.output_dir)

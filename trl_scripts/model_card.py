@@ -252,6 +252,12 @@ def architecture_rows(config: UniMoEConfig, total: int, active: int) -> list[tup
                 f"CLIP MLPs of layers {', '.join(map(str, config.vision_moe_layers))}: {config.vision_num_experts} "
                 f"experts, top-{config.vision_num_experts_per_tok}",
             ))
+        if config.projector_num_experts > 1 or config.vision_moe_layers:
+            rows.append((
+                "Vision router losses (CuMo)",
+                f"balance x {config.mm_router_aux_loss_coef}, z-loss x {config.mm_router_z_loss_coef}, for the projector's "
+                "and CLIP's routers each",
+            ))
     window = f"per {config.audio_window_seconds} s window (at most {config.max_audio_windows} windows)"
     if (speech := config.speech_config) is not None:
         rows.append((

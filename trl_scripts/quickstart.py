@@ -10,6 +10,8 @@ pretrained): stage 0 teaches the language model to answer from text (each media 
 stage 1 trains the random towers with the connectors (`--train_towers`), and the prompts carry an empty system
 message instead of Vicuna's 40-token sentence, which a random 4-layer model learns to look past only slowly. The
 summary prints all three.
+
+`--recipe cumo` runs CuMo's recipe on the image and video tasks instead (`trl_scripts.quickstart_cumo`).
 """
 
 import json
@@ -64,6 +66,11 @@ class QuickstartArguments:
     seed: int = 0
     num_threads: int = field(
         default=1, metadata={"help": "torch threads: the tiny model's ops are too small to split; the other core loads data."}
+    )
+    recipe: str = field(
+        default="unimoe",
+        metadata={"help": "unimoe: Uni-MoE's stages on all four modalities (the options above); cumo: CuMo's co-upcycled "
+                  "vision MoE on the image and video tasks (trl_scripts.quickstart_cumo; its options: --recipe cumo --help)."},
     )
 
 
@@ -149,7 +156,7 @@ def routing_shares(model, processor, samples: list[EvalSample], batch_size: int 
 
 def plot_routing(
     shares: torch.Tensor,
-    layers: list[int],
+    layers: list[int | str],
     expert_names: list[str],
     path: str | Path | BinaryIO,
     *,
@@ -178,7 +185,7 @@ def plot_routing(
         axis.set_visible(False)
     for index, (axis, layer) in enumerate(zip(axes.flat, layers)):
         axis.imshow(shares[:, index].numpy(), vmin=0, vmax=1, cmap="viridis")
-        axis.set_title(f"layer {layer}")
+        axis.set_title(layer if isinstance(layer, str) else f"layer {layer}")  # a str names the panel itself
         axis.set_xticks(range(len(expert_names)), [f"e{i}\n{name}" for i, name in enumerate(expert_names)], fontsize=7)
         axis.set_yticks(range(len(row_labels)), row_labels if index % columns == 0 else [""] * len(row_labels))
         for m in range(len(row_labels)):
@@ -245,6 +252,10 @@ def answer_in_fresh_process(checkpoint: Path, samples: list[EvalSample]) -> dict
 
 
 def run(args: QuickstartArguments) -> dict:
+    if args.recipe == "cumo":
+        from .quickstart_cumo import run as run_cumo
+
+        return run_cumo(args)
     torch.set_num_threads(args.num_threads)
     start = time.perf_counter()
     out = Path(args.output_dir).resolve()
@@ -330,7 +341,10 @@ def run(args: QuickstartArguments) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
-    (args,) = HfArgumentParser(QuickstartArguments).parse_args_into_dataclasses(args=argv)
+    from .quickstart_cumo import logger as cumo_logger, quickstart_arguments_class
+
+    cumo_logger.setLevel(logging.INFO)
+    (args,) = HfArgumentParser(quickstart_arguments_class(argv)).parse_args_into_dataclasses(args=argv)
     return run(args)
 
 

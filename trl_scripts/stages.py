@@ -8,6 +8,13 @@
    of the experts. Each result becomes one expert (`dense_ffn_state_dict`).
 3. MoE tuning: routers and connectors train fully; attention and the fused experts train with LoRA (peft:
    `target_modules` for attention, `target_parameters` for the experts).
+
+CuMo's recipe (`--recipe cumo`, arXiv 2405.05949) shares stages 0 and 1 (CuMo's pre-training trains only the MLP
+connector) and replaces the other two:
+
+2. Pre-finetuning (PFT): the whole dense model trains, CLIP included, as a warm-up before the experts come in.
+3. Visual instruction tuning: the projector and CLIP MLPs, co-upcycled into sparse MoE blocks, and everything else
+   train in full (no LoRA), every router with its balance and z-loss.
 """
 
 import logging
@@ -98,6 +105,31 @@ def prepare_stage2(model: UniMoEForCausalLM, train_output_layers: bool = False) 
     if train_output_layers:
         _unfreeze_output_layers(model)
     return log_parameter_counts(model, "stage 2 (modality expert)")
+
+
+def prepare_cumo_pft(model: UniMoEForCausalLM) -> dict[str, tuple[int, int]]:
+    """CuMo stage 2, pre-finetuning: every parameter trains, the towers included (CuMo's
+    `scripts/cumo/mistral_7b/pft_mistral_7b.sh` freezes nothing: `--pft True`, no `--tune_mm_mlp_adapter`, CLIP loaded
+    trainable). Raises `ValueError` for a model without a vision tower, or whose vision side is already sparse."""
+    config = model.config
+    if config.vision_config is None:
+        raise ValueError("CuMo's pre-finetuning warms up a model with a vision tower; this one has none")
+    if config.projector_num_experts > 1 or config.vision_moe_layers:
+        raise ValueError("CuMo's pre-finetuning warms up a dense vision side; this model's is already a mixture of experts")
+    model.requires_grad_(True)
+    return log_parameter_counts(model, "CuMo stage 2 (pre-finetuning)")
+
+
+def prepare_cumo_sparse(model: UniMoEForCausalLM) -> dict[str, tuple[int, int]]:
+    """CuMo stage 3, visual instruction tuning: every parameter trains in full, the co-upcycled experts and their
+    fresh routers included (`scripts/cumo/mistral_7b/sft_mistral_7b.sh`: no LoRA, nothing frozen). Raises
+    `ValueError` for a model without a sparse projector or sparse CLIP MLPs (co-upcycle it first:
+    `upcycling.upcycle_multimodal_experts`)."""
+    config = model.config
+    if not (config.projector_num_experts > 1 or config.vision_moe_layers):
+        raise ValueError("CuMo stage 3 tunes a co-upcycled model: build it with upcycle_multimodal_experts from stage 2's")
+    model.requires_grad_(True)
+    return log_parameter_counts(model, "CuMo stage 3 (co-upcycled sparse tuning)")
 
 
 def prepare_stage3(

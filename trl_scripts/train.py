@@ -1,4 +1,4 @@
-"""Uni-MoE's progressive training, one stage per call, on transformers' Trainer.
+"""Uni-MoE's progressive training, and CuMo's, one stage per call, on transformers' Trainer.
 
     python -m trl_scripts.train --stage 0 --model_name_or_path tiny --train_files train.json captions.json \
         --captions_file captions.json --output_dir out/stage0        # only for a random LM (not in the paper)
@@ -8,6 +8,13 @@
         --experts image,video,audio,speech --output_dir out/stage2
     python -m trl_scripts.train --stage 3 --model_name_or_path out/stage2 --train_files train.json --output_dir out/stage3
     python -m trl_scripts.train configuration/training/tiny-stage1.yaml [--output_dir ...]  # a YAML, plus overrides
+
+    # CuMo (arXiv 2405.05949): stage 1 as above, then --recipe cumo for stages 2 and 3
+    python -m trl_scripts.train --recipe cumo --stage 2 --model_name_or_path out/stage1 --train_files captions.json \
+        --output_dir out/cumo-stage2
+    python -m trl_scripts.train --recipe cumo --stage 3 --model_name_or_path out/cumo-stage2 --train_files train.json \
+        --projector_experts 4 --projector_top_k 2 --vision_moe_layers all --vision_experts 4 --vision_top_k 2 \
+        --mm_router_aux_loss_coef 0.1 --mm_router_z_loss_coef 0.01 --output_dir out/cumo-stage3
 
 Media paths in the rows are relative to `--media_root`, by default the folder of the train files (the evaluation
 CLI's rule, `trl_scripts.data.media_path_candidates`). Paths in a YAML file are relative to the working directory;
@@ -21,6 +28,18 @@ model; stage 2 trains, for each name in `--experts`, the stage-1 FFNs on the row
 (the FFNs are reset between experts; connectors, attention and towers stay frozen) and saves each as
 `experts/<name>.safetensors`; stage 3 builds the sparse model from those FFNs and tunes it with LoRA, then merges
 the adapters and saves a plain checkpoint with its remote code, processor and chat template.
+
+`--recipe` picks what stages 2 and 3 do; stages 0 and 1 are the same in both. `unimoe` (the default) is the above.
+`cumo` is CuMo's recipe (`SHI-Labs/CuMo` `scripts/cumo/mistral_7b/{pretrain,pft,sft}_mistral_7b.sh`): stage 1
+aligns the connector (CuMo's pre-training), stage 2 pre-finetunes the whole dense model, CLIP included (PFT), and
+stage 3 co-upcycles the trained projector (`--projector_experts`, `--projector_top_k`) and the MLPs of the chosen
+CLIP layers (`--vision_moe_layers`, `--vision_experts`, `--vision_top_k`) into top-k sparse MoE blocks
+(`upcycling.upcycle_multimodal_experts`), then trains everything in full, every router with its balance and
+z-loss (`--mm_router_aux_loss_coef`, `--mm_router_z_loss_coef` for the projector's and CLIP's, each group on its own;
+`--router_aux_loss_coef`, `--router_z_loss_coef` for the language model's). The language model stays as stage 2
+left it: dense (CuMo-7B), or sparse when it already was (a Uni-MoE checkpoint, as CuMo-8x7B kept Mixtral's experts).
+Only the CLIP layers that feed `vision_feature_layer` run, so `--vision_moe_layers all` means those (CuMo wrapped
+all 24 layers of CLIP-L with feature layer -2 and computed the 24th for nothing).
 """
 
 import json
@@ -42,18 +61,32 @@ from modeling_unimoe.configuration_unimoe import MOE_LAYER_PATTERNS, ROUTER_TYPE
 from .console import command_line
 from .data import UniMoEDataCollator, load_conversations, text_warmup_rows, validate_dataset
 from .presets import PRESETS_DIR, load_preset, load_tiny_processor
-from .stages import prepare_stage0, prepare_stage1, prepare_stage2, prepare_stage3
+from .stages import prepare_cumo_pft, prepare_cumo_sparse, prepare_stage0, prepare_stage1, prepare_stage2, prepare_stage3
 from .trainer import UniMoETrainer
-from .upcycling import dense_ffn_state_dict, upcycle_unimoe
+from .upcycling import (
+    VISION_MOE_LAYER_PATTERNS,
+    dense_ffn_state_dict,
+    upcycle_multimodal_experts,
+    upcycle_unimoe,
+    vision_moe_layer_indices,
+)
 
 
 logger = logging.getLogger(__name__)
 
+RECIPES = ("unimoe", "cumo")
+
 
 @dataclass
 class StageArguments:
-    stage: int = field(metadata={"help": "0 (text warm-up, random LMs only), 1 (alignment), 2 (modality experts) or 3 (MoE tuning)."})
+    stage: int = field(
+        metadata={"help": "0 (text warm-up, random LMs only), 1 (alignment), 2 (unimoe: modality experts; cumo: "
+                  "pre-finetuning of the whole model) or 3 (unimoe: MoE tuning; cumo: co-upcycled sparse tuning)."}
+    )
     model_name_or_path: str = field(metadata={"help": "A preset name (stage 1) or the previous stage's output folder."})
+    recipe: str = field(
+        default="unimoe", metadata={"help": "What stages 2 and 3 do: unimoe (Uni-MoE's) or cumo (CuMo's); see the module doc."}
+    )
     experts: str = field(default="", metadata={"help": "Stage 2: comma-separated modality names, one expert each, in expert order."})
     num_experts_per_tok: int = 2
     moe_layers: str = field(default="all", metadata={"help": "Stage 3: all, even, odd or comma-separated layer indices."})
@@ -61,7 +94,32 @@ class StageArguments:
     lora_r: int = 8
     lora_alpha: int = 16
     router_aux_loss_coef: float | None = field(
-        default=None, metadata={"help": "Stage 3: weight of the balance loss (default: keep the stage-2 model's)."}
+        default=None,
+        metadata={"help": "Stage 3: weight of the language model's balance loss (default: keep the stage-2 model's)."},
+    )
+    router_z_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "Stage 3: weight of the language model's router z-loss (default: keep the stage-2 model's)."},
+    )
+    projector_experts: int = field(
+        default=4, metadata={"help": "CuMo stage 3: experts of the sparse MoE projector (CuMo: 4; 1 keeps it dense)."}
+    )
+    projector_top_k: int = field(default=2, metadata={"help": "CuMo stage 3: projector experts per token (CuMo: 2)."})
+    vision_moe_layers: str = field(
+        default="all",
+        metadata={"help": "CuMo stage 3: CLIP layers whose MLP becomes a sparse MoE: all, even or odd (of the layers that "
+                  "feed vision_feature_layer, the only ones that run), none, or comma-separated layer indices."},
+    )
+    vision_experts: int = field(default=4, metadata={"help": "CuMo stage 3: experts of each sparse CLIP MLP (CuMo: 4)."})
+    vision_top_k: int = field(default=2, metadata={"help": "CuMo stage 3: CLIP experts per token (CuMo: 2)."})
+    mm_router_aux_loss_coef: float = field(
+        default=0.1,
+        metadata={"help": "CuMo stage 3: weight of the balance loss of the projector's routers and of CLIP's, each group "
+                  "on its own (CuMo: 0.1)."},
+    )
+    mm_router_z_loss_coef: float = field(
+        default=0.01,
+        metadata={"help": "CuMo stage 3: weight of the router z-loss of the projector's routers and of CLIP's (CuMo: 0.01)."},
     )
     train_towers: bool = field(
         default=False,
@@ -126,6 +184,25 @@ class StageArguments:
             raise ValueError(f"--moe_layers {self.moe_layers!r}: layer indices start at 0, got {negative}")
         if len(set(layers)) != len(layers):
             raise ValueError(f"--moe_layers {self.moe_layers!r}: a layer is given twice")
+        return layers
+
+    def vision_moe_layer_spec(self) -> str | list[int]:
+        """CuMo stage 3's `vision_moe_layers`: all, even, odd, none, or distinct non-negative CLIP layer indices (their
+        range is checked against the model, `upcycling.vision_moe_layer_indices`)."""
+        value = self.vision_moe_layers.strip()
+        if value in VISION_MOE_LAYER_PATTERNS:
+            return value
+        try:
+            layers = [int(part) for part in value.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"--vision_moe_layers {self.vision_moe_layers!r}: expected {', '.join(VISION_MOE_LAYER_PATTERNS)} or "
+                "comma-separated CLIP layer indices, e.g. 0,2,5"
+            ) from None
+        if negative := [layer for layer in layers if layer < 0]:
+            raise ValueError(f"--vision_moe_layers {self.vision_moe_layers!r}: layer indices start at 0, got {negative}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"--vision_moe_layers {self.vision_moe_layers!r}: a layer is given twice")
         return layers
 
 
@@ -227,27 +304,33 @@ def _stage_config(name_or_path: str, stage: int) -> UniMoEConfig | None:
 
 def check_options(stage_args: StageArguments, data_args: DataArguments) -> None:
     """Every option checked before anything loads (model, processor or data), each error naming its option: the
-    stage; the component learning rates (numbers; for stages 0-2 also the module names, against the model's
-    architecture built on the meta device); stage 0's captions file; stage 2's expert names; stage 3's MoE layers
-    (in the stage-2 model's range), router type, experts per token (at most the stage-2 experts), LoRA rank and
-    alpha and balance-loss weight."""
+    recipe and stage; the component learning rates (numbers; for stages 0-2 also the module names, against the
+    model's architecture built on the meta device); stage 0's captions file; stage 2's expert names; stage 3's MoE
+    layers (in the stage-2 model's range), router type, experts per token (at most the stage-2 experts), LoRA rank and
+    alpha and router-loss weights; CuMo's stages 2 and 3: see `check_cumo_options`."""
     stage = stage_args.stage
-    if stage not in STAGES:
+    if stage_args.recipe not in RECIPES:
+        raise ValueError(f"--recipe {stage_args.recipe!r}: expected one of {', '.join(RECIPES)}")
+    if stage not in STAGES[stage_args.recipe]:
         raise ValueError(f"--stage must be 0, 1, 2 or 3, got {stage}")
     rates = stage_args.learning_rates()
     if stage == 0 and data_args.captions_file is None:
         raise ValueError("stage 0 needs --captions_file: the caption rows that describe the media of --train_files")
-    if stage == 2:
-        stage_args.expert_names()
     if stage == 3:
+        for option in ("router_aux_loss_coef", "router_z_loss_coef"):
+            coef = getattr(stage_args, option)
+            if coef is not None and not (math.isfinite(coef) and coef >= 0):
+                raise ValueError(f"--{option} must be a finite number >= 0, got {coef}")
+    if stage_args.recipe == "cumo" and stage >= 2:
+        check_cumo_options(stage_args)
+    elif stage == 2:
+        stage_args.expert_names()
+    elif stage == 3:
         moe_layers = stage_args.moe_layer_spec()
         if stage_args.router_type not in ROUTER_TYPES:
             raise ValueError(f"--router_type {stage_args.router_type!r}: expected one of {', '.join(ROUTER_TYPES)}")
         if stage_args.lora_r < 1 or not (math.isfinite(stage_args.lora_alpha) and stage_args.lora_alpha > 0):
             raise ValueError(f"--lora_r must be >= 1 and --lora_alpha > 0, got {stage_args.lora_r} and {stage_args.lora_alpha}")
-        coef = stage_args.router_aux_loss_coef
-        if coef is not None and not (math.isfinite(coef) and coef >= 0):
-            raise ValueError(f"--router_aux_loss_coef must be a finite number >= 0, got {coef}")
         names = stage2_experts(stage_args.model_name_or_path)
         if not 1 <= stage_args.num_experts_per_tok <= len(names):
             raise ValueError(
@@ -265,6 +348,50 @@ def check_options(stage_args: StageArguments, data_args: DataArguments) -> None:
             components = ", ".join(sorted(part for part in parts if part.endswith(("_tower", "_aligner", "_projector", "language_model", "lm_head"))))
             raise ValueError(
                 f"--component_learning_rates names modules the model does not have: {unknown} (its components: {components})"
+            )
+
+
+def check_cumo_options(stage_args: StageArguments) -> None:
+    """CuMo's stages 2 and 3, before anything loads: the source model (its config) has a vision tower whose side is
+    still dense; for stage 3 the projector's and CLIP's expert counts and top-k, the CLIP layers (against the layers
+    that feed the source's `vision_feature_layer`), the router-loss weights, and that something is made sparse."""
+    stage, source = stage_args.stage, stage_args.model_name_or_path
+    if stage == 3:
+        if stage_args.projector_experts < 1:
+            raise ValueError(f"--projector_experts must be >= 1 (1 keeps the projector dense), got {stage_args.projector_experts}")
+        if stage_args.projector_experts > 1 and not 1 <= stage_args.projector_top_k <= stage_args.projector_experts:
+            raise ValueError(
+                f"--projector_top_k {stage_args.projector_top_k}: expected 1 to {stage_args.projector_experts} (--projector_experts)"
+            )
+        layers = stage_args.vision_moe_layer_spec()
+        if layers not in ("none", []):
+            if stage_args.vision_experts < 1:
+                raise ValueError(f"--vision_experts must be >= 1, got {stage_args.vision_experts}")
+            if not 1 <= stage_args.vision_top_k <= stage_args.vision_experts:
+                raise ValueError(f"--vision_top_k {stage_args.vision_top_k}: expected 1 to {stage_args.vision_experts} (--vision_experts)")
+        for option in ("mm_router_aux_loss_coef", "mm_router_z_loss_coef"):
+            coef = getattr(stage_args, option)
+            if not (math.isfinite(coef) and coef >= 0):
+                raise ValueError(f"--{option} must be a finite number >= 0, got {coef}")
+    config = _stage_config(source, stage)
+    if config is None:
+        return  # `load_stage_model` names what is wrong with the source
+    if config.vision_config is None:
+        raise ValueError(f"--recipe cumo: {source} has no vision tower: CuMo's stage {stage} needs CLIP and its projector")
+    if config.projector_num_experts > 1 or config.vision_moe_layers:
+        raise ValueError(
+            f"--recipe cumo --stage {stage}: the vision side of {source} is already a mixture of experts; stage 2 warms up "
+            "and stage 3 co-upcycles a dense one (the output of stage 1, then of stage 2)"
+        )
+    if stage == 3:
+        try:
+            resolved = vision_moe_layer_indices(config, layers)
+        except ValueError as error:
+            raise ValueError(f"--vision_moe_layers {stage_args.vision_moe_layers!r}: {error}") from None
+        if stage_args.projector_experts == 1 and not resolved:
+            raise ValueError(
+                f"--recipe cumo --stage 3: nothing to co-upcycle (--projector_experts 1 and --vision_moe_layers "
+                f"{stage_args.vision_moe_layers!r} selects no layer of the {config.vision_feature_depth} that run)"
             )
 
 
@@ -351,6 +478,13 @@ def _load_ffn(model, ffn: dict[str, torch.Tensor]):
     model.load_state_dict(state | renamed, strict=True)
 
 
+def _set_router_loss_weights(model, stage_args: StageArguments):
+    """The language model's router-loss weights given on the command line (the others keep the model's)."""
+    for option in ("router_aux_loss_coef", "router_z_loss_coef"):
+        if getattr(stage_args, option) is not None:
+            setattr(model.config.text_config, option, getattr(stage_args, option))
+
+
 def run_stage3(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
     source = Path(stage_args.model_name_or_path)
     names = stage2_experts(source)
@@ -361,8 +495,7 @@ def run_stage3(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
         dense, ffns, num_experts=len(ffns), num_experts_per_tok=stage_args.num_experts_per_tok,
         moe_layers=moe_layers, router_type=stage_args.router_type,
     )
-    if stage_args.router_aux_loss_coef is not None:
-        model.config.text_config.router_aux_loss_coef = stage_args.router_aux_loss_coef
+    _set_router_loss_weights(model, stage_args)
     peft_model = prepare_stage3(
         model, lora_r=stage_args.lora_r, lora_alpha=stage_args.lora_alpha, train_output_layers=stage_args.train_output_layers
     )
@@ -372,6 +505,39 @@ def run_stage3(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
     _save(merged, processor, training_args.output_dir, training_args)
     (Path(training_args.output_dir) / "experts.json").write_text(json.dumps(names))
     trainer.model = merged
+    return trainer
+
+
+def run_cumo_stage2(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
+    """CuMo's pre-finetuning: the whole dense model trains (`stages.prepare_cumo_pft`)."""
+    model, processor = load_stage_model(stage_args.model_name_or_path, 2)
+    prepare_cumo_pft(model)
+    trainer = _trainer(model, processor, dataset, stage_args, data_args, training_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    _save(model, processor, training_args.output_dir, training_args)
+    return trainer
+
+
+def run_cumo_stage3(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
+    """CuMo's visual instruction tuning: the stage-2 projector and CLIP MLPs co-upcycled into sparse MoE blocks,
+    then everything trained in full (`stages.prepare_cumo_sparse`), every router with its losses."""
+    dense, processor = load_stage_model(stage_args.model_name_or_path, 3)
+    model = upcycle_multimodal_experts(
+        dense,
+        projector_num_experts=stage_args.projector_experts,
+        projector_num_experts_per_tok=stage_args.projector_top_k,
+        vision_moe_layers=stage_args.vision_moe_layer_spec(),
+        vision_num_experts=stage_args.vision_experts,
+        vision_num_experts_per_tok=stage_args.vision_top_k,
+    )
+    del dense
+    model.config.mm_router_aux_loss_coef = stage_args.mm_router_aux_loss_coef
+    model.config.mm_router_z_loss_coef = stage_args.mm_router_z_loss_coef
+    _set_router_loss_weights(model, stage_args)
+    prepare_cumo_sparse(model)
+    trainer = _trainer(model, processor, dataset, stage_args, data_args, training_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    _save(model, processor, training_args.output_dir, training_args)
     return trainer
 
 
@@ -389,7 +555,11 @@ def stage1_media_reason(stage_args: StageArguments) -> str | None:
     )
 
 
-STAGES = {0: run_stage0, 1: run_stage1, 2: run_stage2, 3: run_stage3}
+# recipe -> stage -> what runs it; stages 0 and 1 are shared
+STAGES = {
+    "unimoe": {0: run_stage0, 1: run_stage1, 2: run_stage2, 3: run_stage3},
+    "cumo": {0: run_stage0, 1: run_stage1, 2: run_cumo_stage2, 3: run_cumo_stage3},
+}
 
 
 def run(stage_args: StageArguments, data_args: DataArguments, training_args: TrainingArguments):
@@ -397,7 +567,10 @@ def run(stage_args: StageArguments, data_args: DataArguments, training_args: Tra
     training_args.remove_unused_columns = False  # rows carry media paths the collator needs
     # before any model is built: fresh weights (routers, LoRA) are then the same in every process and every launch
     set_seed(training_args.seed)
-    logger.info("stage %d on %d process(es), %s", stage_args.stage, training_args.world_size, training_args.parallel_mode.value)
+    logger.info(
+        "%s stage %d on %d process(es), %s", stage_args.recipe, stage_args.stage, training_args.world_size,
+        training_args.parallel_mode.value,
+    )
     if data_args.media_root is None:
         data_args.media_root = default_media_root(data_args.train_files)
     processor, max_length = load_stage_processor(stage_args.model_name_or_path, stage_args.stage)
@@ -406,9 +579,9 @@ def run(stage_args: StageArguments, data_args: DataArguments, training_args: Tra
         processor=processor, max_length=max_length, system_prompt=data_args.system_prompt,
         media_required=stage1_media_reason(stage_args) if stage_args.stage == 1 else None,
     )
-    if stage_args.stage == 2:  # before the model loads and the first expert trains
+    if stage_args.recipe == "unimoe" and stage_args.stage == 2:  # before the model loads and the first expert trains
         check_experts_have_rows(stage_args.expert_names(), dataset, data_args.train_files)
-    return STAGES[stage_args.stage](stage_args, data_args, training_args, dataset)
+    return STAGES[stage_args.recipe][stage_args.stage](stage_args, data_args, training_args, dataset)
 
 
 def yaml_arguments(path: str) -> list[str]:

@@ -2,7 +2,8 @@
 
 Every expert of a sparse layer starts as a copy of a dense FFN: either the dense model's own FFN (sparse upcycling),
 or, in Uni-MoE's stage 2 -> 3 path, one separately trained FFN per expert (one per modality), given as state dicts in
-the original layout `model.layers.{L}.mlp.{gate,up,down}_proj.weight`.
+the original layout `model.layers.{L}.mlp.{gate,up,down}_proj.weight`. CuMo's co-upcycling
+(`upcycle_multimodal_experts`) does the same for the vision projector and CLIP's MLPs.
 """
 
 import copy
@@ -202,25 +203,57 @@ def upcycle_llama(
     return model.eval()
 
 
+VISION_MOE_LAYER_PATTERNS = ("all", "even", "odd", "none")
+
+
+def vision_moe_layer_indices(config: UniMoEConfig, layers: str | list[int]) -> list[int]:
+    """CLIP layer indices for CuMo MoE MLPs: `"all"`, `"even"`, `"odd"` (of the layers that feed
+    `vision_feature_layer`, `config.vision_feature_depth`: the only ones that run), `"none"`, or explicit indices.
+
+    CuMo made all 24 CLIP-L layers sparse with the feature layer -2 (`clip_smoe.py`), so its 24th layer computed
+    routed experts whose output was dropped; here `"all"` is the 23 layers that feature layer needs. Raises
+    `ValueError` without a vision tower or for indices past the feature layer."""
+    depth = config.vision_feature_depth
+    if depth is None:
+        raise ValueError("the model has no vision tower: there are no CLIP layers to make sparse")
+    if isinstance(layers, str):
+        if layers not in VISION_MOE_LAYER_PATTERNS:
+            raise ValueError(f"vision MoE layers {layers!r}: expected one of {', '.join(VISION_MOE_LAYER_PATTERNS)} or layer indices")
+        start, step = {"all": (0, 1), "even": (0, 2), "odd": (1, 2), "none": (depth, 1)}[layers]
+        return list(range(start, depth, step))
+    if out_of_range := [index for index in layers if not 0 <= index < depth]:
+        raise ValueError(
+            f"vision MoE layers {list(layers)}: CLIP layers 0 to {depth - 1} feed vision_feature_layer="
+            f"{config.vision_feature_layer} (the later ones never run); out of range: {out_of_range}"
+        )
+    return sorted(layers)
+
+
 def upcycle_multimodal_experts(
     model: UniMoEForCausalLM,
     *,
     projector_num_experts: int = 1,
     projector_num_experts_per_tok: int = 2,
-    vision_moe_layers: list[int] = (),
+    vision_moe_layers: str | list[int] = (),
     vision_num_experts: int = 4,
     vision_num_experts_per_tok: int = 2,
 ) -> UniMoEForCausalLM:
-    """CuMo co-upcycling: the trained vision projector and/or chosen CLIP MLPs become sparse MoE blocks whose
-    experts all start as copies of the dense MLP (routers freshly initialised). The result computes the same
-    function as `model` until the experts diverge in training."""
+    """CuMo co-upcycling (arXiv 2405.05949, Sec. 3): the trained vision projector (`projector_num_experts > 1`)
+    and/or the MLPs of the chosen CLIP layers (`vision_moe_layers`: see `vision_moe_layer_indices`) become top-k
+    sparse MoE blocks whose experts all start as copies of the dense MLP; routers are freshly initialised. Every
+    expert computing the same MLP and the top-k weights summing to one, the result computes the same function as
+    `model` until the experts diverge in training. Everything else, the language model included (dense or sparse),
+    is copied. Raises `ValueError` if the vision side already is a mixture of experts or nothing is made sparse."""
     config_dict = model.config.to_dict()
     if config_dict.get("projector_num_experts", 1) > 1 or config_dict.get("vision_moe_layers"):
         raise ValueError("the model's vision side is already a mixture of experts")
+    vision_moe_layers = vision_moe_layer_indices(model.config, vision_moe_layers)
+    if projector_num_experts <= 1 and not vision_moe_layers:
+        raise ValueError("nothing to co-upcycle: give projector_num_experts > 1 and/or vision MoE layers")
     config_dict.update(
         projector_num_experts=projector_num_experts,
         projector_num_experts_per_tok=projector_num_experts_per_tok,
-        vision_moe_layers=list(vision_moe_layers),
+        vision_moe_layers=vision_moe_layers,
         vision_num_experts=vision_num_experts,
         vision_num_experts_per_tok=vision_num_experts_per_tok,
     )
@@ -240,6 +273,12 @@ def upcycle_multimodal_experts(
             dense_name = key[len(prefix) :].split(".", 2)[2]
             state[key] = dense_state[prefix + dense_name]
     moe.load_state_dict(state, strict=True)
+    moe.generation_config = copy.deepcopy(model.generation_config)
+    logger.info(
+        "Co-upcycled: projector %s, CLIP MLPs of layers %s (%d experts, top-%d)",
+        f"{projector_num_experts} experts (top-{projector_num_experts_per_tok})" if projector_num_experts > 1 else "dense",
+        vision_moe_layers, vision_num_experts, vision_num_experts_per_tok,
+    )
     return moe.eval()
 
 
