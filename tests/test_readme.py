@@ -1,14 +1,21 @@
 """The README, followed verbatim by a new user: every bash and python block runs, in order, in a fresh copy of the
 repository (its tracked and unignored files), with the paths the README itself creates. A block may be skipped only
 with a `<!-- not run by tests/test_readme.py: reason -->` line right above it (the two `make` commands, which run this
-test and the demo). Pushing goes to `tests/local_hub.py` through `HF_ENDPOINT` and `HF_TOKEN`, as the README says."""
+test and the demo). Pushing goes to `tests/local_hub.py` through `HF_ENDPOINT` and `HF_TOKEN`, as the README says.
+A bash block of one command ending in `&` starts a service (the server, the chat app), as a user would in another
+terminal: it runs in the background, the next blocks wait until its `--port` answers HTTP, and it is stopped at the
+end; it must still be running then."""
 
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import httpx
 
 from conftest import REPO_ROOT
 from local_hub import LocalHub
@@ -20,6 +27,34 @@ BLOCK = re.compile(r"(?:<!-- not run by tests/test_readme\.py: (?P<skip>[^\n]*?)
 def readme_blocks(text: str) -> list[tuple[str, str, str | None]]:
     """(language, code, reason it is skipped or None) of every fenced block, in order."""
     return [(m["lang"], m["code"], m["skip"]) for m in BLOCK.finditer(text)]
+
+
+def service_command(code: str) -> str | None:
+    """The command of a block that starts a service (one command line ending in `&`), else None."""
+    lines = [line for line in code.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if len(lines) == 1 and re.search(r"&\s*(#.*)?$", lines[0]):
+        return re.sub(r"&\s*(#.*)?$", "", lines[0]).strip()
+    return None
+
+
+def start_service(command: str, workdir: Path, env: dict, log: Path) -> subprocess.Popen:
+    """Start `command` in the background and wait (up to 300 s) until its `--port` answers HTTP."""
+    port = re.search(r"--port\s+(\d+)", command)
+    assert port, f"a service block names its --port: {command}"
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            ["bash", "-c", f"exec {command}"], cwd=workdir, env=env, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 300
+    while True:
+        assert process.poll() is None, f"service {command!r} exited:\n{log.read_text()[-3000:]}"
+        try:
+            httpx.get(f"http://127.0.0.1:{port.group(1)}/", timeout=5)
+            return process
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline, f"service {command!r} did not answer in 300 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
 
 
 def fresh_copy(target: Path) -> Path:
@@ -57,16 +92,35 @@ def test_the_readme_runs_as_written(tmp_path):
             "HF_HUB_OFFLINE": "0",
             "PYTHONPATH": "",
         }
-        for number, (lang, code) in enumerate(runnable):
-            if lang == "bash":
-                command = ["bash", "-euo", "pipefail", "-c", code]
-            else:
-                script = workdir / f"readme_block_{number}.py"
-                script.write_text(code)
-                command = [sys.executable, script.name]
-            result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
-            assert result.returncode == 0, f"README block {number} ({lang}) failed:\n{code}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        services = []
+        try:
+            run_blocks(runnable, workdir, env, services)
+            for process, command in services:
+                assert process.poll() is None, f"service {command!r} stopped before the end of the README"
+        finally:
+            for process, _ in services:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGTERM)
+                    process.wait(timeout=60)
+        assert [command.split()[0] for _, command in services] == ["unimoe-serve", "unimoe-chat"]
         # what the blocks claim to create is there
         assert (workdir / "outputs/quickstart/stage3/config.json").is_file()
         assert (workdir / "out/stage3/model.safetensors").is_file() and (workdir / "out/eval/metrics.json").is_file()
         assert ("model", "YOUR_NAME/tiny-unimoe") in hub.repos
+
+
+def run_blocks(runnable: list[tuple[str, str]], workdir: Path, env: dict, services: list) -> None:
+    """Run the README's blocks in order; services started are appended to `services` as (process, command)."""
+    for number, (lang, code) in enumerate(runnable):
+        command = service_command(code) if lang == "bash" else None
+        if command is not None:
+            services.append((start_service(command, workdir, env, workdir / f"service_{number}.log"), command))
+            continue
+        if lang == "bash":
+            command = ["bash", "-euo", "pipefail", "-c", code]
+        else:
+            script = workdir / f"readme_block_{number}.py"
+            script.write_text(code)
+            command = [sys.executable, script.name]
+        result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, f"README block {number} ({lang}) failed:\n{code}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
