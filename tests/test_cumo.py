@@ -267,7 +267,7 @@ def test_cumo_stages_from_the_yamls_train_exactly_their_parameters_and_log_every
         (3, {"projector_experts": 0}, r"^--projector_experts must be >= 1"),
         (3, {"projector_top_k": 5}, r"^--projector_top_k 5: expected 1 to 4 \(--projector_experts\)"),
         (3, {"vision_top_k": 0}, r"^--vision_top_k 0: expected 1 to 4 \(--vision_experts\)"),
-        (3, {"vision_moe_layers": "0,x"}, r"^--vision_moe_layers '0,x': expected all, even, odd, none or comma-separated"),
+        (3, {"vision_moe_layers": "0,x"}, r"^--vision_moe_layers '0,x': 'x' is not a layer index \(expected all, even, odd, none or comma-separated"),
         (3, {"vision_moe_layers": "0,2"}, r"^--vision_moe_layers '0,2': .*CLIP layers 0 to 1 feed vision_feature_layer=-1 .*\[2\]"),
         (3, {"mm_router_z_loss_coef": -1.0}, r"^--mm_router_z_loss_coef must be a finite number >= 0"),
         (3, {"router_z_loss_coef": float("nan")}, r"^--router_z_loss_coef must be a finite number >= 0"),

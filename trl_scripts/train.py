@@ -77,6 +77,27 @@ logger = logging.getLogger(__name__)
 RECIPES = ("unimoe", "cumo")
 
 
+def _layer_spec(option: str, given: str, patterns) -> str | list[int]:
+    """A layer option: one of `patterns`, or distinct non-negative comma-separated indices; errors name `option`."""
+    value = given.strip()
+    if value in patterns:
+        return value
+    layers = []
+    for part in value.split(","):
+        try:
+            layers.append(int(part))
+        except ValueError:
+            raise ValueError(
+                f"{option} {given!r}: {part.strip()!r} is not a layer index (expected {', '.join(patterns)} or "
+                "comma-separated layer indices, e.g. 0,2,5)"
+            ) from None
+    if negative := [layer for layer in layers if layer < 0]:
+        raise ValueError(f"{option} {given!r}: layer indices start at 0, got {negative}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{option} {given!r}: a layer is given twice")
+    return layers
+
+
 @dataclass
 class StageArguments:
     stage: int = field(
@@ -168,42 +189,12 @@ class StageArguments:
 
     def moe_layer_spec(self) -> str | list[int]:
         """Stage 3's `moe_layers`: all, even, odd, or distinct non-negative layer indices."""
-        value = self.moe_layers.strip()
-        if value in MOE_LAYER_PATTERNS:
-            return value
-        layers = []
-        for part in value.split(","):
-            try:
-                layers.append(int(part))
-            except ValueError:
-                raise ValueError(
-                    f"--moe_layers {self.moe_layers!r}: {part.strip()!r} is not a layer index (expected "
-                    f"{', '.join(MOE_LAYER_PATTERNS)} or comma-separated layer indices, e.g. 0,2,5)"
-                ) from None
-        if negative := [layer for layer in layers if layer < 0]:
-            raise ValueError(f"--moe_layers {self.moe_layers!r}: layer indices start at 0, got {negative}")
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"--moe_layers {self.moe_layers!r}: a layer is given twice")
-        return layers
+        return _layer_spec("--moe_layers", self.moe_layers, MOE_LAYER_PATTERNS)
 
     def vision_moe_layer_spec(self) -> str | list[int]:
         """CuMo stage 3's `vision_moe_layers`: all, even, odd, none, or distinct non-negative CLIP layer indices (their
         range is checked against the model, `upcycling.vision_moe_layer_indices`)."""
-        value = self.vision_moe_layers.strip()
-        if value in VISION_MOE_LAYER_PATTERNS:
-            return value
-        try:
-            layers = [int(part) for part in value.split(",")]
-        except ValueError:
-            raise ValueError(
-                f"--vision_moe_layers {self.vision_moe_layers!r}: expected {', '.join(VISION_MOE_LAYER_PATTERNS)} or "
-                "comma-separated CLIP layer indices, e.g. 0,2,5"
-            ) from None
-        if negative := [layer for layer in layers if layer < 0]:
-            raise ValueError(f"--vision_moe_layers {self.vision_moe_layers!r}: layer indices start at 0, got {negative}")
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"--vision_moe_layers {self.vision_moe_layers!r}: a layer is given twice")
-        return layers
+        return _layer_spec("--vision_moe_layers", self.vision_moe_layers, VISION_MOE_LAYER_PATTERNS)
 
 
 @dataclass
