@@ -1,14 +1,14 @@
 """Configurations of Uni-MoE: the sparse-MoE LLaMA decoder and the composite multimodal model."""
 
 # First: it refuses a transformers older than the supported range before the imports below need newer names.
-from .transformers_compat import CACHE_NAME  # isort: skip
+from .transformers_compat import BUILDS_SUB_CONFIGS, CACHE_NAME, SubConfigSpec, build_sub_configs  # isort: skip
 
 import math
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.activations import ACT2CLS
-from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
 from .configuration_beats import BEATsConfig
@@ -294,6 +294,8 @@ class UniMoEConfig(PreTrainedConfig):
         "audio_config": SubConfigSpec(config_class=BEATsConfig, optional=True),
         "audio_qformer_config": SubConfigSpec(config_class=AutoConfig, model_type="blip_2_qformer", optional=True),
     }
+    if not BUILDS_SUB_CONFIGS:  # transformers < 5.20 reads this table instead (later releases derive it)
+        sub_configs = {key: spec.config_class for key, spec in sub_configs_defaults.items()}
 
     text_config: dict | UniMoETextConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None
@@ -354,6 +356,7 @@ class UniMoEConfig(PreTrainedConfig):
                 "model_type": "blip_2_qformer", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
                 "intermediate_size": 3072, "cross_attention_frequency": 2, "encoder_hidden_size": beats_width,
             }
+        build_sub_configs(self)
         super().__post_init__(**kwargs)
         # Tying is a property of the language model: follow the text config (as LLaVA does).
         self.tie_word_embeddings = self.text_config.tie_word_embeddings

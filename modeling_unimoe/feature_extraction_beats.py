@@ -14,7 +14,9 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
+from transformers.audio_utils import spectrogram, window_function
+
+from .transformers_compat import float64_mel_filter_bank
 
 
 BEATS_SAMPLING_RATE = 16000
@@ -34,7 +36,7 @@ def _kaldi_mel_filters() -> np.ndarray:
     # With 128 bins some low filters fall between two FFT bins and are all zero, in Kaldi too: silence the warning.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return mel_filter_bank(
+        return float64_mel_filter_bank(
             num_frequency_bins=_FFT_LENGTH // 2 + 1,
             num_mel_filters=BEATS_NUM_MEL_BINS,
             min_frequency=20.0,
@@ -43,7 +45,6 @@ def _kaldi_mel_filters() -> np.ndarray:
             norm=None,
             mel_scale="kaldi",
             triangularize_in_mel_space=True,
-            dtype=np.float64,
         )
 
 

@@ -36,7 +36,14 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_unimoe import UniMoEConfig, UniMoETextConfig
 from .modeling_beats import BEATsModel
-from .transformers_compat import CACHE_NAME, build_causal_mask, cache_field, output_cache, pop_cache
+from .transformers_compat import (
+    CACHE_NAME,
+    build_causal_mask,
+    cache_field,
+    drop_media_outside_prefill,
+    output_cache,
+    pop_cache,
+)
 
 
 class UniMoERMSNorm(nn.Module):
@@ -644,6 +651,7 @@ class UniMoEPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # the eager experts loop reads expert counts on the host
+    _unexpected_keys_allowed: tuple[str, ...] = ()  # checkpoint keys `from_pretrained` may leave out (regexes)
     _can_record_outputs = {
         # from the layer, not the router: see UniMoESparseMoeBlock (None from dense layers is skipped)
         "router_logits": OutputRecorder(UniMoEDecoderLayer, index=1),
@@ -693,6 +701,8 @@ class UniMoEPreTrainedModel(PreTrainedModel):
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if return_info:  # asked for: the caller inspects the missing / unexpected / mismatched keys (transformers' contract)
             return model, info
+        allowed = re.compile("|".join(cls._unexpected_keys_allowed)) if cls._unexpected_keys_allowed else None
+        info["unexpected_keys"] = [key for key in info["unexpected_keys"] if not (allowed and allowed.match(str(key)))]
         problems = {name: sorted(map(str, keys)) for name, keys in info.items() if name != "error_msgs" and keys}
         if problems:
             listing = "; ".join(f"{name}: {', '.join(keys)}" for name, keys in problems.items())
@@ -850,8 +860,10 @@ class UniMoEModel(UniMoEPreTrainedModel):
     MoE language model. Media features replace their placeholder tokens' embeddings (`masked_scatter`); a modality
     absent from a batch costs no encoder compute."""
 
-    # Loading the backbone from a full `UniMoEForCausalLM` checkpoint leaves the head out on purpose.
-    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+    # Loading the backbone from a full `UniMoEForCausalLM` checkpoint leaves the head out on purpose. Not transformers'
+    # `_keys_to_ignore_on_load_unexpected`: vLLM's loader applies that list to its own model, which has the head, and
+    # would skip `lm_head.weight` without a word (every token then comes from an uninitialised head).
+    _unexpected_keys_allowed = (r"^lm_head\.",)
     input_modalities = ("image", "video", "audio", "text")
 
     def __init__(self, config: UniMoEConfig):
@@ -1180,7 +1192,7 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         draft only proposes tokens that the main model then checks with the media. The forward refuses placeholders
         without their media, so the draft gets its prompt as embeddings, which carry no ids to check: its placeholders
         embed as text, as they do in transformers' own multimodal models."""
-        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        model_inputs = drop_media_outside_prefill(super().prepare_inputs_for_generation(*args, **kwargs), args, kwargs)
         media = ("pixel_values", "pixel_values_videos", "input_features", "input_values")
         withheld = any(kwargs.get(name) is not None and model_inputs.get(name) is None for name in media)
         cache, fed_ids = model_inputs.get(CACHE_NAME), model_inputs.get("input_ids")

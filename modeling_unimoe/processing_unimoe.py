@@ -18,9 +18,10 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_transforms import convert_to_rgb
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.utils import logging
+
+from .transformers_compat import ChatTemplateSteps, image_processor_rgb
 
 
 logger = logging.get_logger(__name__)
@@ -603,7 +604,7 @@ _IS_ITEM = {"image": _is_image, "video": _is_video, "audio": _is_audio}
 _EXACT_RESIZE_MAX_RATIO = 20
 
 
-class UniMoEProcessor(ProcessorMixin):
+class UniMoEProcessor(ChatTemplateSteps, ProcessorMixin):
     r"""
     Tokenizer + CLIP image processor + [`UniMoEFeatureExtractor`] for Uni-MoE.
 
@@ -690,6 +691,29 @@ class UniMoEProcessor(ProcessorMixin):
 
     def audio_seq_length(self, windows: int) -> int:
         return windows * self.num_query_tokens * len(self.feature_extractor.audio_towers)
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, audio_lengths=None, **kwargs) -> MultiModalData:
+        """Soft tokens each item would expand to, from its size alone (transformers' processor hook; vLLM sizes its
+        buffers and checks prompts with it).
+
+        image_sizes: one (height, width) per image; every image costs `image_seq_length` tokens (it is resized and
+        center-cropped to the CLIP input). video_sizes: one (frames, height, width) per video; a video costs
+        `video_seq_length` tokens whatever its frame count (`num_frames` frames are sampled from it). audio_lengths:
+        samples per audio item at the feature extractor's rate; `num_query_tokens` per started window and tower, at
+        most `max_audio_windows` windows (longer audio is refused, or cut with `truncation=True`).
+        """
+        data = {}
+        if image_sizes is not None:
+            data["num_image_tokens"] = [self.image_seq_length] * len(image_sizes)
+            data["num_image_patches"] = [1] * len(image_sizes)  # rows of `pixel_values` per image
+        if video_sizes is not None:
+            data["num_video_tokens"] = [self.video_seq_length] * len(video_sizes)
+        if audio_lengths is not None:
+            extractor = self.feature_extractor
+            data["num_audio_tokens"] = [
+                self.audio_seq_length(min(extractor.num_windows(length), extractor.max_audio_windows)) for length in audio_lengths
+            ]
+        return MultiModalData(**data)
 
     @property
     def model_input_names(self):
@@ -883,8 +907,8 @@ class UniMoEProcessor(ProcessorMixin):
         if not isinstance(image, Image.Image):
             image = Image.fromarray(image)
         if image.mode != "RGB" or image.info.get("transparency") is not None:
-            try:  # exactly the image processor's conversion (transparency composited onto white)
-                image = Image.fromarray(convert_to_rgb(image, return_numpy=True))
+            try:  # exactly the image processor's conversion (transparency composited onto white, or dropped)
+                image = image_processor_rgb(image)
             except ValueError as error:
                 raise ValueError(f"{label}: cannot convert PIL mode {image.mode!r} to RGB ({error})") from error
         long_size = int(shortest * max(width, height) / min(width, height))
@@ -936,10 +960,14 @@ class UniMoEProcessor(ProcessorMixin):
     def _expand_placeholders(
         self, texts: list[str], audio_windows: list[int], num_frames: int
     ) -> tuple[list[str], list[list[dict]]]:
-        """Each placeholder -> its exact soft-token count; also where every expansion landed (for assistant masks)."""
+        """Each placeholder -> its exact soft-token count; also, per sample, where every expansion landed, in the form
+        of transformers' `ProcessorMixin.get_text_with_replacements` (`type`: the modality, `span` / `new_span`: the
+        character range before / after, `text`: the placeholder, `replacement`: its expansion), which assistant masks
+        and vLLM read."""
         audio_iter = iter(audio_windows)
         video_length = self.image_seq_length * (1 if self.video_pooling == "mean" else num_frames)
         lengths = {self.image_token: self.image_seq_length, self.video_token: video_length}
+        modalities = {self.image_token: "image", self.video_token: "video", self.audio_token: "audio"}
         expanded, offsets = [], []
         for text in texts:
             pieces, sample_offsets, position, new_length = [], [], 0, 0
@@ -955,7 +983,10 @@ class UniMoEProcessor(ProcessorMixin):
                 repeat = self.audio_seq_length(next(audio_iter)) if token == self.audio_token else lengths[token]
                 replacement = token * repeat
                 pieces.append(replacement)
-                sample_offsets.append({"span": (start, start + len(token)), "new_span": (new_length, new_length + len(replacement))})
+                sample_offsets.append({
+                    "type": modalities[token], "span": (start, start + len(token)),
+                    "new_span": (new_length, new_length + len(replacement)), "text": token, "replacement": replacement,
+                })
                 new_length += len(replacement)
                 position = start + len(token)
             expanded.append("".join(pieces))

@@ -28,7 +28,12 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from modeling_unimoe import UniMoEForCausalLM, UniMoEModel, modeling_unimoe
-from modeling_unimoe.transformers_compat import CACHE_NAME
+from modeling_unimoe.transformers_compat import (
+    ACTIVATION_CHECKPOINTING_ENABLE,
+    ACTIVATION_CHECKPOINTING_KWARGS,
+    CACHE_NAME,
+    IS_ACTIVATION_CHECKPOINTING,
+)
 from trl_scripts import load_preset, load_tiny_processor
 from conftest import make_tiny_model, run_fresh_python
 from media import tone, write_image, write_video
@@ -613,14 +618,16 @@ def loss_and_gradients(model, inputs: dict) -> tuple[torch.Tensor, dict, Counter
     return out.loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}, calls
 
 
-@pytest.mark.parametrize("entry_point", ["activation_checkpointing_enable", "gradient_checkpointing_enable"])
+# the running release's name and the deprecated one (transformers >= 5.23; one and the same name before)
+@pytest.mark.parametrize("entry_point", list(dict.fromkeys([ACTIVATION_CHECKPOINTING_ENABLE, "gradient_checkpointing_enable"])))
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(case, entry_point):
     expected_loss, expected, plain_calls = loss_and_gradients(case.fresh().train(), case.batch)
     model = case.fresh().train()
-    with warnings.catch_warnings():  # `gradient_checkpointing_enable` is the deprecated name since transformers 5.24
+    with warnings.catch_warnings():  # `gradient_checkpointing_enable` is the deprecated name since transformers 5.23
         warnings.simplefilter("ignore", FutureWarning)
-        getattr(model, entry_point)(**{entry_point.replace("_enable", "_kwargs"): {"use_reentrant": False}})
-    assert model.is_activation_checkpointing
+        kwargs_name = ACTIVATION_CHECKPOINTING_KWARGS if entry_point == ACTIVATION_CHECKPOINTING_ENABLE else "gradient_checkpointing_kwargs"
+        getattr(model, entry_point)(**{kwargs_name: {"use_reentrant": False}})
+    assert getattr(model, IS_ACTIVATION_CHECKPOINTING)
     loss, got, calls = loss_and_gradients(model, case.batch)
     assert calls.keys() == plain_calls.keys() and plain_calls
     not_recomputed = sorted(name for name in calls if calls[name] <= plain_calls[name])

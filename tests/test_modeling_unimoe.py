@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from modeling_unimoe import UniMoEForCausalLM, router_balance_loss, router_z_loss
-from modeling_unimoe.transformers_compat import CACHE_NAME
+from modeling_unimoe.transformers_compat import ACTIVATION_CHECKPOINTING_ENABLE, ACTIVATION_CHECKPOINTING_KWARGS, CACHE_NAME
 from conftest import make_tiny_model, random_ids
 
 
@@ -109,12 +109,17 @@ def test_left_padded_batch_matches_single_prompts(tiny_model):
         assert torch.equal(batch[row, width:], alone[0, len(prompt) :]), f"prompt {row} differs in a batch"
 
 
+def enable_activation_checkpointing(model, **checkpoint_kwargs):
+    """`model.activation_checkpointing_enable(activation_checkpointing_kwargs=...)`, by the running release's names."""
+    getattr(model, ACTIVATION_CHECKPOINTING_ENABLE)(**{ACTIVATION_CHECKPOINTING_KWARGS: checkpoint_kwargs})
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     ids = random_ids(2, 8)
     reference = make_tiny_model().train()
     reference(ids, labels=ids, output_router_logits=True).loss.backward()
     checkpointed = make_tiny_model().train()
-    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(checkpointed, use_reentrant=False)
     checkpointed(ids, labels=ids, output_router_logits=True).loss.backward()
     expected = _grads(reference)
     got = _grads(checkpointed)
@@ -132,7 +137,7 @@ def test_router_losses_keep_their_gradient_under_activation_checkpointing(use_re
     expected = reference(ids, labels=ids, output_router_logits=True)
     expected.loss.backward()
     checkpointed = make_tiny_model(router_z_loss_coef=0.01).train()
-    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    enable_activation_checkpointing(checkpointed, use_reentrant=use_reentrant)
     got = checkpointed(ids, labels=ids, output_router_logits=True)
     assert got.aux_loss.requires_grad and got.z_loss.requires_grad
     torch.testing.assert_close(got.aux_loss, expected.aux_loss)
@@ -151,7 +156,7 @@ def test_activation_checkpointing_never_fills_a_given_cache():
     from transformers.cache_utils import DynamicCache
 
     model = make_tiny_model().train()
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model, use_reentrant=False)
     cache = DynamicCache(config=model.config.text_config)
     ids = random_ids(1, 6)
     model(ids, labels=ids, use_cache=True, **{CACHE_NAME: cache}).loss.backward()

@@ -21,7 +21,7 @@ def test_setup_cfg_declares_the_supported_range():
 
 
 def test_an_older_transformers_is_refused_by_name():
-    with pytest.raises(ImportError, match=r'needs transformers>=5\.23,<6, but transformers 5\.10\.0 is installed'):
+    with pytest.raises(ImportError, match=r'needs transformers>=5\.19,<6, but transformers 5\.10\.0 is installed'):
         require_supported_transformers("5.10.0")
     for version in (MINIMUM_TRANSFORMERS, "5.23.0.dev0", "5.24.0", transformers.__version__):
         require_supported_transformers(version)

@@ -575,6 +575,13 @@ def run(stage_args: StageArguments, data_args: DataArguments, training_args: Tra
     return STAGES[stage_args.recipe][stage_args.stage](stage_args, data_args, training_args, dataset)
 
 
+# transformers 5.23 renamed TrainingArguments' `gradient_checkpointing` to `activation_checkpointing`; the YAMLs use the
+# new name, which runs as the old one on the earlier releases in range.
+CHECKPOINTING_OPTION = (
+    "--activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "--gradient_checkpointing"
+)
+
+
 def yaml_arguments(path: str) -> list[str]:
     """A YAML file of training options (`configuration/training/*.yaml`) as command-line arguments."""
     settings = yaml.safe_load(Path(path).read_text())
@@ -596,6 +603,7 @@ def main(argv: list[str] | None = None):
     parser = HfArgumentParser((StageArguments, DataArguments, TrainingArguments))
     if argv and argv[0].endswith((".yaml", ".yml")):
         argv = yaml_arguments(argv[0]) + argv[1:]  # the command line's options come last and win
+    argv = [CHECKPOINTING_OPTION if arg == "--activation_checkpointing" else arg for arg in argv]
     stage_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     run(stage_args, data_args, training_args)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
