@@ -367,6 +367,22 @@ class UniMoEConfig(PreTrainedConfig):
         if self.speech_config is not None and self.speech_aligner_layers is None:
             self.speech_aligner_layers = self.speech_config.decoder_layers
         self._check_multimodal_fields(present)
+        self._sync_audio_token_budget()
+
+    _AUDIO_BUDGET_FIELDS = ("audio_config", "max_audio_windows", "num_query_tokens", "audio_towers")
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in self._AUDIO_BUDGET_FIELDS:
+            self._sync_audio_token_budget()
+
+    def _sync_audio_token_budget(self):
+        """vLLM's Transformers backend sizes its audio budget by `audio_config.max_source_positions`, which it takes for
+        the most tokens one audio item yields (Whisper's convention). Not a BEATs setting: derived from this config
+        (`max_audio_windows * num_query_tokens * len(audio_towers)`) and kept in step when those fields change."""
+        # (`audio_towers` is a list from the end of `__post_init__` on; the fields are being set before)
+        if isinstance(getattr(self, "audio_towers", None), list) and isinstance(self.audio_config, PreTrainedConfig):
+            self.audio_config.max_source_positions = self.max_audio_windows * self.num_query_tokens * len(self.audio_towers)
 
     def _check_multimodal_fields(self, present: dict):
         def bad(field, value, expected):

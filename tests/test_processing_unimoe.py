@@ -31,6 +31,36 @@ def test_placeholders_expand_to_the_soft_token_counts(tiny_processor, tmp_path):
     assert inputs["input_values_mask"][1].sum() < 398 == inputs["input_values_mask"][0].sum()  # 2 s of 4 real
 
 
+def test_token_counts_and_replacement_offsets_agree_with_the_expansion(tiny_processor, tmp_path):
+    """transformers' processor hooks (which vLLM's multimodal backend calls): `_get_num_multimodal_tokens` predicts
+    from sizes alone what `__call__` expands each item to, and `text_replacement_offsets` says where each expansion
+    landed, with its modality and replacement text."""
+    processor = tiny_processor
+    text = "a <image> b <video> c <audio> d <image>"
+    audio = tone(6.0)  # two 4 s windows
+    inputs = processor(
+        text=text, images=[write_image(tmp_path / "a.png"), write_image(tmp_path / "b.png", size=(90, 30))],
+        videos=[write_video(tmp_path / "v.mp4")], audio=[audio], return_text_replacement_offsets=True,
+    )
+    predicted = processor._get_num_multimodal_tokens(
+        image_sizes=[(28, 28), (30, 90)], video_sizes=[(12, 64, 48)], audio_lengths=[len(audio), 10**9]
+    )
+    assert predicted.num_image_tokens == [16, 16] and predicted.num_image_patches == [1, 1]
+    assert predicted.num_video_tokens == [16]
+    assert predicted.num_audio_tokens == [2 * 4 * 2, 4 * 4 * 2]  # the longest audio uses max_audio_windows=4
+    (offsets,) = inputs["text_replacement_offsets"]
+    assert [entry["type"] for entry in offsets] == ["image", "video", "audio", "image"]
+    ids = inputs["input_ids"][0]
+    expanded = processor.tokenizer.decode(ids, skip_special_tokens=False)
+    for entry in offsets:
+        token = getattr(processor, f"{entry['type']}_token")
+        assert entry["text"] == token and text[slice(*entry["span"])] == token
+        assert entry["replacement"] == token * ((entry["new_span"][1] - entry["new_span"][0]) // len(token))
+    counts = {kind: (ids == getattr(processor, f"{kind}_token_id")).sum().item() for kind in ("image", "video", "audio")}
+    assert counts == {"image": 32, "video": 16, "audio": predicted.num_audio_tokens[0]}
+    assert expanded.count("<image>") == 32
+
+
 def test_video_tokens_without_pooling(tiny_processor):
     processor = tiny_processor
     processor.video_pooling = "none"

