@@ -3,7 +3,8 @@
 
     vllm_worker.py JOB_JSON REPORT_JSON
 
-JOB_JSON: {"model": dir, "max_tokens": n, "prompts": [{"prompt_token_ids": [...]} | {"prompt": str, "image": png}],
+JOB_JSON: {"model": dir, "max_tokens": n, "prompts": [{"prompt_token_ids": [...]} | {"prompt": str, "image": png}
+| {"prompt": str, "audio": wav}],
 "check_weights": bool}. REPORT_JSON gets {"tokens": [[id, ...] per prompt], "weights": see `weight_report`}.
 """
 
@@ -19,10 +20,10 @@ def engine(model: str):
     from vllm import LLM
 
     # float32 as our reference; eager (no graph capture) and a small KV cache: these tests run on 2 CPU cores beside
-    # other jobs. Audio is off: vLLM's Transformers backend cannot feed Uni-MoE's windowed audio (README, limits).
+    # other jobs
     return LLM(
         model=model, trust_remote_code=True, model_impl="transformers", dtype="float32", max_model_len=512,
-        enforce_eager=True, kv_cache_memory_bytes=1 << 28, limit_mm_per_prompt={"audio": 0}, seed=0,
+        enforce_eager=True, kv_cache_memory_bytes=1 << 28, seed=0,
         distributed_executor_backend="uni",
     )
 
@@ -83,6 +84,7 @@ def record_weight_report(checkpoint: str, report: dict):
 
 def main():
     job = json.loads(Path(sys.argv[1]).read_text())
+    import soundfile
     from PIL import Image
     from vllm import SamplingParams
 
@@ -94,6 +96,9 @@ def main():
     for prompt in job["prompts"]:
         if "image" in prompt:
             prompts.append({"prompt": prompt["prompt"], "multi_modal_data": {"image": Image.open(prompt["image"]).convert("RGB")}})
+        elif "audio" in prompt:
+            waveform, rate = soundfile.read(prompt["audio"], dtype="float32")
+            prompts.append({"prompt": prompt["prompt"], "multi_modal_data": {"audio": (waveform, rate)}})
         else:
             prompts.append({"prompt_token_ids": prompt["prompt_token_ids"]})
     outputs = llm.generate(prompts, SamplingParams(max_tokens=job["max_tokens"], temperature=0.0), use_tqdm=False)
