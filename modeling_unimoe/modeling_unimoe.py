@@ -651,7 +651,6 @@ class UniMoEPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # the eager experts loop reads expert counts on the host
-    _unexpected_keys_allowed: tuple[str, ...] = ()  # checkpoint keys `from_pretrained` may leave out (regexes)
     _can_record_outputs = {
         # from the layer, not the router: see UniMoESparseMoeBlock (None from dense layers is skipped)
         "router_logits": OutputRecorder(UniMoEDecoderLayer, index=1),
@@ -701,8 +700,6 @@ class UniMoEPreTrainedModel(PreTrainedModel):
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if return_info:  # asked for: the caller inspects the missing / unexpected / mismatched keys (transformers' contract)
             return model, info
-        allowed = re.compile("|".join(cls._unexpected_keys_allowed)) if cls._unexpected_keys_allowed else None
-        info["unexpected_keys"] = [key for key in info["unexpected_keys"] if not (allowed and allowed.match(str(key)))]
         problems = {name: sorted(map(str, keys)) for name, keys in info.items() if name != "error_msgs" and keys}
         if problems:
             listing = "; ".join(f"{name}: {', '.join(keys)}" for name, keys in problems.items())
@@ -877,10 +874,6 @@ class UniMoEModel(UniMoEPreTrainedModel):
     MoE language model. Media features replace their placeholder tokens' embeddings (`masked_scatter`); a modality
     absent from a batch costs no encoder compute."""
 
-    # Loading the backbone from a full `UniMoEForCausalLM` checkpoint leaves the head out on purpose. Not transformers'
-    # `_keys_to_ignore_on_load_unexpected`: vLLM's loader applies that list to its own model, which has the head, and
-    # would skip `lm_head.weight` without a word (every token then comes from an uninitialised head).
-    _unexpected_keys_allowed = (r"^lm_head\.",)
     input_modalities = ("image", "video", "audio", "text")
 
     def __init__(self, config: UniMoEConfig):
@@ -908,6 +901,14 @@ class UniMoEModel(UniMoEPreTrainedModel):
             self.audio_aligner = AudioQFormerAligner(config)
         self.language_model = UniMoETextModel._from_config(config.text_config)
         self.post_init()
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        """transformers' adjustment, and the head of a full `UniMoEForCausalLM` checkpoint left out on purpose when the
+        backbone is loaded from it. Not `_keys_to_ignore_on_load_unexpected`: vLLM's loader applies that list to its
+        own model, which holds the head, and would skip `lm_head.weight` without a word (every token would then come
+        from an uninitialised head)."""
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        loading_info.unexpected_keys = {key for key in loading_info.unexpected_keys if not key.startswith("lm_head.")}
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
