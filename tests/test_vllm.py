@@ -252,3 +252,18 @@ def test_openai_server_text_image_and_audio(vllm_python, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def test_cumo_checkpoints_are_refused_by_name(vllm_python, tmp_path):
+    """vLLM's backend would replace the projector's and CLIP's expert MLPs (modules named `experts`) with its fused
+    experts sized for the language model: a co-upcycled checkpoint is refused with a message, not a crash inside CLIP."""
+    from trl_scripts.upcycling import upcycle_multimodal_experts
+
+    checkpoint = tmp_path / "cumo"
+    dense = build_checkpoint(tmp_path / "dense")
+    cumo = upcycle_multimodal_experts(dense, projector_num_experts=4, vision_moe_layers="all")
+    cumo.save_pretrained(checkpoint)
+    load_tiny_processor(cumo.config).save_pretrained(checkpoint)
+    returncode, _, output = run_offline(vllm_python, tmp_path, checkpoint, [{"prompt_token_ids": TEXT_PROMPTS[0]}], False)
+    assert returncode != 0
+    assert "vLLM cannot serve this checkpoint: the sparse MoE blocks of the projector and CLIP (CuMo)" in output
