@@ -22,6 +22,7 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import batched_mm_experts_forward
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.models.auto import AutoModel
@@ -286,6 +287,10 @@ class UniMoEExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         # hidden_states [T, H], top_k_index / top_k_weights [T, k]
+        if torch.compiler.is_compiling():
+            # The grouping below reads expert counts on the host (a graph break); compiled, the same result comes from
+            # transformers' batched experts, which gather each token's experts instead.
+            return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         top_k = top_k_index.shape[-1]
         flat_experts = top_k_index.reshape(-1)  # [T*k]
         # Group the (token, slot) pairs by expert. Under expert parallelism off-rank experts carry ids
@@ -650,7 +655,7 @@ class UniMoEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # the eager experts loop reads expert counts on the host
+    _can_compile_fullgraph = True  # compiled, the eager experts run as transformers' batched ones (no host sync)
     _can_record_outputs = {
         # from the layer, not the router: see UniMoESparseMoeBlock (None from dense layers is skipped)
         "router_logits": OutputRecorder(UniMoEDecoderLayer, index=1),

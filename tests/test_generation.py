@@ -97,6 +97,27 @@ def test_static_cache_equals_uncached(model_and_prompt):
     assert torch.equal(static, uncached)
 
 
+@pytest.mark.parametrize("experts", ["eager", "grouped_mm"])
+def test_compiled_static_cache_decoding_equals_eager(experts):
+    """`generate` with a static cache compiles the decoding step with `fullgraph=True` (a graph break is an error):
+    the eager experts, whose grouping reads expert counts on the host, run as transformers' batched experts there."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    model = make_tiny_model()
+    model.set_experts_implementation(experts)
+    prompt = {"input_ids": random_ids(1, 6)}
+    expected = model.generate(**prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told so
+    torch._dynamo.reset()
+    compiled = model.generate(
+        **prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, cache_implementation="static",
+        compile_config=compile_config,
+    )
+    assert torch.equal(compiled, expected)
+    assert model._compiled_call is not None  # the step did run compiled
+
+
 def test_assisted_decoding_with_a_draft_model_equals_uncached():
     model = make_tiny_model()
     draft = make_tiny_model(seed=7, num_hidden_layers=1)  # a different, smaller model proposes the tokens
