@@ -1,0 +1,174 @@
+"""Greedy decoding against the machine's memory bandwidth and against transformers' in-tree MoE model, in one run.
+
+A decoding step reads every weight it uses once: attention, norms, routers, the experts the batch's tokens chose, the LM
+head, and the KV cache so far. On a CPU that read, not the arithmetic, bounds the step. This script measures the
+machine's bandwidth (a STREAM-like copy and read of large tensors), computes the bytes each step reads from the config,
+and reports each configuration's tokens/s, its achieved GB/s and their ratio to the measured read bandwidth.
+
+The in-tree baseline is transformers' `MixtralForCausalLM` of the same shapes with our weights copied in: LLaMA
+attention, softmax-then-top-k routing renormalised (our `topk_softmax`), SwiGLU experts in the same fused layout. Its
+logits are checked against ours before anything is timed.
+
+Configurations: ours with the dynamic cache (the default), with a static cache, with a static cache and the decoding
+step compiled (`torch.compile`, fullgraph), and Mixtral with the dynamic cache.
+
+    python benchmarks/bench_decode.py [--preset small] [--batch_sizes 1 4 16] [--dtypes float32 bfloat16]
+"""
+
+import argparse
+import time
+
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.configuration_utils import CompileConfig
+
+from modeling_unimoe import UniMoEForCausalLM
+from trl_scripts import load_preset
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure_bandwidth(megabytes: int = 1024, repeats: int = 5) -> dict:
+    """GB/s of a large copy (bytes read + written) and of a large read (a sum), best of `repeats`, as STREAM does."""
+    source = torch.rand(megabytes * 2**20 // 4)
+    target = torch.empty_like(source)
+    nbytes = source.numel() * source.element_size()
+    copy = best_of(lambda: target.copy_(source), repeats)
+    read = best_of(lambda: source.sum(), repeats)
+    return {"copy": 2 * nbytes / copy / 1e9, "read": nbytes / read / 1e9}
+
+
+def bytes_per_step(config, batch: int, context: int, element_size: int) -> int:
+    """Bytes one decoding step reads: attention, norms and routers of every layer, the experts the batch chose (the
+    expected number of distinct experts under uniform routing: E (1 - (1 - k / E)^B)), dense FFNs, the final norm, the
+    LM head, the batch's embedding rows, and the KV cache of `context` positions per row."""
+    text = config.get_text_config()
+    hidden, head_dim = text.hidden_size, text.head_dim
+    attention = hidden * head_dim * (2 * text.num_attention_heads + 2 * text.num_key_value_heads)
+    expert = 3 * hidden * text.moe_intermediate_size
+    distinct = text.num_experts * (1 - (1 - text.num_experts_per_tok / text.num_experts) ** batch)
+    sparse = len(text.sparse_layer_indices)
+    dense = text.num_hidden_layers - sparse
+    weights = (
+        text.num_hidden_layers * (attention + 2 * hidden)
+        + sparse * (distinct * expert + text.num_experts * hidden)
+        + dense * 3 * hidden * text.intermediate_size
+        + hidden
+        + text.vocab_size * hidden
+        + batch * hidden
+    )
+    kv_cache = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * context * batch
+    return int((weights + kv_cache) * element_size)
+
+
+def mixtral_twin(model: UniMoEForCausalLM) -> MixtralForCausalLM:
+    """transformers' Mixtral with our language model's shapes and weights (`topk_softmax` routing, no shared experts)."""
+    text = model.config.get_text_config()
+    if text.router_type != "topk_softmax" or text.num_shared_experts or text.sparse_layer_indices != list(range(text.num_hidden_layers)):
+        raise ValueError("the Mixtral twin needs topk_softmax routing, no shared experts and experts in every layer")
+    config = MixtralConfig(
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.moe_intermediate_size,
+        num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads, head_dim=text.head_dim, num_local_experts=text.num_experts,
+        num_experts_per_tok=text.num_experts_per_tok, max_position_embeddings=text.max_position_embeddings,
+        rms_norm_eps=text.rms_norm_eps, rope_parameters=text.rope_parameters, tie_word_embeddings=False,
+        hidden_act=text.hidden_act, pad_token_id=text.pad_token_id, bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+    )
+    twin = MixtralForCausalLM(config).to(model.dtype).eval()
+    state = {key.replace("model.language_model.", "model."): value for key, value in model.state_dict().items()}
+    twin.load_state_dict(state, strict=True)
+    return twin
+
+
+class StepClock(StoppingCriteria):
+    """Records the time of each decoding step (`generate` asks its stopping criteria once per new token)."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def decode_seconds(model, ids: torch.Tensor, new_tokens: int, repeats: int, **generate_kwargs) -> float:
+    """Seconds per decoding step: the median gap between consecutive new tokens, past the first two (prefill,
+    compilation), the least of `repeats` runs after a warm-up run."""
+    kwargs = {"do_sample": False, "pad_token_id": 0, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, **generate_kwargs}
+    results = []
+    for run in range(repeats + 1):
+        clock = StepClock()
+        model.generate(ids, stopping_criteria=StoppingCriteriaList([clock]), **kwargs)
+        gaps = sorted(later - earlier for earlier, later in zip(clock.times[2:], clock.times[3:]))
+        if run:  # the first run warms up (and compiles)
+            results.append(gaps[len(gaps) // 2])
+    return min(results)
+
+
+def compiled_kwargs() -> dict:
+    config = CompileConfig(fullgraph=True)
+    config._compile_all_devices = True  # transformers compiles only on accelerators unless told so
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--prompt_length", type=int, default=128)
+    parser.add_argument("--new_tokens", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    bandwidth = measure_bandwidth()
+    print(f"memory bandwidth: copy {bandwidth['copy']:.1f} GB/s, read {bandwidth['read']:.1f} GB/s ({torch.get_num_threads()} threads)")
+    print("| dtype | batch | configuration | tokens/s | bytes/step (MB) | GB/s | of read bandwidth | time vs Mixtral |")
+    print("|---|---|---|---|---|---|---|---|")
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        torch.manual_seed(0)
+        model = UniMoEForCausalLM(load_preset(args.preset, text_only=True)).to(dtype).eval()
+        with torch.no_grad():
+            for param in model.parameters():
+                param.normal_(0.0, 0.02)
+        twin = mixtral_twin(model)
+        check = torch.randint(3, model.config.get_text_config().vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ours, theirs = model(check).logits.float(), twin(check).logits.float()
+        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+        if not torch.allclose(ours, theirs, atol=tolerance, rtol=0):
+            raise SystemExit(f"{dtype_name}: logits differ from Mixtral's by {(ours - theirs).abs().max():.3g}")
+        configurations = {
+            "ours, dynamic cache (default)": (model, {}),
+            "ours, static cache": (model, {"cache_implementation": "static"}),
+            "ours, static cache + torch.compile": (model, compiled_kwargs()),
+            "Mixtral (transformers), dynamic cache": (twin, {}),
+        }
+        for batch in args.batch_sizes:
+            vocab = model.config.get_text_config().vocab_size
+            ids = torch.randint(6, vocab, (batch, args.prompt_length), generator=torch.Generator().manual_seed(2))
+            seconds = {name: decode_seconds(m, ids, args.new_tokens, args.repeats, **kw) for name, (m, kw) in configurations.items()}
+            context = args.prompt_length + args.new_tokens // 2
+            step_bytes = bytes_per_step(model.config, batch, context, torch.finfo(dtype).bits // 8)
+            for name, step in seconds.items():
+                achieved = step_bytes / step / 1e9
+                print(
+                    f"| {dtype_name} | {batch} | {name} | {batch / step:.1f} | {step_bytes / 1e6:.0f} | {achieved:.1f} | "
+                    f"{achieved / bandwidth['read']:.2f} | {step / seconds['Mixtral (transformers), dynamic cache']:.2f} |"
+                )
+        torch._dynamo.reset()
+    print("time vs Mixtral < 1: faster than transformers' in-tree model; of read bandwidth: 1.0 = the memory limit")
+
+
+if __name__ == "__main__":
+    main()
