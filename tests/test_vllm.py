@@ -7,6 +7,8 @@ attention heads: vLLM's CPU attention needs a head size of at least 32. Greedy t
 (float32 on both sides).
 """
 
+import base64
+import contextlib
 import json
 import os
 import socket
@@ -175,30 +177,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_openai_server_text_image_and_audio(vllm_python, tmp_path):
-    """vLLM's OpenAI server, queried with the `openai` client: a completion from token ids, a chat with an image (a
-    data URI, rendered by the checkpoint's chat template) and one with a one-window audio clip give our `generate`'s
-    greedy text; longer audio is an error response."""
-    import base64
-
+@contextlib.contextmanager
+def openai_server(vllm_python: Path, tmp_path: Path, checkpoint: Path):
+    """vLLM's OpenAI server on `checkpoint` (served as "unimoe"), started as a user would, and an `openai` client."""
     import openai
-
-    checkpoint = tmp_path / "checkpoint"
-    model = build_checkpoint(checkpoint)
-    processor = load_tiny_processor(model.config)
-    image = write_image(tmp_path / "image.png")
-    conversation = [{"role": "user", "content": [{"type": "image", "path": str(image)}, {"type": "text", "text": "describe"}]}]
-    chat_inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
-    with torch.no_grad():
-        chat_out = model.generate(**chat_inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
-    expected_chat = processor.tokenizer.decode(chat_out[0, chat_inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    short_audio = write_tone(tmp_path / "short.wav", 3.0)
-    audio_conversation = [{"role": "user", "content": [{"type": "audio", "path": str(short_audio)}, {"type": "text", "text": "describe"}]}]
-    audio_inputs = processor.apply_chat_template(audio_conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
-    with torch.no_grad():
-        audio_out = model.generate(**audio_inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
-    expected_audio_chat = processor.tokenizer.decode(audio_out[0, audio_inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    expected_text = processor.tokenizer.decode(our_tokens(model, None, [{"prompt_token_ids": TEXT_PROMPTS[0]}])[0], skip_special_tokens=True)
 
     port = free_port()
     server = subprocess.Popen(
@@ -220,31 +202,7 @@ def test_openai_server_text_image_and_audio(vllm_python, tmp_path):
             except openai.APIConnectionError:
                 assert time.monotonic() < deadline, "vLLM's server did not start in 400 s"
                 time.sleep(2)
-        completion = client.completions.create(model="unimoe", prompt=TEXT_PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
-        assert completion.choices[0].text == expected_text
-        data_uri = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
-        # The chat template (Vicuna v1, as the original's) leaves the BOS token to the tokenizer, as transformers'
-        # processors add it; vLLM's chat endpoint adds special tokens only when asked.
-        chat = client.chat.completions.create(
-            model="unimoe", max_tokens=MAX_TOKENS, temperature=0, extra_body={"add_special_tokens": True},
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri}}, {"type": "text", "text": "describe"}]}],
-        )
-        assert chat.choices[0].message.content == expected_chat
-        assert chat.usage.prompt_tokens == chat_inputs["input_ids"].shape[1]
-
-        def audio_chat(path: Path):
-            part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(path.read_bytes()).decode(), "format": "wav"}}
-            return client.chat.completions.create(
-                model="unimoe", max_tokens=MAX_TOKENS, temperature=0, extra_body={"add_special_tokens": True},
-                messages=[{"role": "user", "content": [part, {"type": "text", "text": "describe"}]}],
-            )
-
-        assert audio_chat(short_audio).choices[0].message.content == expected_audio_chat
-        # Two windows make one audio item two feature rows, which vLLM's backend cannot attribute to one item: an
-        # error for that request (never a wrong answer), and the server goes on serving.
-        with pytest.raises(openai.APIStatusError, match="batch sizes for modality='audio'"):
-            audio_chat(write_tone(tmp_path / "long.wav", 6.0))
-        assert audio_chat(short_audio).choices[0].message.content == expected_audio_chat
+        yield client
     finally:
         server.terminate()
         try:
@@ -252,6 +210,59 @@ def test_openai_server_text_image_and_audio(vllm_python, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def data_part(kind: str, path: Path) -> dict:
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    if kind == "image":
+        return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + encoded}}
+    return {"type": "input_audio", "input_audio": {"data": encoded, "format": "wav"}}
+
+
+def chat(client, parts: list[dict]):
+    # The chat template (Vicuna v1, as the original's) leaves the BOS token to the tokenizer, as transformers'
+    # processors add it; vLLM's chat endpoint adds special tokens only when asked.
+    return client.chat.completions.create(
+        model="unimoe", max_tokens=MAX_TOKENS, temperature=0, extra_body={"add_special_tokens": True},
+        messages=[{"role": "user", "content": [*parts, {"type": "text", "text": "describe"}]}],
+    )
+
+
+def our_chat(model, processor, block: dict) -> tuple[str, int]:
+    """(greedy answer, prompt length) of our model on the same one-item chat."""
+    conversation = [{"role": "user", "content": [block, {"type": "text", "text": "describe"}]}]
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+    length = inputs["input_ids"].shape[1]
+    return processor.tokenizer.decode(out[0, length:], skip_special_tokens=True), length
+
+
+def test_openai_server_text_image_and_audio(vllm_python, tmp_path):
+    """vLLM's OpenAI server, queried with the `openai` client: a completion from token ids, a chat with an image (a
+    data URI, rendered by the checkpoint's chat template) and one with a one-window audio clip give our `generate`'s
+    greedy text; longer audio is an error response, and the server goes on."""
+    import openai
+
+    checkpoint = tmp_path / "checkpoint"
+    model = build_checkpoint(checkpoint)
+    processor = load_tiny_processor(model.config)
+    image, short_audio = write_image(tmp_path / "image.png"), write_tone(tmp_path / "short.wav", 3.0)
+    expected_image, image_prompt_length = our_chat(model, processor, {"type": "image", "path": str(image)})
+    expected_audio, _ = our_chat(model, processor, {"type": "audio", "path": str(short_audio)})
+    expected_text = processor.tokenizer.decode(our_tokens(model, None, [{"prompt_token_ids": TEXT_PROMPTS[0]}])[0], skip_special_tokens=True)
+    with openai_server(vllm_python, tmp_path, checkpoint) as client:
+        completion = client.completions.create(model="unimoe", prompt=TEXT_PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
+        assert completion.choices[0].text == expected_text
+        answer = chat(client, [data_part("image", image)])
+        assert answer.choices[0].message.content == expected_image
+        assert answer.usage.prompt_tokens == image_prompt_length
+        assert chat(client, [data_part("audio", short_audio)]).choices[0].message.content == expected_audio
+        # Two windows make one audio item two feature rows, which vLLM's backend cannot attribute to one item: an
+        # error for that request (never a wrong answer), and the server goes on serving.
+        with pytest.raises(openai.APIStatusError, match="batch sizes for modality='audio'"):
+            chat(client, [data_part("audio", write_tone(tmp_path / "long.wav", 6.0))])
+        assert chat(client, [data_part("audio", short_audio)]).choices[0].message.content == expected_audio
 
 
 def test_cumo_checkpoints_are_refused_by_name(vllm_python, tmp_path):
