@@ -23,17 +23,8 @@ from transformers import MixtralConfig, MixtralForCausalLM, StoppingCriteria, St
 from transformers.generation.configuration_utils import CompileConfig
 
 from modeling_unimoe import UniMoEForCausalLM
+from timing import best_seconds
 from trl_scripts import load_preset
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def measure_bandwidth(megabytes: int = 1024, repeats: int = 5) -> dict:
@@ -41,8 +32,8 @@ def measure_bandwidth(megabytes: int = 1024, repeats: int = 5) -> dict:
     source = torch.rand(megabytes * 2**20 // 4)
     target = torch.empty_like(source)
     nbytes = source.numel() * source.element_size()
-    copy = best_of(lambda: target.copy_(source), repeats)
-    read = best_of(lambda: source.sum(), repeats)
+    copy = best_seconds(lambda: target.copy_(source), repeats)
+    read = best_seconds(lambda: source.sum(), repeats)
     return {"copy": 2 * nbytes / copy / 1e9, "read": nbytes / read / 1e9}
 
 

@@ -11,7 +11,6 @@ our decoding and bookkeeping (1.0 = no overhead).
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +24,7 @@ from trl_scripts.presets import TINY_TOKENIZER_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from media import write_audio, write_image, write_video  # noqa: E402
-
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from timing import best_seconds  # noqa: E402
 
 
 def main():
