@@ -927,7 +927,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
         own model, which holds the head, and would skip `lm_head.weight` without a word (every token would then come
         from an uninitialised head)."""
         super()._adjust_missing_and_unexpected_keys(loading_info)
-        loading_info.unexpected_keys = {key for key in loading_info.unexpected_keys if not key.startswith("lm_head.")}
+        loading_info.unexpected_keys = {key for key in loading_info.unexpected_keys if key != "lm_head.weight"}
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()

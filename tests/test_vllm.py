@@ -219,23 +219,33 @@ def data_part(kind: str, path: Path) -> dict:
     return {"type": "input_audio", "input_audio": {"data": encoded, "format": "wav"}}
 
 
-def chat(client, parts: list[dict]):
+# Token ids, not text, are compared: vLLM's detokenizer holds back a last incomplete UTF-8 byte.
+TOKEN_IDS = {"return_tokens_as_token_ids": True}
+
+
+def ids_of(tokens: list[str]) -> list[int]:
+    return [int(token.removeprefix("token_id:")) for token in tokens]
+
+
+def chat(client, parts: list[dict]) -> tuple[list[int], int]:
+    """(greedy token ids, prompt tokens) of vLLM's chat endpoint on one user message."""
     # The chat template (Vicuna v1, as the original's) leaves the BOS token to the tokenizer, as transformers'
     # processors add it; vLLM's chat endpoint adds special tokens only when asked.
-    return client.chat.completions.create(
-        model="unimoe", max_tokens=MAX_TOKENS, temperature=0, extra_body={"add_special_tokens": True},
+    answer = client.chat.completions.create(
+        model="unimoe", max_tokens=MAX_TOKENS, temperature=0, logprobs=True, extra_body={"add_special_tokens": True, **TOKEN_IDS},
         messages=[{"role": "user", "content": [*parts, {"type": "text", "text": "describe"}]}],
     )
+    return ids_of([entry.token for entry in answer.choices[0].logprobs.content]), answer.usage.prompt_tokens
 
 
-def our_chat(model, processor, block: dict) -> tuple[str, int]:
-    """(greedy answer, prompt length) of our model on the same one-item chat."""
+def our_chat(model, processor, block: dict) -> tuple[list[int], int]:
+    """(greedy token ids, prompt tokens) of our model on the same one-item chat."""
     conversation = [{"role": "user", "content": [block, {"type": "text", "text": "describe"}]}]
     inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
     length = inputs["input_ids"].shape[1]
-    return processor.tokenizer.decode(out[0, length:], skip_special_tokens=True), length
+    return out[0, length:].tolist(), length
 
 
 def test_openai_server_text_image_and_audio(vllm_python, tmp_path):
@@ -248,21 +258,27 @@ def test_openai_server_text_image_and_audio(vllm_python, tmp_path):
     model = build_checkpoint(checkpoint)
     processor = load_tiny_processor(model.config)
     image, short_audio = write_image(tmp_path / "image.png"), write_tone(tmp_path / "short.wav", 3.0)
-    expected_image, image_prompt_length = our_chat(model, processor, {"type": "image", "path": str(image)})
-    expected_audio, _ = our_chat(model, processor, {"type": "audio", "path": str(short_audio)})
-    expected_text = processor.tokenizer.decode(our_tokens(model, None, [{"prompt_token_ids": TEXT_PROMPTS[0]}])[0], skip_special_tokens=True)
+    expected_image = our_chat(model, processor, {"type": "image", "path": str(image)})
+    expected_audio = our_chat(model, processor, {"type": "audio", "path": str(short_audio)})
+    (expected_text,) = our_tokens(model, None, [{"prompt_token_ids": TEXT_PROMPTS[0]}])
     with openai_server(vllm_python, tmp_path, checkpoint) as client:
-        completion = client.completions.create(model="unimoe", prompt=TEXT_PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
-        assert completion.choices[0].text == expected_text
-        answer = chat(client, [data_part("image", image)])
-        assert answer.choices[0].message.content == expected_image
-        assert answer.usage.prompt_tokens == image_prompt_length
-        assert chat(client, [data_part("audio", short_audio)]).choices[0].message.content == expected_audio
-        # Two windows make one audio item two feature rows, which vLLM's backend cannot attribute to one item: an
+        completion = client.completions.create(
+            model="unimoe", prompt=TEXT_PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, logprobs=1, extra_body=TOKEN_IDS
+        )
+        assert ids_of(completion.choices[0].logprobs.tokens) == expected_text
+        assert chat(client, [data_part("image", image)]) == expected_image  # the prompt token counts too
+        assert chat(client, [data_part("audio", short_audio)]) == expected_audio
+        # Two windows make one audio item two feature rows, which vLLM's backend cannot attribute to one item; audio
+        # at another rate than 16 kHz needs vLLM's torchaudio resampler, whose CUDA build cannot load here. Each is an
         # error for that request (never a wrong answer), and the server goes on serving.
         with pytest.raises(openai.APIStatusError, match="batch sizes for modality='audio'"):
             chat(client, [data_part("audio", write_tone(tmp_path / "long.wav", 6.0))])
-        assert chat(client, [data_part("audio", short_audio)]).choices[0].message.content == expected_audio
+        eight_khz = tmp_path / "8khz.wav"
+        soundfile.write(eight_khz, tone(3.0, rate=8000), 8000)
+        # on a client of its own: after this 500 vLLM drops the connection, which a pooled client would reuse
+        with pytest.raises(openai.InternalServerError):
+            chat(client.with_options(http_client=openai.DefaultHttpxClient()), [data_part("audio", eight_khz)])
+        assert chat(client, [data_part("audio", short_audio)]) == expected_audio
 
 
 def test_cumo_checkpoints_are_refused_by_name(vllm_python, tmp_path):
