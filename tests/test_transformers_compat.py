@@ -25,3 +25,14 @@ def test_an_older_transformers_is_refused_by_name():
         require_supported_transformers("5.10.0")
     for version in (MINIMUM_TRANSFORMERS, "5.23.0.dev0", "5.24.0", transformers.__version__):
         require_supported_transformers(version)
+
+
+def test_training_yamls_turn_activation_checkpointing_on_under_the_running_release():
+    """The YAMLs say `activation_checkpointing` (transformers >= 5.23); earlier releases call the TrainingArguments
+    field `gradient_checkpointing`, and `unimoe-train` passes the option under the running release's name."""
+    from trl_scripts.train import CHECKPOINTING_OPTION, parse_arguments
+
+    _, _, training_args = parse_arguments(
+        [str(REPO_ROOT / "configuration/training/unimoe-v1-8e-stage3.yaml"), "--bf16", "false", "--use_cpu", "true"]
+    )
+    assert getattr(training_args, CHECKPOINTING_OPTION.removeprefix("--")) is True

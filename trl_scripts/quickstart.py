@@ -251,6 +251,28 @@ def answer_in_fresh_process(checkpoint: Path, samples: list[EvalSample]) -> dict
     return reloaded
 
 
+
+def evaluate_held_out(checkpoint: Path, eval_file: Path, system_prompt: str, eval_dir: Path, dataset_name: str):
+    """Greedy answers of the checkpoint to the held-out rows, scored by exact match overall, per modality
+    (`exact_match/<modality>`) and per task (`exact_match/<task>`); written to `eval_dir` (predictions, metrics) and to
+    the checkpoint's `eval_results.json` (the model card's evaluation results). -> (model, processor, samples, metrics)"""
+    from modeling_unimoe import UniMoEForCausalLM, UniMoEProcessor
+
+    model = UniMoEForCausalLM.from_pretrained(checkpoint).eval()
+    processor = UniMoEProcessor.from_pretrained(checkpoint)
+    rows = json.loads(eval_file.read_text())
+    samples = eval_samples(rows, eval_file.parent, system_prompt)
+    # The whole answer up to </s> (the longest, "very high", is four tokens); the metric ignores case and punctuation.
+    predictions = generate_predictions(model, processor, samples, batch_size=32, max_new_tokens=8)
+    references = [sample.references for sample in samples]
+    exact_match = load_metric("exact_match")
+    metrics = exact_match.compute(predictions=predictions, references=references, groups=[sample.group for sample in samples])
+    by_task = exact_match.compute(predictions=predictions, references=references, groups=[row["task"] for row in rows])
+    metrics |= {key: value for key, value in by_task.items() if key != "exact_match"}
+    write_outputs(eval_dir, "vqa", samples, predictions, metrics, {"name": dataset_name, "type": "synthetic", "split": "eval"})
+    (checkpoint / "eval_results.json").write_text((eval_dir / "metrics.json").read_text())
+    return model, processor, samples, metrics
+
 def run(args: QuickstartArguments) -> dict:
     if args.recipe == "cumo":
         from .quickstart_cumo import run as run_cumo
@@ -270,22 +292,10 @@ def run(args: QuickstartArguments) -> dict:
     checkpoint, histories = train_all_stages(args, data)
     timings["stages 0-3 (training)"] = time.perf_counter() - mark
 
-    from modeling_unimoe import UniMoEForCausalLM, UniMoEProcessor
-
     mark = time.perf_counter()
-    model = UniMoEForCausalLM.from_pretrained(checkpoint).eval()
-    processor = UniMoEProcessor.from_pretrained(checkpoint)
-    rows = json.loads(data["eval"].read_text())
-    samples = eval_samples(rows, data["eval"].parent, args.system_prompt)
-    # The whole answer up to </s> (the longest, "very high", is four tokens); the metric ignores case and punctuation.
-    predictions = generate_predictions(model, processor, samples, batch_size=32, max_new_tokens=8)
-    groups = [sample.group for sample in samples]
-    metrics = load_metric("exact_match").compute(
-        predictions=predictions, references=[sample.references for sample in samples], groups=groups
+    model, processor, samples, metrics = evaluate_held_out(
+        checkpoint, data["eval"], args.system_prompt, out / "eval", "unimoe-synthetic-quickstart"
     )
-    dataset = {"name": "unimoe-synthetic-quickstart", "type": "synthetic", "split": "eval"}
-    write_outputs(out / "eval", "vqa", samples, predictions, metrics, dataset)
-    (checkpoint / "eval_results.json").write_text((out / "eval" / "metrics.json").read_text())
     timings["held-out evaluation"] = time.perf_counter() - mark
 
     mark = time.perf_counter()

@@ -27,8 +27,7 @@ from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
 from .make_synthetic_data import TASKS, make_synthetic_dataset
-from .metrics import load_metric
-from .quickstart import QuickstartArguments, answer_in_fresh_process, eval_samples, plot_routing
+from .quickstart import QuickstartArguments, answer_in_fresh_process, evaluate_held_out, plot_routing
 from .train import DataArguments, StageArguments, run as run_stage
 from .trainer import VISION_MODALITIES, modality_expert_counts
 
@@ -183,24 +182,10 @@ def run(args: CuMoQuickstartArguments) -> dict:
     checkpoint, histories = train_cumo_stages(args, files)
     timings["stages 0-3 (training)"] = time.perf_counter() - mark
 
-    from modeling_unimoe import UniMoEForCausalLM, UniMoEProcessor
-
-    from .evaluate import generate_predictions, write_outputs
-
     mark = time.perf_counter()
-    model = UniMoEForCausalLM.from_pretrained(checkpoint).eval()
-    processor = UniMoEProcessor.from_pretrained(checkpoint)
-    rows = json.loads(files["eval"].read_text())
-    samples = eval_samples(rows, files["eval"].parent, args.system_prompt)
-    predictions = generate_predictions(model, processor, samples, batch_size=32, max_new_tokens=8)
-    references = [sample.references for sample in samples]
-    exact_match = load_metric("exact_match")
-    metrics = exact_match.compute(predictions=predictions, references=references, groups=[sample.group for sample in samples])
-    by_task = exact_match.compute(predictions=predictions, references=references, groups=[row["task"] for row in rows])
-    metrics |= {key: value for key, value in by_task.items() if key != "exact_match"}
-    dataset = {"name": "unimoe-synthetic-quickstart-cumo", "type": "synthetic", "split": "eval"}
-    write_outputs(out / "eval", "vqa", samples, predictions, metrics, dataset)
-    (checkpoint / "eval_results.json").write_text((out / "eval" / "metrics.json").read_text())
+    model, processor, samples, metrics = evaluate_held_out(
+        checkpoint, files["eval"], args.system_prompt, out / "eval", "unimoe-synthetic-quickstart-cumo"
+    )
     timings["held-out evaluation"] = time.perf_counter() - mark
 
     mark = time.perf_counter()

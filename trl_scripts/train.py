@@ -596,15 +596,20 @@ def yaml_arguments(path: str) -> list[str]:
     return arguments
 
 
+def parse_arguments(argv: list[str]) -> tuple["StageArguments", "DataArguments", TrainingArguments]:
+    """The command line (a YAML first, then options that override it), with `--activation_checkpointing` under the
+    running release's name, as the three argument dataclasses."""
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        argv = yaml_arguments(argv[0]) + argv[1:]  # the command line's options come last and win
+    argv = [CHECKPOINTING_OPTION if arg == "--activation_checkpointing" else arg for arg in argv]
+    return HfArgumentParser((StageArguments, DataArguments, TrainingArguments)).parse_args_into_dataclasses(args=argv)
+
+
 @command_line
 def main(argv: list[str] | None = None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((StageArguments, DataArguments, TrainingArguments))
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        argv = yaml_arguments(argv[0]) + argv[1:]  # the command line's options come last and win
-    argv = [CHECKPOINTING_OPTION if arg == "--activation_checkpointing" else arg for arg in argv]
-    stage_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    stage_args, data_args, training_args = parse_arguments(argv)
     run(stage_args, data_args, training_args)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Every rank waits for the main process's save, then leaves the process group: a rank that exits with the
