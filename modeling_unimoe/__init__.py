@@ -26,6 +26,7 @@ from .modeling_unimoe import (
     router_z_loss,
 )
 from .processing_unimoe import UniMoEProcessor
+from .quantization_unimoe import UniMoEInt8Config, quantize_language_model
 
 
 AutoConfig.register(BEATsConfig.model_type, BEATsConfig, exist_ok=True)
@@ -47,6 +48,7 @@ __all__ = [
     "UniMoEExperts",
     "UniMoEFeatureExtractor",
     "UniMoEForCausalLM",
+    "UniMoEInt8Config",
     "UniMoEModel",
     "UniMoEPreTrainedModel",
     "UniMoEProcessor",
@@ -55,6 +57,7 @@ __all__ = [
     "UniMoETextModel",
     "UniMoETopKRouter",
     "load_beats_checkpoint",
+    "quantize_language_model",
     "router_balance_loss",
     "router_z_loss",
 ]

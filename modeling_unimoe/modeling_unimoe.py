@@ -37,6 +37,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_unimoe import UniMoEConfig, UniMoETextConfig
 from .modeling_beats import BEATsModel
+from .quantization_unimoe import UniMoEInt8Config  # noqa: F401  registers quant_method "unimoe_int8" with transformers
 from .transformers_compat import (
     CACHE_NAME,
     build_causal_mask,

@@ -1,0 +1,332 @@
+"""Int8 quantisation of the Uni-MoE language model, fused experts included, as a transformers quantizer.
+
+    model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True,
+                                                 quantization_config={"quant_method": "unimoe_int8"})
+
+Every matrix the language model multiplies by at each decoding step is stored in int8 with one fp32 scale per output
+row (symmetric, per channel): the attention projections, dense and shared-expert FFNs, the routed experts' 3-D
+`gate_up_proj` / `down_proj`, the token embedding (one scale per token) and the LM head. Activations are quantised to
+int8 per token when they arrive (dynamic quantisation), and the product runs in `torch._int_mm` (int8 x int8 -> int32),
+then takes both scales. The routers, norms and the modality towers and connectors stay in the model's dtype: routers
+and norms are a few kilobytes, and the towers run once per media input in the prefill, not at every decoding step.
+
+Why not torchao or bitsandbytes: bitsandbytes quantises `nn.Linear` only, so fused 3-D experts stay in full precision.
+torchao 0.18's int8 configs run slower than fp32 on CPU at these shapes (0.27-1.32x at batch 1, `benchmarks/
+bench_int8_kernels.py`), and the fbgemm packed kernels behind `quantize_dynamic` need the quantized dtypes torch 2.13
+deprecates (pytorch/pytorch#184982). `torch._int_mm` on plain int8 tensors is the maintained kernel torchao's own
+`Int8Tensor` calls; on CPU it runs the batch-1 matrix-vector products 5-13x faster than fp32.
+
+A quantised model saves int8 tensors and scales (`model.save_pretrained`), and a saved one loads again through the same
+class: its `config.json` carries `quantization_config`. It does not train (`is_trainable` is False); `model.dequantize()`
+returns to floating point (the rounding stays).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+
+QUANT_METHOD = "unimoe_int8"
+_INT8_MAX = 127
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantisation with one scale per row of the last two dimensions.
+
+    weight [..., O, I] (float) -> (int8 [..., O, I], fp32 scale [..., O]); `weight ~= int8 * scale[..., None]`.
+    An all-zero row gets scale 1 (its int8 values are 0), so dequantising never divides by zero.
+    """
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=-1) / _INT8_MAX  # [..., O]
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    quantized = torch.round(weight / scale.unsqueeze(-1)).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    return quantized, scale
+
+
+def _runs_int_mm(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cpu"
+
+
+def int8_linear(inputs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """`inputs @ (weight * weight_scale[:, None]).T` with int8 weights and per-token int8 activations.
+
+    inputs [..., I] (float); weight int8 [O, I]; weight_scale [O]. Returns [..., O] in `inputs.dtype`. Each row of
+    `inputs` is scaled by its own absolute maximum to [-127, 127] (dynamic, per token). On CPU the int8 product runs in
+    `torch._int_mm`; elsewhere (its CUDA kernel needs more than 16 rows) the weight is dequantised for the product.
+    """
+    out_features, in_features = weight.shape
+    if inputs.shape[-1] != in_features:
+        raise ValueError(f"int8_linear: inputs have {inputs.shape[-1]} features, the weight expects {in_features}")
+    flat = inputs.reshape(-1, in_features).float()  # [T, I]
+    if flat.shape[0] == 0 or not _runs_int_mm(flat):
+        output = F.linear(flat, weight.float() * weight_scale.float().unsqueeze(-1))
+    else:
+        input_scale = flat.abs().amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny) / _INT8_MAX
+        quantized = torch.round(flat / input_scale).to(torch.int8)  # [T, I], within [-127, 127] by construction
+        output = torch._int_mm(quantized, weight.t()).float().mul_(input_scale).mul_(weight_scale.float())  # [T, O]
+    return output.to(inputs.dtype).reshape(*inputs.shape[:-1], out_features)
+
+
+class UniMoEInt8Linear(nn.Module):
+    """An `nn.Linear` with int8 weights: buffers `weight` int8 [out, in], `weight_scale` [out], optional `bias` [out]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, device=device))
+        self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "UniMoEInt8Linear":
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=linear.weight.device)
+        module.weight, module.weight_scale = quantize_rows(linear.weight)
+        if linear.bias is not None:
+            module.bias = linear.bias.detach().clone()
+        return module
+
+    def to_float(self, dtype: torch.dtype) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device, dtype=dtype)
+        linear.weight.data.copy_(self.weight.float() * self.weight_scale.float().unsqueeze(-1))
+        if self.bias is not None:
+            linear.bias.data.copy_(self.bias)
+        return linear
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        output = int8_linear(hidden_states, self.weight, self.weight_scale)
+        return output if self.bias is None else output + self.bias.to(output.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+class UniMoEInt8Embedding(nn.Module):
+    """An `nn.Embedding` with int8 rows: buffers `weight` int8 [vocab, hidden] and `weight_scale` [vocab]. A lookup
+    dequantises only the rows it reads, to the scales' dtype (the model's)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, dtype=torch.float32, device=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(num_embeddings, dtype=dtype, device=device))
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding) -> "UniMoEInt8Embedding":
+        weight = embedding.weight
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, weight.dtype, weight.device)
+        module.weight, scale = quantize_rows(weight)
+        module.weight_scale = scale.to(weight.dtype)
+        return module
+
+    def to_float(self, dtype: torch.dtype) -> nn.Embedding:
+        embedding = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, device=self.weight.device, dtype=dtype)
+        embedding.weight.data.copy_(self.weight.float() * self.weight_scale.float().unsqueeze(-1))
+        return embedding
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(input_ids, self.weight).float()  # [..., hidden]; IndexError past the vocabulary, as nn.Embedding
+        return (rows * self.weight_scale.float()[input_ids].unsqueeze(-1)).to(self.weight_scale.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, int8"
+
+
+class UniMoEInt8Experts(nn.Module):
+    """`UniMoEExperts` with int8 weights: buffers `gate_up_proj` int8 [E, 2I, H] with `gate_up_proj_scale` [E, 2I], and
+    `down_proj` int8 [E, H, I] with `down_proj_scale` [E, H]. Same routing contract: `forward(hidden_states [T, H],
+    top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`; each expert multiplies only the token rows routed to it."""
+
+    def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, act_fn, device=None):
+        super().__init__()
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
+        self.act_fn = act_fn
+        int8 = dict(dtype=torch.int8, device=device)
+        self.register_buffer("gate_up_proj", torch.empty(num_experts, 2 * intermediate_dim, hidden_dim, **int8))
+        self.register_buffer("gate_up_proj_scale", torch.empty(num_experts, 2 * intermediate_dim, device=device))
+        self.register_buffer("down_proj", torch.empty(num_experts, hidden_dim, intermediate_dim, **int8))
+        self.register_buffer("down_proj_scale", torch.empty(num_experts, hidden_dim, device=device))
+
+    @classmethod
+    def from_float(cls, experts: nn.Module) -> "UniMoEInt8Experts":
+        module = cls(experts.num_experts, experts.hidden_dim, experts.intermediate_dim, experts.act_fn, experts.gate_up_proj.device)
+        module.gate_up_proj, module.gate_up_proj_scale = quantize_rows(experts.gate_up_proj)
+        module.down_proj, module.down_proj_scale = quantize_rows(experts.down_proj)
+        return module
+
+    def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up_proj [E, 2I, H], down_proj [E, H, I]) in `dtype`."""
+        gate_up = self.gate_up_proj.float() * self.gate_up_proj_scale.float().unsqueeze(-1)
+        down = self.down_proj.float() * self.down_proj_scale.float().unsqueeze(-1)
+        return gate_up.to(dtype), down.to(dtype)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        top_k = top_k_index.shape[-1]
+        flat_experts = top_k_index.reshape(-1)  # [T*k]
+        order = torch.argsort(flat_experts, stable=True)
+        counts = torch.bincount(flat_experts, minlength=self.num_experts)[: self.num_experts].tolist()
+        output = torch.zeros_like(hidden_states)  # [T, H]
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            routed = order[start : start + count]  # (token, slot) pairs of this expert
+            start += count
+            tokens = routed // top_k
+            gate, up = int8_linear(hidden_states[tokens], self.gate_up_proj[expert], self.gate_up_proj_scale[expert]).chunk(2, dim=-1)
+            hidden = self.act_fn(gate) * up * top_k_weights.reshape(-1)[routed, None].to(up.dtype)  # [c, I]
+            output.index_add_(0, tokens, int8_linear(hidden, self.down_proj[expert], self.down_proj_scale[expert]))
+        return output
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, intermediate_dim={self.intermediate_dim}, int8"
+
+
+class UniMoEInt8Config(QuantizationConfigMixin):
+    """`quantization_config` for `from_pretrained`: int8 language model (see the module docstring).
+
+    Args:
+        modules_to_not_convert (`list[str]`, *optional*): qualified module names (e.g. `"lm_head"`,
+            `"model.language_model.layers.0"`) kept in floating point, with everything under them. Each must name a
+            module of the language model or the LM head; an unknown name is an error.
+    """
+
+    def __init__(self, modules_to_not_convert: list[str] | None = None, quant_method: str = QUANT_METHOD):
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"UniMoEInt8Config: quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
+        self.quant_method = QUANT_METHOD
+        self.modules_to_not_convert = modules_to_not_convert
+        self.post_init()
+
+    def post_init(self):
+        names = self.modules_to_not_convert
+        if names is not None and (not isinstance(names, list) or not all(isinstance(name, str) and name for name in names)):
+            raise ValueError(f"UniMoEInt8Config: modules_to_not_convert must be a list of module names, got {names!r}")
+
+
+def _converted_modules(model: nn.Module, skip: list[str]) -> dict[str, nn.Module]:
+    """The float modules to replace, by qualified name: every `nn.Linear`, the `UniMoEExperts` and the embedding of the
+    language model, and the LM head; none under a name in `skip`."""
+    modules = dict(model.named_modules())
+    unknown = [name for name in skip if name not in modules]
+    if unknown:
+        raise ValueError(f"unimoe_int8: modules_to_not_convert names no module of this model: {unknown}")
+    prefix = next((name for name, module in modules.items() if type(module).__name__ == "UniMoETextModel"), None)
+    if prefix is None:
+        raise ValueError(f"unimoe_int8 quantises a Uni-MoE language model; {type(model).__name__} has none")
+    scope = [prefix] + (["lm_head"] if "lm_head" in modules else [])
+
+    def inside(name: str, roots: list[str]) -> bool:
+        return any(root == "" or name == root or name.startswith(root + ".") for root in roots)
+
+    selected = {}
+    for name, module in modules.items():
+        if not inside(name, scope) or inside(name, skip):
+            continue
+        if isinstance(module, (nn.Linear, nn.Embedding)) or type(module).__name__ == "UniMoEExperts":
+            selected[name] = module
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    embedding = f"{prefix}.embed_tokens" if prefix else "embed_tokens"
+    if tied and ("lm_head" in selected or embedding in selected):
+        raise ValueError(
+            "unimoe_int8 does not quantise tied word embeddings (the head would need the embedding's rows twice); "
+            f"pass modules_to_not_convert=['lm_head', {embedding!r}] to keep both in floating point"
+        )
+    return selected
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_language_model(model: nn.Module, modules_to_not_convert: list[str] | None = None) -> nn.Module:
+    """Replace, in place, the language model's float modules by their int8 versions (computed from their weights)."""
+    for name, module in _converted_modules(model, modules_to_not_convert or []).items():
+        if isinstance(module, nn.Embedding):
+            _set_module(model, name, UniMoEInt8Embedding.from_float(module))
+        elif isinstance(module, nn.Linear):
+            _set_module(model, name, UniMoEInt8Linear.from_float(module))
+        else:
+            _set_module(model, name, UniMoEInt8Experts.from_float(module))
+    return model
+
+
+def _empty_int8_modules(model: nn.Module, modules_to_not_convert: list[str], dtype: torch.dtype) -> None:
+    """Replace the modules `quantize_language_model` would, by empty int8 modules on the meta device, for a saved
+    int8 checkpoint's tensors to load into."""
+    for name, module in _converted_modules(model, modules_to_not_convert).items():
+        if isinstance(module, nn.Embedding):
+            new = UniMoEInt8Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, dtype, "meta")
+        elif isinstance(module, nn.Linear):
+            new = UniMoEInt8Linear(module.in_features, module.out_features, module.bias is not None, "meta")
+        else:
+            new = UniMoEInt8Experts(module.num_experts, module.hidden_dim, module.intermediate_dim, module.act_fn, "meta")
+        _set_module(model, name, new)
+
+
+def dequantize_language_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Replace, in place, every int8 module by a float module in `dtype` holding its dequantised weights."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (UniMoEInt8Linear, UniMoEInt8Embedding)):
+            _set_module(model, name, module.to_float(dtype))
+        elif isinstance(module, UniMoEInt8Experts):
+            _set_module(model, name, _float_experts(model, module, dtype))
+    return model
+
+
+def _float_experts(model: nn.Module, module: UniMoEInt8Experts, dtype: torch.dtype) -> nn.Module:
+    # The experts class of the model's own module (remote code may load a second copy of these files).
+    modeling = __import__(type(model).__module__, fromlist=["UniMoEExperts"])
+    text_config = model.config.get_text_config(decoder=True)
+    with torch.device(module.gate_up_proj.device):
+        experts = modeling.UniMoEExperts(text_config).to(dtype)
+    gate_up, down = module.dequantized(dtype)
+    experts.gate_up_proj.data.copy_(gate_up)
+    experts.down_proj.data.copy_(down)
+    return experts
+
+
+class UniMoEInt8Quantizer(HfQuantizer):
+    """transformers' quantizer for `quant_method="unimoe_int8"`. Float checkpoints load as usual and are quantised
+    once loaded; int8 checkpoints (saved from a quantised model) load straight into int8 modules."""
+
+    requires_calibration = False
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        self.modules_to_not_convert = list(self.quantization_config.modules_to_not_convert or [])
+        _converted_modules(model, self.modules_to_not_convert)  # refuse unknown names and tied embeddings before loading
+        if self.pre_quantized:
+            _empty_int8_modules(model, self.modules_to_not_convert, model.dtype)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            quantize_language_model(model, self.modules_to_not_convert)
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        return dequantize_language_model(model, dtype or torch.float32)
+
+    def is_serializable(self, safe_serialization=None):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+# Registered the transformers way. Remote code imports these files once per checkpoint folder, and the registration
+# functions refuse a name twice: a later copy replaces the entry (the classes are the same code).
+if QUANT_METHOD in AUTO_QUANTIZATION_CONFIG_MAPPING:
+    AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = UniMoEInt8Config
+    AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = UniMoEInt8Quantizer
+else:
+    register_quantization_config(QUANT_METHOD)(UniMoEInt8Config)
+    register_quantizer(QUANT_METHOD)(UniMoEInt8Quantizer)
