@@ -280,6 +280,9 @@ def test_parse_arguments():
         parse_arguments([])
     with pytest.raises(ValueError, match=r"--port must be in 1\.\.65535"):
         parse_arguments(["a", "--port", "0"])
+    assert parse_arguments(["a", "--quantization", "int8"]).quantization == "int8"
+    with pytest.raises(ValueError, match=r"^--quantization 'int4': expected one of none, int8$"):
+        parse_arguments(["a", "--quantization", "int4"])
 
 
 def test_command_line_names_a_missing_checkpoint(tmp_path):

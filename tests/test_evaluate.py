@@ -121,6 +121,24 @@ def test_vqa_end_to_end_batched_like_single_prompts(checkpoint, synthetic, singl
     assert len(metrics) == 2 * (1 + 4)
 
 
+def test_quantization_int8_evaluates_the_int8_language_model(checkpoint, synthetic, tmp_path):
+    """`--quantization int8`: the answers are those of the checkpoint loaded with quant_method unimoe_int8."""
+    model, processor = load_model_and_processor(str(checkpoint), device="cpu", quantization="int8")
+    assert type(model.lm_head).__name__ == "UniMoEInt8Linear"
+    rows = synthetic["rows"][::4]
+    expected = []
+    for row in rows:
+        messages = to_messages(row, synthetic["root"])[:-1]
+        inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
+        output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        expected.append(processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    data = write_json(synthetic["root"] / "eval_int8.json", rows)
+    lines, _ = run_cli(checkpoint, data, "vqa", tmp_path / "out", "--quantization", "int8")
+    assert [line["prediction"] for line in lines] == expected
+    with pytest.raises(ValueError, match=r"^--quantization 'int4': expected one of none, int8$"):
+        run_cli(checkpoint, data, "vqa", tmp_path / "bad", "--quantization", "int4")
+
+
 def test_caption_task_through_the_command_line_with_jsonl(checkpoint, synthetic, single_answers, tmp_path):
     rows = [dict(row) for row in synthetic["rows"][:4]]
     # two references each; for rows 0 and 2 one of them is the model's own answer

@@ -104,14 +104,14 @@ class Server:
         return text, chunks[-1].usage.completion_tokens
 
 
-def start_server(model: str, log: Path, env: dict | None = None) -> Server:
-    """`python -m trl_scripts.serve MODEL --port P` in a subprocess, returned once /health answers."""
+def start_server(model: str, log: Path, env: dict | None = None, options: tuple[str, ...] = ()) -> Server:
+    """`python -m trl_scripts.serve MODEL --port P [options]` in a subprocess, returned once /health answers."""
     port = free_port()
     pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {}), "PYTHONPATH": pythonpath}
     with open(log, "w") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "trl_scripts.serve", model, "--port", str(port)],
+            [sys.executable, "-m", "trl_scripts.serve", model, "--port", str(port), *options],
             cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
         )
     running = Server(process, port, log, model)
@@ -144,8 +144,12 @@ def server(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
+    return greedy_answers(checkpoint)
+
+
+def greedy_answers(checkpoint, **load_kwargs):
     """The checkpoint loaded here as a user would, and its greedy answer to one user message (files by path)."""
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, **load_kwargs).eval()
     processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
     cache = {}
 
@@ -411,6 +415,8 @@ def test_command_line_errors_are_one_line(tmp_path):
     with pytest.raises(ValueError, match="give one checkpoint"):
         parse_arguments(["a", "b"])
     assert parse_arguments(["--model", "org/name", "--port", "9001"]).model == "org/name"
+    with pytest.raises(ValueError, match=r"^--quantization 'int4': expected one of none, int8$"):
+        parse_arguments(["a", "--quantization", "int4"])
     result = subprocess.run(
         [sys.executable, "-m", "trl_scripts.serve", str(tmp_path / "missing")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
@@ -529,3 +535,15 @@ def test_a_client_leaving_a_plain_request_ends_its_generation(server):
     started = time.monotonic()
     server.ask([QUESTION], max_tokens=2)
     assert time.monotonic() - started < 5, "the abandoned 1,500-token generation kept running"
+
+
+def test_an_int8_server_answers_as_the_int8_model(checkpoint, media, tmp_path):
+    """`unimoe-serve DIR --quantization int8` serves the language model in int8 (quant_method unimoe_int8)."""
+    int8_reference = greedy_answers(checkpoint, quantization_config={"quant_method": "unimoe_int8"})
+    running = start_server(str(checkpoint), tmp_path / "server.log", options=("--quantization", "int8"))
+    try:
+        for case in ("text", "image data URI", "wav"):
+            parts, blocks = cases(media)[case]
+            assert running.ask(parts, stream=False) == int8_reference(blocks), case
+    finally:
+        stop(running)

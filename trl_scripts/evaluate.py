@@ -70,6 +70,8 @@ MEDIA_KEYS = {"image": "image", "video": "video", "audio": "audio", "voice": "au
 # the original inference put the media placeholders before the question in this order
 PLACEHOLDER_ORDER = ("image", "audio", "video")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# `--quantization`: the `quantization_config` each value loads with (`modeling_unimoe.quantization_unimoe`)
+QUANTIZATIONS = {"none": None, "int8": {"quant_method": "unimoe_int8"}}
 OPTION_LINE = re.compile(r"^\s*\(?([A-Z])\)?\s*[.):\uff1a]\s*(\S.*?)\s*$", re.MULTILINE)
 
 
@@ -103,6 +105,11 @@ class EvaluationArguments:
     )
     dtype: str = field(
         default="auto", metadata={"help": "Model dtype: auto (the checkpoint's), float32, bfloat16 or float16."}
+    )
+    quantization: str = field(
+        default="none",
+        metadata={"help": "none, or int8: the language model's weights in int8 (quant_method unimoe_int8), quantised on "
+                  "load; an int8 checkpoint loads as int8 either way."},
     )
 
 
@@ -460,16 +467,19 @@ def check_model_path(model_path: str) -> bool:
     return False
 
 
-def load_model_and_processor(model_path: str, device: str | None = None, dtype: str = "auto"):
-    """The checkpoint's model (eval mode, on `device`) and processor (left padding), both through the Auto classes;
-    a checkpoint that does not load is one error naming it."""
+def load_model_and_processor(model_path: str, device: str | None = None, dtype: str = "auto", quantization: str = "none"):
+    """The checkpoint's model (eval mode, on `device`, quantised as `quantization` says) and processor (left padding),
+    both through the Auto classes; a checkpoint that does not load is one error naming it."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"--quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
+    quantization_config = {} if QUANTIZATIONS[quantization] is None else {"quantization_config": QUANTIZATIONS[quantization]}
     device = resolve_device(device)
     local = check_model_path(model_path)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype, **quantization_config)
         processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -570,6 +580,8 @@ def check_arguments(args: EvaluationArguments) -> None:
         raise ValueError(f"--max_samples must be at least 1 (the number of rows to evaluate), got {args.max_samples}")
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if args.quantization not in QUANTIZATIONS:
+        raise ValueError(f"--quantization {args.quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
     resolve_device(args.device)
 
 
@@ -580,7 +592,7 @@ def evaluate_checkpoint(args: EvaluationArguments) -> dict:
     group_by = None if args.group_by in (None, "", "none") else args.group_by
     samples = load_eval_samples(args.data, args.task, args.media_root, group_by, args.max_samples)
     logger.info("Evaluating %d rows of %s (task %s)", len(samples), args.data, args.task)
-    model, processor = load_model_and_processor(args.model, args.device, args.dtype)
+    model, processor = load_model_and_processor(args.model, args.device, args.dtype, args.quantization)
     predictions = generate_predictions(model, processor, samples, args.batch_size, args.max_new_tokens)
     metrics = compute_metrics(args.task, samples, predictions)
     name = args.dataset_name or Path(args.data).stem

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from ..evaluate import DTYPES
+from ..evaluate import DTYPES, QUANTIZATIONS
 
 
 @dataclass
@@ -17,6 +17,10 @@ class ServingArguments:
     port: int = field(default=8000, metadata={"help": "Port to listen on."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1... (default: cuda when available)."})
     dtype: str = field(default="auto", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
+    quantization: str = field(
+        default="none",
+        metadata={"help": f"{', '.join(QUANTIZATIONS)}: int8 runs the language model in int8 (quant_method unimoe_int8)."},
+    )
 
 
 def parse_serving_arguments(arguments_class: type, argv: list[str] | None, command: str):
@@ -34,6 +38,8 @@ def parse_serving_arguments(arguments_class: type, argv: list[str] | None, comma
         args.model = positional[0]
     if args.model is None:
         raise ValueError(f"give the checkpoint: {command} DIR (a folder written by save_pretrained or a Hub repo id)")
+    if args.quantization not in QUANTIZATIONS:
+        raise ValueError(f"--quantization {args.quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     return args

@@ -46,7 +46,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor, StoppingCriteria, 
 from transformers.generation.streamers import BaseStreamer
 
 from ..console import command_line
-from ..evaluate import DTYPES, check_model_path, resolve_device
+from ..evaluate import DTYPES, QUANTIZATIONS, check_model_path, resolve_device
 from .arguments import ServingArguments, parse_serving_arguments
 
 
@@ -518,9 +518,13 @@ class UniMoEModelManager(ModelManager):
     """transformers' `ModelManager` pinned to one Uni-MoE checkpoint (a folder or Hub repo id), loaded at start
     through the Auto classes with `trust_remote_code=True`, and served under the name it was given."""
 
-    def __init__(self, model: str, device: str | None = None, dtype: str = "auto"):
+    def __init__(self, model: str, device: str | None = None, dtype: str = "auto", quantization: str = "none"):
         if dtype not in DTYPES:
             raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"--quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
+        quantization_config = QUANTIZATIONS[quantization]
+        self.quantization_kwargs = {} if quantization_config is None else {"quantization_config": quantization_config}
         self.model_name = model
         self.target_device = resolve_device(device)
         super().__init__(device="cpu", dtype=dtype, trust_remote_code=True, model_timeout=-1, force_model=model)
@@ -541,7 +545,9 @@ class UniMoEModelManager(ModelManager):
 
     def _load_model(self, model_id_and_revision: str, tqdm_class=None, progress_callback=None, gguf_file=None):
         model_id, revision = self._split(model_id_and_revision)
-        model = AutoModelForCausalLM.from_pretrained(model_id, revision=revision, trust_remote_code=True, dtype=self.dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_id, revision=revision, trust_remote_code=True, dtype=self.dtype, **self.quantization_kwargs
+        )
         return model.to(self.target_device).eval()
 
     @staticmethod
@@ -812,6 +818,7 @@ def create_app(
     batch_wait_ms: float = 5.0,
     local_files: "bool | str | Path" = True,
     max_request_mb: float = 64,
+    quantization: str = "none",
 ):
     """Load `model` (a checkpoint folder or Hub repo id) and return the app serving it. `local_files`: which local
     media files requests may name (True: any, False: none, a folder: those inside it)."""
@@ -819,7 +826,7 @@ def create_app(
         raise NotADirectoryError(f"--media_dir {local_files}: no such folder")
     local = check_model_path(model)
     try:
-        model_manager = UniMoEModelManager(model, device=device, dtype=dtype)
+        model_manager = UniMoEModelManager(model, device=device, dtype=dtype, quantization=quantization)
     except (OSError, ValueError) as error:
         where = Path(model).resolve() if local else "the Hub"
         raise ValueError(f"{model!r}: cannot load the checkpoint from {where}: {str(error).splitlines()[0]}") from error
@@ -861,7 +868,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
     local_files = args.media_dir if args.media_dir is not None else _is_loopback(args.host)
     app = create_app(
-        args.model, args.device, args.dtype, args.max_batch_size, args.batch_wait_ms, local_files, args.max_request_mb
+        args.model, args.device, args.dtype, args.max_batch_size, args.batch_wait_ms, local_files, args.max_request_mb,
+        args.quantization,
     )
     logger.info("serving %s on http://%s:%d/v1", args.model, args.host, args.port)
     # on Ctrl-C / SIGTERM, requests still generating get 10 s to finish (uvicorn's default waits for them all)
