@@ -11,7 +11,7 @@ logits are checked against ours before anything is timed.
 
 Configurations: ours with the dynamic cache (the default), with a static cache, with a static cache and the decoding
 step compiled (`torch.compile`, fullgraph), the int8 language model (`quantization_config={"quant_method":
-"unimoe_int8"}`, dynamic cache; its step reads one byte per weight), and Mixtral with the dynamic cache. Before the
+"unimoe_int8"}`; its step reads one byte per weight) with the dynamic cache and compiled, and Mixtral with the dynamic cache. Before the
 table: the resident weight memory of the float and the int8 model (parameters and buffers).
 
     python benchmarks/bench_decode.py [--preset small] [--batch_sizes 1 4 16] [--dtypes float32 bfloat16]
@@ -151,6 +151,7 @@ def main():
             "ours, static cache": (model, {"cache_implementation": "static"}),
             "ours, static cache + torch.compile": (model, compiled_kwargs()),
             "ours, int8 (unimoe_int8), dynamic cache": (int8, {}),
+            "ours, int8, static cache + torch.compile": (int8, compiled_kwargs()),
             "Mixtral (transformers), dynamic cache": (twin, {}),
         }
         for batch in args.batch_sizes:

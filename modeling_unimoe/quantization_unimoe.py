@@ -168,6 +168,8 @@ class UniMoEInt8Experts(nn.Module):
         return gate_up.to(dtype), down.to(dtype)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._forward_every_expert(hidden_states, top_k_index, top_k_weights)
         top_k = top_k_index.shape[-1]
         flat_experts = top_k_index.reshape(-1)  # [T*k]
         order = torch.argsort(flat_experts, stable=True)
@@ -183,6 +185,19 @@ class UniMoEInt8Experts(nn.Module):
             gate, up = int8_linear(hidden_states[tokens], self.gate_up_proj[expert], self.gate_up_proj_scale[expert]).chunk(2, dim=-1)
             hidden = self.act_fn(gate) * up * top_k_weights.reshape(-1)[routed, None].to(up.dtype)  # [c, I]
             output.index_add_(0, tokens, int8_linear(hidden, self.down_proj[expert], self.down_proj_scale[expert]))
+        return output
+
+    def _forward_every_expert(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """The compiled path: every expert runs on every token, weighted by its routing weight (0 where not chosen).
+        No shape depends on the routing, so the graph has no host sync; each expert reads its int8 weights once."""
+        # [T, E]: each token's weight for each expert
+        weights = torch.zeros(hidden_states.shape[0], self.num_experts, dtype=hidden_states.dtype, device=hidden_states.device)
+        weights = weights.scatter_add(1, top_k_index, top_k_weights.to(hidden_states.dtype))
+        output = torch.zeros_like(hidden_states)
+        for expert in range(self.num_experts):
+            gate, up = int8_linear(hidden_states, self.gate_up_proj[expert], self.gate_up_proj_scale[expert]).chunk(2, dim=-1)
+            hidden = self.act_fn(gate) * up * weights[:, expert, None]
+            output = output + int8_linear(hidden, self.down_proj[expert], self.down_proj_scale[expert])
         return output
 
     def extra_repr(self) -> str:
@@ -320,6 +335,12 @@ class UniMoEInt8Quantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+    @property
+    def is_compileable(self) -> bool:
+        """`generate` compiles the decoding step (static cache) of a quantised model only when this is True; the int8
+        experts then run their graph-friendly path."""
+        return True
 
 
 # Registered the transformers way. Remote code imports these files once per checkpoint folder, and the registration

@@ -102,6 +102,24 @@ def test_quantized_logits_and_greedy_tokens_match_float(float_checkpoint):
     assert torch.equal(static, expected)
 
 
+def test_compiled_static_cache_decoding_of_the_int8_model_equals_eager(float_checkpoint):
+    """The int8 experts have a graph-friendly path (every expert, weighted) that `fullgraph=True` compiles."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    model = UniMoEForCausalLM.from_pretrained(float_checkpoint, quantization_config=INT8).eval()
+    prompt = random_ids(1, 6, seed=3)
+    expected = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told so
+    torch._dynamo.reset()
+    compiled = model.generate(
+        prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, cache_implementation="static",
+        compile_config=compile_config,
+    )
+    assert torch.equal(compiled, expected)
+    assert model._compiled_call is not None  # the step did run compiled
+
+
 def test_bfloat16_model_quantizes_and_keeps_its_dtype(float_checkpoint):
     reference = UniMoEForCausalLM.from_pretrained(float_checkpoint, dtype=torch.bfloat16).eval()
     quantized = UniMoEForCausalLM.from_pretrained(float_checkpoint, dtype=torch.bfloat16, quantization_config=INT8).eval()
