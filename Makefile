@@ -95,6 +95,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_moe_layer.py
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_decode.py
+	$(PY) benchmarks/bench_int8_kernels.py
 	$(PY) benchmarks/bench_processor.py
 	$(PY) benchmarks/bench_text_only_step.py
 	$(PY) benchmarks/bench_train.py

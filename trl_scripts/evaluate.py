@@ -48,7 +48,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
 from modeling_unimoe.processing_unimoe import is_frame_paths
 
 from .console import command_line
-from .data import ROLES, media_path_candidates, modality_mix, to_messages
+from .data import ROLES, media_path_candidates, modality_mix, to_messages, with_system_prompt
 from .metrics import load_metric
 from .metrics.mcq_accuracy.mcq_accuracy import resolve_reference
 
@@ -105,6 +105,11 @@ class EvaluationArguments:
     )
     dtype: str = field(
         default="auto", metadata={"help": "Model dtype: auto (the checkpoint's), float32, bfloat16 or float16."}
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "System message of every prompt that has none (default: the chat template's, Vicuna's "
+                  "sentence). Use the one the checkpoint was trained with: the quickstart's is ''."},
     )
     quantization: str = field(
         default="none",
@@ -358,8 +363,10 @@ def load_eval_samples(
     media_root: str | Path | None = None,
     group_by: str | None = "modality",
     max_samples: int | None = None,
+    system_prompt: str | None = None,
 ) -> list[EvalSample]:
-    """Every row of `data_file` as an `EvalSample`, checked: media files exist, references are present."""
+    """Every row of `data_file` as an `EvalSample`, checked: media files exist, references are present. A row without
+    a system message gets `system_prompt` (None: the chat template's default)."""
     if task not in TASK_METRICS:
         raise ValueError(f"unknown task {task!r}: expected one of {sorted(TASK_METRICS)}")
     if max_samples is not None and max_samples < 1:
@@ -386,7 +393,7 @@ def load_eval_samples(
                 f"row {rid} in {data_file}: the asr task takes one reference transcript, got {len(references)}"
             )
         prompt = prompt_text(messages)
-        sample = EvalSample(rid, messages, prompt, references)
+        sample = EvalSample(rid, with_system_prompt(messages, system_prompt), prompt, references)
         if task == "mcq":
             sample.options = row_options(row, prompt, rid)
             check_mcq_references(sample, data_file)
@@ -590,7 +597,7 @@ def evaluate_checkpoint(args: EvaluationArguments) -> dict:
     content."""
     check_arguments(args)
     group_by = None if args.group_by in (None, "", "none") else args.group_by
-    samples = load_eval_samples(args.data, args.task, args.media_root, group_by, args.max_samples)
+    samples = load_eval_samples(args.data, args.task, args.media_root, group_by, args.max_samples, args.system_prompt)
     logger.info("Evaluating %d rows of %s (task %s)", len(samples), args.data, args.task)
     model, processor = load_model_and_processor(args.model, args.device, args.dtype, args.quantization)
     predictions = generate_predictions(model, processor, samples, args.batch_size, args.max_new_tokens)
