@@ -139,6 +139,18 @@ def test_quantization_int8_evaluates_the_int8_language_model(checkpoint, synthet
         run_cli(checkpoint, data, "vqa", tmp_path / "bad", "--quantization", "int4")
 
 
+def test_system_prompt_option_sets_the_system_message_of_rows_without_one(tmp_path):
+    rows = [{"id": "q-1", "text": "Say red.", "gt": "red"},
+            {"id": "q-2", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                       {"role": "assistant", "content": "hi"}]}]
+    data = write_json(tmp_path / "rows.json", rows)
+    default, empty = load_eval_samples(data, "vqa"), load_eval_samples(data, "vqa", system_prompt="")
+    assert [message["role"] for message in default[0].messages] == ["user"]  # the chat template's default applies
+    assert empty[0].messages[0] == {"role": "system", "content": ""}
+    assert empty[1].messages[0] == {"role": "system", "content": "Be brief."} == default[1].messages[0]
+    assert empty[0].prompt == default[0].prompt
+
+
 def test_caption_task_through_the_command_line_with_jsonl(checkpoint, synthetic, single_answers, tmp_path):
     rows = [dict(row) for row in synthetic["rows"][:4]]
     # two references each; for rows 0 and 2 one of them is the model's own answer
