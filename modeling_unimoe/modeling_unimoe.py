@@ -924,11 +924,12 @@ class UniMoEModel(UniMoEPreTrainedModel):
 
     def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
         """transformers' adjustment, and the head of a full `UniMoEForCausalLM` checkpoint left out on purpose when the
-        backbone is loaded from it. Not `_keys_to_ignore_on_load_unexpected`: vLLM's loader applies that list to its
-        own model, which holds the head, and would skip `lm_head.weight` without a word (every token would then come
-        from an uninitialised head)."""
+        backbone is loaded from it (`lm_head.weight`, and `lm_head.weight_scale` of an int8 one). Not
+        `_keys_to_ignore_on_load_unexpected`: vLLM's loader applies that list to its own model, which holds the head,
+        and would skip `lm_head.weight` without a word (every token would then come from an uninitialised head)."""
         super()._adjust_missing_and_unexpected_keys(loading_info)
-        loading_info.unexpected_keys = {key for key in loading_info.unexpected_keys if key != "lm_head.weight"}
+        head = {"lm_head.weight", "lm_head.weight_scale"}
+        loading_info.unexpected_keys = {key for key in loading_info.unexpected_keys if key not in head}
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()

@@ -3,22 +3,24 @@
     model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True,
                                                  quantization_config={"quant_method": "unimoe_int8"})
 
-Every matrix the language model multiplies by at each decoding step is stored in int8 with one fp32 scale per output
-row (symmetric, per channel): the attention projections, dense and shared-expert FFNs, the routed experts' 3-D
-`gate_up_proj` / `down_proj`, the token embedding (one scale per token) and the LM head. Activations are quantised to
-int8 per token when they arrive (dynamic quantisation), and the product runs in `torch._int_mm` (int8 x int8 -> int32),
-then takes both scales. The routers, norms and the modality towers and connectors stay in the model's dtype: routers
-and norms are a few kilobytes, and the towers run once per media input in the prefill, not at every decoding step.
+Every matrix the language model multiplies by at each decoding step is stored in int8 with one scale per output row
+(symmetric, per channel; the scales in the model's dtype): the attention projections, dense and shared-expert FFNs, the
+routed experts' 3-D `gate_up_proj` / `down_proj`, the token embedding (one scale per token) and the LM head.
+Activations are quantised to int8 per token when they arrive (dynamic quantisation), and the product runs in
+`torch._int_mm` (int8 x int8 -> int32), then takes both scales. The routers, norms and the modality towers and
+connectors stay in the model's dtype: routers and norms are a few kilobytes, and the towers run once per media input in
+the prefill, not at every decoding step. The int8 weights are frozen parameters (parameter counts stay the float
+model's); inputs get gradients (straight through the activation rounding), the int8 weights none.
 
 Why not torchao or bitsandbytes: bitsandbytes quantises `nn.Linear` only, so fused 3-D experts stay in full precision.
-torchao 0.18's int8 configs run slower than fp32 on CPU at these shapes (0.27-1.32x at batch 1, `benchmarks/
+torchao 0.18's int8 configs run slower than fp32 on CPU at these shapes (0.23-1.14x at batch 1, `benchmarks/
 bench_int8_kernels.py`), and the fbgemm packed kernels behind `quantize_dynamic` need the quantized dtypes torch 2.13
 deprecates (pytorch/pytorch#184982). `torch._int_mm` on plain int8 tensors is the maintained kernel torchao's own
-`Int8Tensor` calls; on CPU it runs the batch-1 matrix-vector products 5-13x faster than fp32.
+`Int8Tensor` calls; on CPU it runs the batch-1 matrix-vector products 2.8-10x faster than fp32.
 
 A quantised model saves int8 tensors and scales (`model.save_pretrained`), and a saved one loads again through the same
-class: its `config.json` carries `quantization_config`. It does not train (`is_trainable` is False); `model.dequantize()`
-returns to floating point (the rounding stays).
+class: its `config.json` carries `quantization_config`. `Trainer` does not train it (`is_trainable` is False);
+`model.dequantize()` returns to floating point (the rounding stays).
 """
 
 import torch
@@ -41,18 +43,47 @@ _INT8_MAX = 127
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 quantisation with one scale per row of the last two dimensions.
 
-    weight [..., O, I] (float) -> (int8 [..., O, I], fp32 scale [..., O]); `weight ~= int8 * scale[..., None]`.
-    An all-zero row gets scale 1 (its int8 values are 0), so dequantising never divides by zero.
+    weight [..., O, I] (float) -> (int8 [..., O, I], scale [..., O] in `weight.dtype`); `weight ~= int8 * scale[...,
+    None]`. The scales keep the model's dtype, so a saved int8 model reloads bit for bit in any dtype. An all-zero row
+    gets scale 1 (its int8 values are 0). Raises `ValueError` for a weight with NaN or infinite values.
     """
-    weight = weight.detach().float()
-    scale = weight.abs().amax(dim=-1) / _INT8_MAX  # [..., O]
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"cannot quantise a weight of shape {list(weight.shape)} with NaN or infinite values")
+    scale = (weight.detach().float().abs().amax(dim=-1) / _INT8_MAX).to(weight.dtype)  # [..., O]
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    quantized = torch.round(weight / scale.unsqueeze(-1)).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
-    return quantized, scale
+    quantized = torch.round(weight.detach().float() / scale.float().unsqueeze(-1)).clamp_(-_INT8_MAX, _INT8_MAX)
+    return quantized.to(torch.int8), scale
 
 
 def _runs_int_mm(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu"
+
+
+def dequantize_rows(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """int8 [..., O, I] and scales [..., O] -> fp32 [..., O, I]."""
+    return weight.float() * weight_scale.float().unsqueeze(-1)
+
+
+class Int8LinearFunction(torch.autograd.Function):
+    """The int8 product; its backward gives the inputs the gradient of the dequantised weight's product (the
+    activation rounding passes the gradient straight through, as bitsandbytes' int8 matmul does). The int8 weights
+    themselves take no gradient."""
+
+    @staticmethod
+    def forward(ctx, flat, weight, weight_scale):
+        # flat [T, I] fp32; weight int8 [O, I]; weight_scale [O]
+        ctx.save_for_backward(weight, weight_scale)
+        if flat.shape[0] == 0 or not _runs_int_mm(flat):
+            return F.linear(flat, dequantize_rows(weight, weight_scale))
+        input_scale = flat.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / _INT8_MAX
+        quantized = torch.round(flat / input_scale).to(torch.int8)  # [T, I], within [-127, 127] by construction
+        return torch._int_mm(quantized, weight.t()).float().mul_(input_scale).mul_(weight_scale.float())  # [T, O]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        weight, weight_scale = ctx.saved_tensors
+        return grad_output @ dequantize_rows(weight, weight_scale), None, None
 
 
 def int8_linear(inputs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
@@ -61,41 +92,40 @@ def int8_linear(inputs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     inputs [..., I] (float); weight int8 [O, I]; weight_scale [O]. Returns [..., O] in `inputs.dtype`. Each row of
     `inputs` is scaled by its own absolute maximum to [-127, 127] (dynamic, per token). On CPU the int8 product runs in
     `torch._int_mm`; elsewhere (its CUDA kernel needs more than 16 rows) the weight is dequantised for the product.
+    Differentiable in `inputs` (see `Int8LinearFunction`), so a float module before the language model (a tower, a
+    connector, LoRA on them) trains against a frozen int8 language model.
     """
     out_features, in_features = weight.shape
     if inputs.shape[-1] != in_features:
         raise ValueError(f"int8_linear: inputs have {inputs.shape[-1]} features, the weight expects {in_features}")
-    flat = inputs.reshape(-1, in_features).float()  # [T, I]
-    if flat.shape[0] == 0 or not _runs_int_mm(flat):
-        output = F.linear(flat, weight.float() * weight_scale.float().unsqueeze(-1))
-    else:
-        input_scale = flat.abs().amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny) / _INT8_MAX
-        quantized = torch.round(flat / input_scale).to(torch.int8)  # [T, I], within [-127, 127] by construction
-        output = torch._int_mm(quantized, weight.t()).float().mul_(input_scale).mul_(weight_scale.float())  # [T, O]
+    output = Int8LinearFunction.apply(inputs.reshape(-1, in_features).float(), weight, weight_scale)  # [T, O]
     return output.to(inputs.dtype).reshape(*inputs.shape[:-1], out_features)
 
 
 class UniMoEInt8Linear(nn.Module):
-    """An `nn.Linear` with int8 weights: buffers `weight` int8 [out, in], `weight_scale` [out], optional `bias` [out]."""
+    """An `nn.Linear` with int8 weights: `weight` int8 [out, in] (a frozen parameter, so parameter counts stay those
+    of the float model), buffer `weight_scale` [out] in the model's dtype, optional `bias` [out]."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.empty(out_features, device=device))
-        self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+        self.weight = _frozen(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "UniMoEInt8Linear":
-        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=linear.weight.device)
-        module.weight, module.weight_scale = quantize_rows(linear.weight)
+        weight = linear.weight
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype, weight.device)
+        quantized, module.weight_scale = quantize_rows(weight)
+        module.weight = _frozen(quantized)
         if linear.bias is not None:
             module.bias = linear.bias.detach().clone()
         return module
 
     def to_float(self, dtype: torch.dtype) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device, dtype=dtype)
-        linear.weight.data.copy_(self.weight.float() * self.weight_scale.float().unsqueeze(-1))
+        linear.weight.data.copy_(dequantize_rows(self.weight, self.weight_scale))
         if self.bias is not None:
             linear.bias.data.copy_(self.bias)
         return linear
@@ -115,20 +145,20 @@ class UniMoEInt8Embedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, dtype=torch.float32, device=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.weight = _frozen(torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(num_embeddings, dtype=dtype, device=device))
 
     @classmethod
     def from_float(cls, embedding: nn.Embedding) -> "UniMoEInt8Embedding":
         weight = embedding.weight
         module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, weight.dtype, weight.device)
-        module.weight, scale = quantize_rows(weight)
-        module.weight_scale = scale.to(weight.dtype)
+        quantized, module.weight_scale = quantize_rows(weight)
+        module.weight = _frozen(quantized)
         return module
 
     def to_float(self, dtype: torch.dtype) -> nn.Embedding:
         embedding = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, device=self.weight.device, dtype=dtype)
-        embedding.weight.data.copy_(self.weight.float() * self.weight_scale.float().unsqueeze(-1))
+        embedding.weight.data.copy_(dequantize_rows(self.weight, self.weight_scale))
         return embedding
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -140,31 +170,34 @@ class UniMoEInt8Embedding(nn.Module):
 
 
 class UniMoEInt8Experts(nn.Module):
-    """`UniMoEExperts` with int8 weights: buffers `gate_up_proj` int8 [E, 2I, H] with `gate_up_proj_scale` [E, 2I], and
-    `down_proj` int8 [E, H, I] with `down_proj_scale` [E, H]. Same routing contract: `forward(hidden_states [T, H],
-    top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`; each expert multiplies only the token rows routed to it."""
+    """`UniMoEExperts` with int8 weights: `gate_up_proj` int8 [E, 2I, H] with buffer `gate_up_proj_scale` [E, 2I], and
+    `down_proj` int8 [E, H, I] with `down_proj_scale` [E, H] (weights frozen parameters, scales in the model's dtype).
+    Same routing contract: `forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`; each
+    expert multiplies only the token rows routed to it."""
 
-    def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, act_fn, device=None):
+    def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, act_fn, dtype=torch.float32, device=None):
         super().__init__()
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
         self.act_fn = act_fn
-        int8 = dict(dtype=torch.int8, device=device)
-        self.register_buffer("gate_up_proj", torch.empty(num_experts, 2 * intermediate_dim, hidden_dim, **int8))
-        self.register_buffer("gate_up_proj_scale", torch.empty(num_experts, 2 * intermediate_dim, device=device))
-        self.register_buffer("down_proj", torch.empty(num_experts, hidden_dim, intermediate_dim, **int8))
-        self.register_buffer("down_proj_scale", torch.empty(num_experts, hidden_dim, device=device))
+        int8, scale = dict(dtype=torch.int8, device=device), dict(dtype=dtype, device=device)
+        self.gate_up_proj = _frozen(torch.empty(num_experts, 2 * intermediate_dim, hidden_dim, **int8))
+        self.register_buffer("gate_up_proj_scale", torch.empty(num_experts, 2 * intermediate_dim, **scale))
+        self.down_proj = _frozen(torch.empty(num_experts, hidden_dim, intermediate_dim, **int8))
+        self.register_buffer("down_proj_scale", torch.empty(num_experts, hidden_dim, **scale))
 
     @classmethod
     def from_float(cls, experts: nn.Module) -> "UniMoEInt8Experts":
-        module = cls(experts.num_experts, experts.hidden_dim, experts.intermediate_dim, experts.act_fn, experts.gate_up_proj.device)
-        module.gate_up_proj, module.gate_up_proj_scale = quantize_rows(experts.gate_up_proj)
-        module.down_proj, module.down_proj_scale = quantize_rows(experts.down_proj)
+        weight = experts.gate_up_proj
+        module = cls(experts.num_experts, experts.hidden_dim, experts.intermediate_dim, experts.act_fn, weight.dtype, weight.device)
+        gate_up, module.gate_up_proj_scale = quantize_rows(experts.gate_up_proj)
+        down, module.down_proj_scale = quantize_rows(experts.down_proj)
+        module.gate_up_proj, module.down_proj = _frozen(gate_up), _frozen(down)
         return module
 
     def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up_proj [E, 2I, H], down_proj [E, H, I]) in `dtype`."""
-        gate_up = self.gate_up_proj.float() * self.gate_up_proj_scale.float().unsqueeze(-1)
-        down = self.down_proj.float() * self.down_proj_scale.float().unsqueeze(-1)
+        gate_up = dequantize_rows(self.gate_up_proj, self.gate_up_proj_scale)
+        down = dequantize_rows(self.down_proj, self.down_proj_scale)
         return gate_up.to(dtype), down.to(dtype)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -241,6 +274,13 @@ def _converted_modules(model: nn.Module, skip: list[str]) -> dict[str, nn.Module
     def inside(name: str, roots: list[str]) -> bool:
         return any(root == "" or name == root or name.startswith(root + ".") for root in roots)
 
+    outside = [name for name in skip if not inside(name, scope) and not any(inside(root, [name]) for root in scope)]
+    if outside:
+        raise ValueError(
+            f"unimoe_int8: modules_to_not_convert names modules outside the language model and head: {outside} "
+            f"(the towers and connectors are never quantised; quantised: {scope})"
+        )
+
     selected = {}
     for name, module in modules.items():
         if not inside(name, scope) or inside(name, skip):
@@ -257,6 +297,10 @@ def _converted_modules(model: nn.Module, skip: list[str]) -> dict[str, nn.Module
     return selected
 
 
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -265,12 +309,11 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def quantize_language_model(model: nn.Module, modules_to_not_convert: list[str] | None = None) -> nn.Module:
     """Replace, in place, the language model's float modules by their int8 versions (computed from their weights)."""
     for name, module in _converted_modules(model, modules_to_not_convert or []).items():
-        if isinstance(module, nn.Embedding):
-            _set_module(model, name, UniMoEInt8Embedding.from_float(module))
-        elif isinstance(module, nn.Linear):
-            _set_module(model, name, UniMoEInt8Linear.from_float(module))
-        else:
-            _set_module(model, name, UniMoEInt8Experts.from_float(module))
+        kind = UniMoEInt8Embedding if isinstance(module, nn.Embedding) else UniMoEInt8Linear if isinstance(module, nn.Linear) else UniMoEInt8Experts
+        try:
+            _set_module(model, name, kind.from_float(module))
+        except ValueError as error:
+            raise ValueError(f"unimoe_int8: {name}: {error}") from error
     return model
 
 
@@ -281,9 +324,9 @@ def _empty_int8_modules(model: nn.Module, modules_to_not_convert: list[str], dty
         if isinstance(module, nn.Embedding):
             new = UniMoEInt8Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, dtype, "meta")
         elif isinstance(module, nn.Linear):
-            new = UniMoEInt8Linear(module.in_features, module.out_features, module.bias is not None, "meta")
+            new = UniMoEInt8Linear(module.in_features, module.out_features, module.bias is not None, dtype, "meta")
         else:
-            new = UniMoEInt8Experts(module.num_experts, module.hidden_dim, module.intermediate_dim, module.act_fn, "meta")
+            new = UniMoEInt8Experts(module.num_experts, module.hidden_dim, module.intermediate_dim, module.act_fn, dtype, "meta")
         _set_module(model, name, new)
 
 

@@ -135,6 +135,13 @@ def test_quantization_int8_evaluates_the_int8_language_model(checkpoint, synthet
     data = write_json(synthetic["root"] / "eval_int8.json", rows)
     lines, _ = run_cli(checkpoint, data, "vqa", tmp_path / "out", "--quantization", "int8")
     assert [line["prediction"] for line in lines] == expected
+    # a saved int8 checkpoint loads as int8 with the flag or without it
+    saved = tmp_path / "int8"
+    model.save_pretrained(saved)
+    processor.save_pretrained(saved)
+    for flag in ([], ["--quantization", "int8"]):
+        lines, _ = run_cli(saved, data, "vqa", tmp_path / f"saved{len(flag)}", *flag)
+        assert [line["prediction"] for line in lines] == expected
     with pytest.raises(ValueError, match=r"^--quantization 'int4': expected one of none, int8$"):
         run_cli(checkpoint, data, "vqa", tmp_path / "bad", "--quantization", "int4")
 

@@ -31,7 +31,7 @@ BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CODE_FILES = {
     "configuration_unimoe.py", "configuration_beats.py", "modeling_unimoe.py", "modeling_beats.py",
     "pipeline_unimoe.py", "processing_unimoe.py", "feature_extraction_unimoe.py", "feature_extraction_beats.py",
-    "transformers_compat.py",
+    "transformers_compat.py", "quantization_unimoe.py",
 }
 PROCESSOR_FILES = {"processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors"}

@@ -162,6 +162,58 @@ def test_saved_int8_checkpoint_reloads_in_a_fresh_process_through_remote_code(fl
     assert torch.equal(torch.load(tmp_path / "fresh.pt"), expected)
 
 
+def test_the_backbone_loads_from_an_int8_checkpoint_without_its_head(float_checkpoint, tmp_path):
+    """`AutoModel` on a saved int8 `UniMoEForCausalLM` leaves out the head (`lm_head.weight` and its scale) and
+    nothing else; the backbone's hidden states are the int8 model's."""
+    from modeling_unimoe import UniMoEModel
+
+    quantized = UniMoEForCausalLM.from_pretrained(float_checkpoint, quantization_config=INT8).eval()
+    saved = save(quantized, tmp_path / "int8")
+    backbone, info = UniMoEModel.from_pretrained(saved, output_loading_info=True)
+    assert info["unexpected_keys"] == set() or info["unexpected_keys"] == []
+    assert isinstance(backbone.language_model.layers[0].mlp.experts, UniMoEInt8Experts)
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        expected = quantized.model(ids).last_hidden_state
+        assert torch.equal(backbone.eval()(ids).last_hidden_state, expected)
+
+
+def test_a_bfloat16_int8_checkpoint_reloads_bit_for_bit(float_checkpoint, tmp_path):
+    """The scales keep the model's dtype, so reloading (which casts float tensors to the model's dtype) changes none."""
+    quantized = UniMoEForCausalLM.from_pretrained(float_checkpoint, dtype=torch.bfloat16, quantization_config=INT8).eval()
+    reloaded = UniMoEForCausalLM.from_pretrained(save(quantized, tmp_path / "int8-bf16")).eval()
+    assert reloaded.lm_head.weight_scale.dtype == torch.bfloat16
+    ours, theirs = quantized.state_dict(), reloaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        assert torch.equal(quantized(ids).logits, reloaded(ids).logits)
+
+
+def test_parameter_counts_are_the_float_models(float_checkpoint):
+    reference = UniMoEForCausalLM.from_pretrained(float_checkpoint)
+    quantized = UniMoEForCausalLM.from_pretrained(float_checkpoint, quantization_config=INT8)
+    assert quantized.num_parameters() == reference.num_parameters()
+    assert quantized.num_active_parameters() == reference.num_active_parameters() > 0
+    assert not [name for name, param in quantized.named_parameters() if param.dtype == torch.int8 and param.requires_grad]
+
+
+def test_gradients_reach_the_inputs_through_the_int8_language_model(float_checkpoint):
+    """A float module before the language model (tower, connector, LoRA on them) trains against a frozen int8 one:
+    the inputs get the gradient of the dequantised weights' products (straight through the activation rounding)."""
+    reference = UniMoEForCausalLM.from_pretrained(float_checkpoint).eval()
+    quantized = UniMoEForCausalLM.from_pretrained(float_checkpoint, quantization_config=INT8).eval()
+    dequantized = UniMoEForCausalLM.from_pretrained(float_checkpoint, quantization_config=INT8).dequantize().eval()
+    ids = random_ids(2, 9)
+    gradients = []
+    for model in (quantized, dequantized, reference):
+        embeds = model.get_input_embeddings()(ids).detach().float().requires_grad_()
+        model(inputs_embeds=embeds, labels=ids).loss.backward()
+        gradients.append(embeds.grad.flatten())
+    for other in gradients[1:]:
+        assert torch.nn.functional.cosine_similarity(gradients[0], other, dim=0) > 0.99
+
+
 def test_modules_to_not_convert_keeps_them_in_floating_point(float_checkpoint):
     config = UniMoEInt8Config(modules_to_not_convert=["lm_head", "model.language_model.layers.1"])
     model = UniMoEForCausalLM.from_pretrained(float_checkpoint, quantization_config=config)
@@ -208,6 +260,13 @@ def test_bad_quantization_configs_are_refused_by_name(float_checkpoint, tmp_path
         UniMoEInt8Config(quant_method="int8")
     with pytest.raises(TypeError, match="bits"):
         UniMoEForCausalLM.from_pretrained(float_checkpoint, quantization_config={"quant_method": "unimoe_int8", "bits": 4})
+    with pytest.raises(ValueError, match=r"names modules outside the language model and head: \['model.vision_tower'\]"):
+        quantization_unimoe._converted_modules(make_tiny_model(text_only=False), ["model.vision_tower"])
+    broken = make_tiny_model()
+    with torch.no_grad():
+        broken.model.language_model.layers[1].mlp.experts.down_proj[2, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.experts: cannot quantise a weight of shape \[4, 64, 128\] with NaN"):
+        UniMoEForCausalLM.from_pretrained(save(broken, tmp_path / "nan"), quantization_config=INT8)
     tied = save(make_tiny_model(tie_word_embeddings=True), tmp_path / "tied")
     with pytest.raises(ValueError, match="does not quantise tied word embeddings"):
         UniMoEForCausalLM.from_pretrained(tied, quantization_config=INT8)

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
 
 from modeling_unimoe.processing_unimoe import is_frame_paths
+from modeling_unimoe.quantization_unimoe import UniMoEInt8Config
 
 from .console import command_line
 from .data import ROLES, media_path_candidates, modality_mix, to_messages, with_system_prompt
@@ -70,8 +71,10 @@ MEDIA_KEYS = {"image": "image", "video": "video", "audio": "audio", "voice": "au
 # the original inference put the media placeholders before the question in this order
 PLACEHOLDER_ORDER = ("image", "audio", "video")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# `--quantization`: the `quantization_config` each value loads with (`modeling_unimoe.quantization_unimoe`)
-QUANTIZATIONS = {"none": None, "int8": {"quant_method": "unimoe_int8"}}
+# `--quantization`: the `quantization_config` class each value loads with (`modeling_unimoe.quantization_unimoe`). A
+# class, not a dict: transformers refuses a dict for a checkpoint that is already quantised, and takes the saved
+# config when the class matches.
+QUANTIZATIONS = {"none": None, "int8": UniMoEInt8Config}
 OPTION_LINE = re.compile(r"^\s*\(?([A-Z])\)?\s*[.):\uff1a]\s*(\S.*?)\s*$", re.MULTILINE)
 
 
@@ -481,7 +484,8 @@ def load_model_and_processor(model_path: str, device: str | None = None, dtype: 
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
-    quantization_config = {} if QUANTIZATIONS[quantization] is None else {"quantization_config": QUANTIZATIONS[quantization]}
+    config_class = QUANTIZATIONS[quantization]
+    quantization_config = {} if config_class is None else {"quantization_config": config_class()}
     device = resolve_device(device)
     local = check_model_path(model_path)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)

@@ -523,8 +523,8 @@ class UniMoEModelManager(ModelManager):
             raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"--quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
-        quantization_config = QUANTIZATIONS[quantization]
-        self.quantization_kwargs = {} if quantization_config is None else {"quantization_config": quantization_config}
+        config_class = QUANTIZATIONS[quantization]
+        self.quantization_kwargs = {} if config_class is None else {"quantization_config": config_class()}
         self.model_name = model
         self.target_device = resolve_device(device)
         super().__init__(device="cpu", dtype=dtype, trust_remote_code=True, model_timeout=-1, force_model=model)
