@@ -89,6 +89,32 @@ def test_collator_builds_a_padded_batch_with_assistant_labels(tmp_path, tiny_pro
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_cached_encodings_give_the_processors_own_batches(tmp_path, tiny_processor, padding_side):
+    """`cache_encodings=True`: each row encoded once, batches assembled by `pad_encodings`, equal tensor for tensor
+    to encoding the batch (media of every kind, labels, masks), and the processor is not called for a row again."""
+    rows = llava_rows(tmp_path)
+    tiny_processor.tokenizer.padding_side = padding_side
+    plain = UniMoEDataCollator(tiny_processor, tmp_path, system_prompt="")
+    cached = UniMoEDataCollator(tiny_processor, tmp_path, system_prompt="", cache_encodings=True)
+    calls = []
+    encode = cached._encode
+    cached._encode = lambda conversations: calls.append(len(conversations)) or encode(conversations)
+    cached.cache_rows(rows)
+    assert calls == [1, 1, 1, 1]  # one conversation per call, once per row
+    for batch_rows in (rows, rows[::-1], [rows[2], rows[0]], rows[1:2]):
+        expected, batch = plain(batch_rows), cached(batch_rows)
+        assert set(batch) == set(expected)
+        for key in expected:
+            assert torch.equal(batch[key], expected[key]), key
+    assert calls == [1, 1, 1, 1]  # every batch came from the cache
+    assert cached([{**rows[2], "id": "txt-2", "conversations": [
+        {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "bye"}]}])["input_ids"].shape[0] == 1
+    assert calls == [1, 1, 1, 1, 1]  # a new row is encoded once, when it first comes
+    with pytest.raises(ValueError, match="cache_rows needs a collator made with cache_encodings=True"):
+        plain.cache_rows(rows)
+
+
 def test_labels_are_exactly_what_generation_must_produce(tmp_path, tiny_processor):
     # "eight" after "ASSISTANT:" is [' ', 'ei', 'ght'] in the tiny vocabulary: a separator space that is never
     # labelled could never be generated, and the answer would be unreachable from the generation prompt.

@@ -72,6 +72,18 @@ def test_three_stages(tmp_path):
     assert "EXPERTS 2 UniMoEProcessor" in stdout
 
 
+def test_cached_encodings_train_the_same_steps(tmp_path):
+    """`--cache_encodings`: every row encoded once before training; the losses of a two-epoch stage 1 are the
+    uncached run's, step for step."""
+    histories = []
+    for cache in (False, True):
+        data = DataArguments(train_files=[write_rows(tmp_path)], media_root=str(tmp_path), cache_encodings=cache)
+        args = training_args(tmp_path / f"s1-{cache}", max_steps=-1, num_train_epochs=2, dataloader_num_workers=1)
+        trainer = run(StageArguments(stage=1, model_name_or_path="tiny"), data, args)
+        histories.append([(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry])
+    assert len(histories[0]) == 8 and histories[1] == histories[0]
+
+
 def test_cli_with_yaml(tmp_path):
     train = write_rows(tmp_path)
     config = tmp_path / "stage1.yaml"

@@ -27,7 +27,10 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow
+import torch
 from torch.utils.data import Sampler
+from tqdm.auto import tqdm
+from transformers import BatchFeature
 
 from modeling_unimoe.processing_unimoe import (
     ChatContentTypeError,
@@ -514,19 +517,79 @@ def _check_row(row, row_id, media_root, processor, limit, limit_name, system_pro
         )
 
 
-class UniMoEDataCollator:
-    """Rows -> a padded batch with assistant-only labels, all modalities, through the processor's chat template."""
+# How `pad_encodings` pads each token-level field (None: the tokenizer's pad id); every other field is media.
+TOKEN_FIELD_PADDING = {"input_ids": None, "attention_mask": 0, "labels": -100, "assistant_masks": 0}
 
-    def __init__(self, processor, media_root: str | Path | None = None, system_prompt: str | None = None):
+
+def pad_encodings(encodings: list, pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Processor outputs of single conversations -> one batch, as the processor batches them: the token fields
+    (`TOKEN_FIELD_PADDING`, [1, length] each) padded to the longest on `padding_side`, the media tensors
+    (`pixel_values`, `input_features`...: one row per item) concatenated in conversation order."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    length = max(encoding["input_ids"].shape[1] for encoding in encodings)
+    batch = {}
+    for key, pad in TOKEN_FIELD_PADDING.items():
+        if key not in encodings[0]:
+            continue
+        field = torch.full((len(encodings), length), pad_token_id if pad is None else pad, dtype=encodings[0][key].dtype)
+        for row, encoding in enumerate(encodings):
+            width = encoding[key].shape[1]
+            columns = slice(length - width, length) if padding_side == "left" else slice(0, width)
+            field[row, columns] = encoding[key][0]
+        batch[key] = field
+    media_keys = dict.fromkeys(key for encoding in encodings for key in encoding if key not in TOKEN_FIELD_PADDING)
+    for key in media_keys:
+        batch[key] = torch.cat([encoding[key] for encoding in encodings if key in encoding])
+    return batch
+
+
+class UniMoEDataCollator:
+    """Rows -> a padded batch with assistant-only labels, all modalities, through the processor's chat template.
+
+    `cache_encodings=True`: each row is encoded once (media decoded, features computed, tokens) and its encoding reused
+    whenever the row comes again, the batch assembled by `pad_encodings`: the same tensors as encoding the batch, for
+    the price of keeping every row's encoding in memory (a 30 s audio item: about 0.3 MB with both audio towers).
+    `cache_rows` fills the cache before training, in the main process, so the DataLoader's worker processes (forked
+    anew each epoch) start with it.
+    """
+
+    def __init__(
+        self, processor, media_root: str | Path | None = None, system_prompt: str | None = None, cache_encodings: bool = False
+    ):
         self.processor = processor
         self.media_root = media_root
         self.system_prompt = system_prompt
+        self.cache = {} if cache_encodings else None
 
-    def __call__(self, rows: list[dict]):
-        conversations = [with_system_prompt(to_messages(row, self.media_root), self.system_prompt) for row in rows]
+    def _conversation(self, row: dict) -> list[dict]:
+        return with_system_prompt(to_messages(row, self.media_root), self.system_prompt)
+
+    def _encode(self, conversations: list[list[dict]]):
         return self.processor.apply_chat_template(
             conversations, tokenize=True, return_dict=True, return_labels=True, processor_kwargs={"padding": True}
         )
+
+    def _cached(self, conversation: list[dict]):
+        key = json.dumps(conversation, sort_keys=True, default=str)
+        if key not in self.cache:
+            self.cache[key] = self._encode([conversation])
+        return self.cache[key]
+
+    def cache_rows(self, rows) -> None:
+        """Encode every row of `rows` into the cache (with `cache_encodings=True`)."""
+        if self.cache is None:
+            raise ValueError("cache_rows needs a collator made with cache_encodings=True")
+        for row in tqdm(rows, desc="encoding rows", unit="row"):
+            self._cached(self._conversation(row))
+
+    def __call__(self, rows: list[dict]):
+        conversations = [self._conversation(row) for row in rows]
+        if self.cache is None:
+            return self._encode(conversations)
+        tokenizer = self.processor.tokenizer
+        encodings = [self._cached(conversation) for conversation in conversations]
+        return BatchFeature(pad_encodings(encodings, tokenizer.pad_token_id, tokenizer.padding_side))
 
 
 class ModalityGroupedSampler(Sampler[int]):

@@ -111,8 +111,11 @@ def train_all_stages(args: QuickstartArguments, data: dict) -> tuple[Path, dict[
     for index, (title, stage_args, files, epochs) in enumerate(plan):
         learning_rate = args.stage1_learning_rate if stage_args.stage == 1 else args.learning_rate
         start = time.perf_counter()
+        # Stage 1 runs 8 epochs over the same captions, and preparing its audio rows costs 4x their training step:
+        # encode each row once (the same batches; about 0.5 GB for its 3,072 rows).
         data_args = DataArguments(
-            train_files=files, media_root=media_root, captions_file=captions, system_prompt=args.system_prompt
+            train_files=files, media_root=media_root, captions_file=captions, system_prompt=args.system_prompt,
+            cache_encodings=stage_args.stage == 1,
         )
         result = run_stage(stage_args, data_args, _training_args(out / f"stage{index}", epochs, learning_rate, args))
         trainers = result if isinstance(result, list) else [result]

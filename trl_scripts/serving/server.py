@@ -46,6 +46,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor, StoppingCriteria, 
 from transformers.generation.streamers import BaseStreamer
 
 from ..console import command_line
+from ..data import pad_encodings
 from ..evaluate import DTYPES, QUANTIZATIONS, check_model_path, resolve_device
 from .arguments import ServingArguments, parse_serving_arguments
 
@@ -267,21 +268,9 @@ def chat_messages_from_openai(messages, processor=None, local_files: "bool | Pat
 
 
 def collate(encodings: list, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Processor outputs of single requests -> one batch: `input_ids` and `attention_mask` left-padded to the
-    longest, media tensors (`pixel_values`, `input_features`...: one row per item) concatenated in request order,
-    as the processor itself orders the media of a batch."""
-    length = max(encoding["input_ids"].shape[1] for encoding in encodings)
-    input_ids = torch.full((len(encodings), length), pad_token_id, dtype=encodings[0]["input_ids"].dtype)
-    attention_mask = torch.zeros((len(encodings), length), dtype=encodings[0]["attention_mask"].dtype)
-    for row, encoding in enumerate(encodings):
-        width = encoding["input_ids"].shape[1]
-        input_ids[row, length - width :] = encoding["input_ids"][0]
-        attention_mask[row, length - width :] = encoding["attention_mask"][0]
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    media_keys = dict.fromkeys(key for encoding in encodings for key in encoding if key not in batch)
-    for key in media_keys:
-        batch[key] = torch.cat([encoding[key] for encoding in encodings if key in encoding])
-    return batch
+    """Processor outputs of single requests -> one left-padded batch (`trl_scripts.data.pad_encodings`), media in
+    request order, as the processor itself orders the media of a batch."""
+    return pad_encodings(encodings, pad_token_id, padding_side="left")
 
 
 class _Row:
