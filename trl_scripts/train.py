@@ -416,6 +416,14 @@ def _trainer(model, processor, dataset, stage_args, data_args: DataArguments, tr
     )
 
 
+def _train(trainer: UniMoETrainer, resume_from_checkpoint=None) -> None:
+    """`trainer.train`, then the collator's cached encodings (`--cache_encodings`) are let go: the next stage's
+    workers should not fork a process that still holds them."""
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    if getattr(trainer.data_collator, "cache", None):
+        trainer.data_collator.cache.clear()
+
+
 def _save(model, processor, output_dir: str, training_args: TrainingArguments):
     if not training_args.should_save:  # one writer under DDP/DeepSpeed: the main process
         return
@@ -430,7 +438,7 @@ def run_stage0(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
     model, processor = load_stage_model(stage_args.model_name_or_path, 0)
     prepare_stage0(model)
     trainer = _trainer(model, processor, Dataset.from_list(rows), stage_args, data_args, training_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    _train(trainer, training_args.resume_from_checkpoint)
     _save(model, processor, training_args.output_dir, training_args)
     return trainer
 
@@ -439,7 +447,7 @@ def run_stage1(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
     model, processor = load_stage_model(stage_args.model_name_or_path, 1)
     prepare_stage1(model, train_output_layers=stage_args.train_output_layers, train_towers=stage_args.train_towers)
     trainer = _trainer(model, processor, dataset, stage_args, data_args, training_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    _train(trainer, training_args.resume_from_checkpoint)
     _save(model, processor, training_args.output_dir, training_args)
     return trainer
 
@@ -458,7 +466,7 @@ def run_stage2(stage_args, data_args, training_args, dataset) -> list[UniMoETrai
         prepare_stage2(model, train_output_layers=stage_args.train_output_layers)
         expert_args = TrainingArguments(**{**training_args.to_dict(), "output_dir": str(output_dir / f"run-{name}")})
         trainer = _trainer(model, processor, rows, stage_args, data_args, expert_args)
-        trainer.train()
+        _train(trainer)
         save_file(dense_ffn_state_dict(model), output_dir / "experts" / f"{name}.safetensors")
         logger.info("stage 2: expert %r trained on %d rows", name, len(rows))
         trainers.append(trainer)
@@ -500,7 +508,7 @@ def run_stage3(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
         model, lora_r=stage_args.lora_r, lora_alpha=stage_args.lora_alpha, train_output_layers=stage_args.train_output_layers
     )
     trainer = _trainer(peft_model, processor, dataset, stage_args, data_args, training_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    _train(trainer, training_args.resume_from_checkpoint)
     merged = peft_model.merge_and_unload()
     _save(merged, processor, training_args.output_dir, training_args)
     (Path(training_args.output_dir) / "experts.json").write_text(json.dumps(names))
@@ -513,7 +521,7 @@ def run_cumo_stage2(stage_args, data_args, training_args, dataset) -> UniMoETrai
     model, processor = load_stage_model(stage_args.model_name_or_path, 2)
     prepare_cumo_pft(model)
     trainer = _trainer(model, processor, dataset, stage_args, data_args, training_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    _train(trainer, training_args.resume_from_checkpoint)
     _save(model, processor, training_args.output_dir, training_args)
     return trainer
 
@@ -536,7 +544,7 @@ def run_cumo_stage3(stage_args, data_args, training_args, dataset) -> UniMoETrai
     _set_router_loss_weights(model, stage_args)
     prepare_cumo_sparse(model)
     trainer = _trainer(model, processor, dataset, stage_args, data_args, training_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    _train(trainer, training_args.resume_from_checkpoint)
     _save(model, processor, training_args.output_dir, training_args)
     return trainer
 
