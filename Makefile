@@ -99,6 +99,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_processor.py
 	$(PY) benchmarks/bench_text_only_step.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_cache_encodings.py
 	$(PY) benchmarks/bench_checkpoint_layout.py
 	$(PY) benchmarks/bench_serve.py
 
