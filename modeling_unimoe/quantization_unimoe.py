@@ -103,15 +103,15 @@ def int8_linear(inputs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
 
 
 class UniMoEInt8Linear(nn.Module):
-    """An `nn.Linear` with int8 weights: `weight` int8 [out, in] (a frozen parameter, so parameter counts stay those
-    of the float model), buffer `weight_scale` [out] in the model's dtype, optional `bias` [out]."""
+    """An `nn.Linear` with int8 weights: `weight` int8 [out, in] and optional `bias` [out] (frozen parameters, so
+    parameter counts stay those of the float model), buffer `weight_scale` [out] in the model's dtype."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = _frozen(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype, device=device))
-        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.bias = _frozen(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "UniMoEInt8Linear":
@@ -120,7 +120,7 @@ class UniMoEInt8Linear(nn.Module):
         quantized, module.weight_scale = quantize_rows(weight)
         module.weight = _frozen(quantized)
         if linear.bias is not None:
-            module.bias = linear.bias.detach().clone()
+            module.bias = _frozen(linear.bias.detach().clone())
         return module
 
     def to_float(self, dtype: torch.dtype) -> nn.Linear:

@@ -190,12 +190,15 @@ def test_a_bfloat16_int8_checkpoint_reloads_bit_for_bit(float_checkpoint, tmp_pa
         assert torch.equal(quantized(ids).logits, reloaded(ids).logits)
 
 
-def test_parameter_counts_are_the_float_models(float_checkpoint):
-    reference = UniMoEForCausalLM.from_pretrained(float_checkpoint)
-    quantized = UniMoEForCausalLM.from_pretrained(float_checkpoint, quantization_config=INT8)
-    assert quantized.num_parameters() == reference.num_parameters()
-    assert quantized.num_active_parameters() == reference.num_active_parameters() > 0
-    assert not [name for name, param in quantized.named_parameters() if param.dtype == torch.int8 and param.requires_grad]
+def test_parameter_counts_are_the_float_models(float_checkpoint, tmp_path):
+    with_bias = save(make_tiny_model(attention_bias=True), tmp_path / "bias")  # e.g. upcycled from Qwen2
+    for checkpoint in (float_checkpoint, with_bias):
+        reference = UniMoEForCausalLM.from_pretrained(checkpoint)
+        quantized = UniMoEForCausalLM.from_pretrained(checkpoint, quantization_config=INT8)
+        assert quantized.num_parameters() == reference.num_parameters()
+        assert quantized.num_active_parameters() == reference.num_active_parameters() > 0
+        frozen = [name for name, param in quantized.named_parameters() if "proj" in name or "lm_head" in name or "embed" in name]
+        assert frozen and not [name for name in frozen if dict(quantized.named_parameters())[name].requires_grad]
 
 
 def test_gradients_reach_the_inputs_through_the_int8_language_model(float_checkpoint):

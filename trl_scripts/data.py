@@ -551,7 +551,8 @@ class UniMoEDataCollator:
     whenever the row comes again, the batch assembled by `pad_encodings`: the same tensors as encoding the batch, for
     the price of keeping every row's encoding in memory (a 30 s audio item: about 0.3 MB with both audio towers).
     `cache_rows` fills the cache before training, in the main process, so the DataLoader's worker processes (forked
-    anew each epoch) start with it.
+    anew each epoch) start with it. A row is known by its conversation (media paths included, not their contents): a
+    media file rewritten after its row was encoded is not read again.
     """
 
     def __init__(

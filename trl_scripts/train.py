@@ -220,8 +220,9 @@ class DataArguments:
     cache_encodings: bool = field(
         default=False,
         metadata={"help": "Encode every row once before training and reuse the encodings every epoch (the same batches; "
-                  "memory: every row's media features, ~0.3 MB per 30 s audio item). Pays off over several epochs "
-                  "when preparing media costs more than the training step."},
+                  "memory: every row's media features, ~0.3 MB per 30 s audio item; media files changed during the "
+                  "stage are not read again). Pays off over several epochs when preparing media costs more than the "
+                  "training step."},
     )
 
 
