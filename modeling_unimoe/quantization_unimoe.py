@@ -243,7 +243,8 @@ class UniMoEInt8Config(QuantizationConfigMixin):
     Args:
         modules_to_not_convert (`list[str]`, *optional*): qualified module names (e.g. `"lm_head"`,
             `"model.language_model.layers.0"`) kept in floating point, with everything under them. Each must name a
-            module of the language model or the LM head; an unknown name is an error.
+            module of the language model or the LM head, or one above them (`"model"`); an unknown name, or a tower
+            (never quantised), is an error.
     """
 
     def __init__(self, modules_to_not_convert: list[str] | None = None, quant_method: str = QUANT_METHOD):
