@@ -75,6 +75,15 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # class, not a dict: transformers refuses a dict for a checkpoint that is already quantised, and takes the saved
 # config when the class matches.
 QUANTIZATIONS = {"none": None, "int8": UniMoEInt8Config}
+
+
+def quantization_kwargs(quantization: str) -> dict:
+    """The `from_pretrained` keyword arguments of `--quantization` (empty for none); an unknown value is an error
+    naming the choices."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"--quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
+    config_class = QUANTIZATIONS[quantization]
+    return {} if config_class is None else {"quantization_config": config_class()}
 OPTION_LINE = re.compile(r"^\s*\(?([A-Z])\)?\s*[.):\uff1a]\s*(\S.*?)\s*$", re.MULTILINE)
 
 
@@ -482,10 +491,7 @@ def load_model_and_processor(model_path: str, device: str | None = None, dtype: 
     both through the Auto classes; a checkpoint that does not load is one error naming it."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"--quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
-    config_class = QUANTIZATIONS[quantization]
-    quantization_config = {} if config_class is None else {"quantization_config": config_class()}
+    quantization_config = quantization_kwargs(quantization)
     device = resolve_device(device)
     local = check_model_path(model_path)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
@@ -591,8 +597,7 @@ def check_arguments(args: EvaluationArguments) -> None:
         raise ValueError(f"--max_samples must be at least 1 (the number of rows to evaluate), got {args.max_samples}")
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
-    if args.quantization not in QUANTIZATIONS:
-        raise ValueError(f"--quantization {args.quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
+    quantization_kwargs(args.quantization)
     resolve_device(args.device)
 
 

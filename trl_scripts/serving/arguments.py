@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from ..evaluate import DTYPES, QUANTIZATIONS
+from ..evaluate import DTYPES, QUANTIZATIONS, quantization_kwargs
 
 
 @dataclass
@@ -38,8 +38,7 @@ def parse_serving_arguments(arguments_class: type, argv: list[str] | None, comma
         args.model = positional[0]
     if args.model is None:
         raise ValueError(f"give the checkpoint: {command} DIR (a folder written by save_pretrained or a Hub repo id)")
-    if args.quantization not in QUANTIZATIONS:
-        raise ValueError(f"--quantization {args.quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
+    quantization_kwargs(args.quantization)  # an unknown value: the error names the choices
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     return args

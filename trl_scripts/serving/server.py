@@ -47,7 +47,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..console import command_line
 from ..data import pad_encodings
-from ..evaluate import DTYPES, QUANTIZATIONS, check_model_path, resolve_device
+from ..evaluate import DTYPES, check_model_path, quantization_kwargs, resolve_device
 from .arguments import ServingArguments, parse_serving_arguments
 
 
@@ -510,10 +510,7 @@ class UniMoEModelManager(ModelManager):
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto", quantization: str = "none"):
         if dtype not in DTYPES:
             raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"--quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
-        config_class = QUANTIZATIONS[quantization]
-        self.quantization_kwargs = {} if config_class is None else {"quantization_config": config_class()}
+        self.quantization_kwargs = quantization_kwargs(quantization)
         self.model_name = model
         self.target_device = resolve_device(device)
         super().__init__(device="cpu", dtype=dtype, trust_remote_code=True, model_timeout=-1, force_model=model)
