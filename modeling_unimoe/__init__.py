@@ -20,6 +20,7 @@ from .modeling_unimoe import (
     UniMoEModel,
     UniMoEPreTrainedModel,
     UniMoESparseMoeBlock,
+    UniMoETextForCausalLM,
     UniMoETextModel,
     UniMoETopKRouter,
     router_balance_loss,
@@ -36,6 +37,7 @@ AutoModel.register(BEATsConfig, BEATsModel, exist_ok=True)
 AutoModel.register(UniMoEConfig, UniMoEModel, exist_ok=True)
 AutoModel.register(UniMoETextConfig, UniMoETextModel, exist_ok=True)
 AutoModelForCausalLM.register(UniMoEConfig, UniMoEForCausalLM, exist_ok=True)
+AutoModelForCausalLM.register(UniMoETextConfig, UniMoETextForCausalLM, exist_ok=True)
 AutoFeatureExtractor.register(UniMoEConfig, UniMoEFeatureExtractor, exist_ok=True)
 AutoProcessor.register(UniMoEConfig, UniMoEProcessor, exist_ok=True)
 
@@ -54,6 +56,7 @@ __all__ = [
     "UniMoEProcessor",
     "UniMoESparseMoeBlock",
     "UniMoETextConfig",
+    "UniMoETextForCausalLM",
     "UniMoETextModel",
     "UniMoETopKRouter",
     "load_beats_checkpoint",

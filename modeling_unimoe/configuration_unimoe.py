@@ -323,8 +323,24 @@ class UniMoEConfig(PreTrainedConfig):
     mm_router_z_loss_coef: float = 0.001
     tie_word_embeddings: bool = False
 
+    @staticmethod
+    def _wrap_text_only(config_dict: dict) -> dict:
+        """A text-only checkpoint's config (`UniMoETextForCausalLM`'s flat layout, `UniMoETextConfig` at the top) as
+        the composite config without towers; any other dict unchanged."""
+        if config_dict.get("model_type") != UniMoETextConfig.model_type:
+            return config_dict
+        text = {key: value for key, value in config_dict.items() if key not in ("architectures", "auto_map")}
+        wrapped = {"model_type": UniMoEConfig.model_type, "text_config": text}
+        return wrapped | {name: text[name] for name in ("tie_word_embeddings", "dtype") if name in text}
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs) -> tuple[dict, dict]:
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        return cls._wrap_text_only(config_dict), kwargs
+
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
+        config_dict = cls._wrap_text_only(config_dict)
         refuse_foreign_model_type(cls, config_dict)
         return super().from_dict(config_dict, **kwargs)
 

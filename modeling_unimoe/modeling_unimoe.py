@@ -664,6 +664,17 @@ class UniMoEPreTrainedModel(PreTrainedModel):
         "attentions": UniMoEAttention,
     }
 
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        """transformers' adjustment, and, for a backbone (`UniMoEModel`, `UniMoETextModel`), the head of a causal-LM
+        checkpoint left out on purpose when the backbone is loaded from it (`lm_head.weight`, and `lm_head.weight_scale`
+        of an int8 one). Not `_keys_to_ignore_on_load_unexpected`: vLLM's loader applies that list to its own model,
+        which holds the head, and would skip `lm_head.weight` without a word (every token would then come from an
+        uninitialised head)."""
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        if not hasattr(self, "lm_head"):
+            head = {"lm_head.weight", "lm_head.weight_scale"}
+            loading_info.unexpected_keys = {key for key in loading_info.unexpected_keys if key not in head}
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -719,8 +730,15 @@ class UniMoEPreTrainedModel(PreTrainedModel):
         """Saves the fused expert layout (`save_original_format=True` writes the original per-expert keys)."""
         module = type(self).__module__.rsplit(".", 1)[-1]
         # `register_for_auto_class` records one Auto class per class; list the whole family.
-        auto_map = {"AutoModel": f"{module}.UniMoEModel", "AutoModelForCausalLM": f"{module}.UniMoEForCausalLM"}
-        if self.config.vision_config is not None or self.config.audio_towers:
+        if isinstance(self.config, UniMoETextConfig):  # the flat text-only layout
+            auto_map = {
+                "AutoConfig": f"{UniMoETextConfig.__module__.rsplit('.', 1)[-1]}.UniMoETextConfig",
+                "AutoModel": f"{module}.UniMoETextModel",
+                "AutoModelForCausalLM": f"{module}.UniMoETextForCausalLM",
+            }
+        else:
+            auto_map = {"AutoModel": f"{module}.UniMoEModel", "AutoModelForCausalLM": f"{module}.UniMoEForCausalLM"}
+        if not isinstance(self.config, UniMoETextConfig) and (self.config.vision_config is not None or self.config.audio_towers):
             # Imported here: it pulls in transformers' pipelines, and only multimodal checkpoints carry it. The
             # relative import also makes `save_pretrained` copy pipeline_unimoe.py next to this file.
             from .pipeline_unimoe import CUSTOM_PIPELINES
@@ -921,15 +939,6 @@ class UniMoEModel(UniMoEPreTrainedModel):
             self.audio_aligner = AudioQFormerAligner(config)
         self.language_model = UniMoETextModel._from_config(config.text_config)
         self.post_init()
-
-    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
-        """transformers' adjustment, and the head of a full `UniMoEForCausalLM` checkpoint left out on purpose when the
-        backbone is loaded from it (`lm_head.weight`, and `lm_head.weight_scale` of an int8 one). Not
-        `_keys_to_ignore_on_load_unexpected`: vLLM's loader applies that list to its own model, which holds the head,
-        and would skip `lm_head.weight` without a word (every token would then come from an uninitialised head)."""
-        super()._adjust_missing_and_unexpected_keys(loading_info)
-        head = {"lm_head.weight", "lm_head.weight_scale"}
-        loading_info.unexpected_keys = {key for key in loading_info.unexpected_keys if key not in head}
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -1195,6 +1204,128 @@ class UniMoEModel(UniMoEPreTrainedModel):
         return inputs_embeds, media
 
 
+def _language_model_loss(
+    model: PreTrainedModel,
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    router_logits: tuple[torch.Tensor, ...] | None,
+    attention_mask: torch.Tensor | None,
+    output_router_logits: bool,
+    **kwargs,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | float]:
+    """(loss, ce_loss, aux_loss, z_loss, router_weight) of a Uni-MoE language model head.
+
+    loss = CE + router_weight * (router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss), the router terms only
+    when `output_router_logits` (the original trained with them on). `router_weight` is 1, or under `Trainer`'s
+    `num_items_in_batch` this micro-batch's share of the step's label tokens: Trainer normalises the CE by the tokens
+    of the whole optimizer step and sums micro-batches, and the per-micro-batch router means are weighted the same way,
+    so their coefficients keep their meaning whatever the accumulation and world size."""
+    text_config = model.config.get_text_config()
+    ce_loss = aux_loss = z_loss = loss = None
+    router_weight = 1.0
+    if labels is not None:
+        ce_loss = loss = model.loss_function(logits, labels, text_config.vocab_size, **kwargs)
+        num_items_in_batch = kwargs.get("num_items_in_batch")
+        if num_items_in_batch is not None:
+            local_items = (labels[..., 1:] != -100).sum()
+            router_weight = local_items.to(loss.device) / torch.as_tensor(num_items_in_batch, device=loss.device)
+    if output_router_logits and router_logits:
+        aux_loss = router_balance_loss(router_logits, text_config.num_experts_per_tok, attention_mask)
+        z_loss = router_z_loss(router_logits, attention_mask)
+        if loss is not None:
+            router_terms = text_config.router_aux_loss_coef * aux_loss + text_config.router_z_loss_coef * z_loss
+            loss = loss + router_weight * router_terms.to(loss.device)
+    return loss, ce_loss, aux_loss, z_loss, router_weight
+
+
+def _prepare_model_inputs(self, *args, **kwargs):
+    """`GenerationMixin._prepare_model_inputs`, refusing token ids that are not [batch, sequence] with a `ValueError`
+    (`generate` otherwise fails on a 1-D tensor with an `IndexError` before the model runs)."""
+    inputs_tensor, input_name, model_kwargs = GenerationMixin._prepare_model_inputs(self, *args, **kwargs)
+    if input_name == "input_ids":
+        _check_input_shapes(inputs_tensor, None)
+    return inputs_tensor, input_name, model_kwargs
+
+
+class UniMoETextForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
+    """The Uni-MoE language model alone, with its head: the text-only checkpoint layout, as transformers lays out
+    text-only checkpoints of multimodal families (`Gemma3ForCausalLM`, `Llama4ForCausalLM`): `UniMoETextConfig` at the
+    top of config.json, weights `model.embed_tokens.*`, `model.layers.*`, `model.norm.*`, `lm_head.weight`.
+
+    What `unimoe-upcycle` writes, and what vLLM serves as a text model: vLLM sends every config that nests a
+    `text_config` to its multimodal backend, which cannot serve a checkpoint without media. Both layouts load into
+    both classes: `UniMoETextForCausalLM.from_pretrained` reads a towerless `UniMoEForCausalLM` checkpoint (its
+    `text_config`, and `model.language_model.*` renamed to `model.*`), and `UniMoEForCausalLM.from_pretrained` reads
+    this layout as a model without towers. A checkpoint with towers is refused here (its tower weights would be
+    unexpected keys)."""
+
+    config: UniMoETextConfig
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: UniMoETextConfig):
+        super().__init__(config)
+        self.model = UniMoETextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    _prepare_model_inputs = _prepare_model_inputs
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> UniMoECausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Token ids to predict (-100 = ignored). The loss adds the weighted router losses when
+            `output_router_logits` is on (it must be for training: without router logits there is no balance term).
+        """
+        cache = pop_cache(cache, kwargs)  # `past_key_values` before transformers 5.24
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            return_dict=True,
+            **kwargs,
+        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])  # [B, T, vocab]
+        loss, ce_loss, aux_loss, z_loss, _ = _language_model_loss(
+            self, logits, labels, outputs.router_logits, attention_mask, output_router_logits, **kwargs
+        )
+        return UniMoECausalLMOutputWithPast(
+            loss=loss,
+            ce_loss=ce_loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits,
+            **cache_field(output_cache(outputs)),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
 class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
     input_modalities = ("image", "video", "audio", "text")
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
@@ -1246,13 +1377,7 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
     # release uses, `inputs_embeds`, which it forwards only to a model whose signature names it).
     prepare_inputs_for_generation.__signature__ = inspect.signature(GenerationMixin.prepare_inputs_for_generation)
 
-    def _prepare_model_inputs(self, *args, **kwargs):
-        """`GenerationMixin`'s, refusing token ids that are not [batch, sequence] with a `ValueError` (`generate`
-        otherwise fails on a 1-D tensor with an `IndexError` before the model runs)."""
-        inputs_tensor, input_name, model_kwargs = super()._prepare_model_inputs(*args, **kwargs)
-        if input_name == "input_ids":
-            _check_input_shapes(inputs_tensor, None)
-        return inputs_tensor, input_name, model_kwargs
+    _prepare_model_inputs = _prepare_model_inputs
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
         """`GenerationMixin`'s expansion for `num_return_sequences` / `num_beams` (each row repeated `expand_size` times),
@@ -1335,28 +1460,11 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
             return_dict=True,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-
-        ce_loss = aux_loss = z_loss = loss = None
-        router_weight = 1.0
-        if labels is not None:
-            ce_loss = self.loss_function(logits, labels, text_config.vocab_size, **kwargs)
-            loss = ce_loss
-            num_items_in_batch = kwargs.get("num_items_in_batch")
-            if num_items_in_batch is not None:
-                # Trainer (gradient accumulation, several processes) normalises the CE by the tokens of the whole
-                # optimizer step and sums micro-batches; weight the per-micro-batch router means the same way, so
-                # their coefficients keep their meaning whatever the accumulation and world size.
-                local_items = (labels[..., 1:] != -100).sum()
-                router_weight = local_items.to(loss.device) / torch.as_tensor(num_items_in_batch, device=loss.device)
-        if output_router_logits and outputs.router_logits:
-            aux_loss = router_balance_loss(outputs.router_logits, text_config.num_experts_per_tok, attention_mask)
-            z_loss = router_z_loss(outputs.router_logits, attention_mask)
-            if loss is not None:
-                router_terms = text_config.router_aux_loss_coef * aux_loss + text_config.router_z_loss_coef * z_loss
-                loss = loss + router_weight * router_terms.to(loss.device)
+        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])  # [B, T, vocab]
+        loss, ce_loss, aux_loss, z_loss, router_weight = _language_model_loss(
+            self, logits, labels, outputs.router_logits, attention_mask, output_router_logits, **kwargs
+        )
         # CuMo's routers: the projector's and CLIP's losses, each group weighted on its own (see the output's `loss`)
         multimodal_losses = {}
         groups = {"projector": self.config.projector_num_experts_per_tok, "vision": self.config.vision_num_experts_per_tok}
@@ -1435,9 +1543,17 @@ def _original_checkpoint_mapping() -> list:
 
 # overwrite=True: remote code re-executes this module whenever its hash changes.
 register_checkpoint_conversion_mapping("unimoe", _original_checkpoint_mapping(), overwrite=True)
+# A towerless `UniMoEForCausalLM` checkpoint read by the text-only class (by class name: the nested UniMoETextModel
+# inside `UniMoEForCausalLM` shares the model type and must not get it)
+register_checkpoint_conversion_mapping(
+    "UniMoETextForCausalLM",
+    [WeightRenaming(source_patterns=r"^model\.language_model\.", target_patterns="model.")],
+    overwrite=True,
+)
 
 UniMoEModel.register_for_auto_class("AutoModel")
 UniMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+UniMoETextForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "AudioQFormerAligner",
@@ -1451,6 +1567,7 @@ __all__ = [
     "SpeechQueryAligner",
     "UniMoESparseMoeBlock",
     "UniMoEVisionProjector",
+    "UniMoETextForCausalLM",
     "UniMoETextModel",
     "UniMoETopKRouter",
     "router_balance_loss",

@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from modeling_unimoe import UniMoEForCausalLM  # noqa: E402
+from modeling_unimoe import UniMoEForCausalLM, UniMoETextForCausalLM  # noqa: E402
 from trl_scripts import load_preset  # noqa: E402
 
 
@@ -23,6 +23,13 @@ def make_tiny_model(seed: int = 0, text_only: bool = True, **text_overrides) -> 
     """The `tiny` preset, by default without its towers (the language-model tests need none)."""
     torch.manual_seed(seed)
     return UniMoEForCausalLM(load_preset("tiny", text_only=text_only, **text_overrides)).eval()
+
+
+def make_tiny_text_model(seed: int = 0, **text_overrides) -> UniMoETextForCausalLM:
+    """The `tiny` preset's language model in the flat text-only layout; the same weights as
+    `make_tiny_model(seed, **text_overrides)` (the same initialisation order)."""
+    torch.manual_seed(seed)
+    return UniMoETextForCausalLM(load_preset("tiny", text_only=True, **text_overrides).text_config).eval()
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from modeling_unimoe import UniMoEForCausalLM, UniMoEModel, modeling_unimoe
+from modeling_unimoe import UniMoEForCausalLM, UniMoEModel, UniMoETextForCausalLM, UniMoETextModel, modeling_unimoe
 from modeling_unimoe.transformers_compat import (
     ACTIVATION_CHECKPOINTING_ENABLE,
     ACTIVATION_CHECKPOINTING_KWARGS,
@@ -35,7 +35,7 @@ from modeling_unimoe.transformers_compat import (
     IS_ACTIVATION_CHECKPOINTING,
 )
 from trl_scripts import load_preset, load_tiny_processor
-from conftest import make_tiny_model, run_fresh_python
+from conftest import make_tiny_model, make_tiny_text_model, run_fresh_python
 from media import tone, write_image, write_video
 
 
@@ -47,7 +47,8 @@ GENERATE = dict(max_new_tokens=5, min_new_tokens=5)
 
 def placeholder_ids(config) -> list[int]:
     """The config's <image>, <video> and <audio> placeholder ids (a text-only config names none)."""
-    return [i for i in (config.image_token_id, config.video_token_id, config.audio_token_id) if i is not None]
+    ids = (getattr(config, f"{modality}_token_id", None) for modality in ("image", "video", "audio"))
+    return [i for i in ids if i is not None]
 
 
 TINY_PLACEHOLDERS = placeholder_ids(load_preset("tiny"))
@@ -66,9 +67,23 @@ class Case:
 
     @property
     def text_only(self) -> bool:
-        return self.name == "text-only"
+        return self.name in ("text-only", "text-only layout")
 
-    def fresh(self, **text_overrides) -> UniMoEForCausalLM:
+    @property
+    def flat(self) -> bool:
+        return self.name == "text-only layout"
+
+    @property
+    def base_class(self) -> type:
+        return UniMoETextModel if self.flat else UniMoEModel
+
+    @property
+    def language_model_prefix(self) -> str:
+        return "model." if self.flat else "model.language_model."
+
+    def fresh(self, **text_overrides) -> UniMoEForCausalLM | UniMoETextForCausalLM:
+        if self.flat:
+            return make_tiny_text_model(**text_overrides)
         return make_tiny_model(text_only=self.text_only, **text_overrides)
 
 
@@ -109,14 +124,16 @@ def left_pad(rows: list[dict], pad_token_id: int) -> dict:
     return batch
 
 
-@pytest.fixture(scope="module", params=["text-only", "all-towers"])
+@pytest.fixture(scope="module", params=["text-only", "text-only layout", "all-towers"])
 def case(request, tmp_path_factory) -> Case:
-    text_only = request.param == "text-only"
+    """`text-only`: `UniMoEForCausalLM` without towers; `text-only layout`: `UniMoETextForCausalLM`, the flat
+    text-only checkpoint layout; `all-towers`: every tower."""
+    text_only = request.param != "all-towers"
     processor = load_tiny_processor()
     prompt, row_contents = conversations(tmp_path_factory.mktemp("media"), text_only)
-    model = make_tiny_model(text_only=text_only)
+    model = make_tiny_text_model() if request.param == "text-only layout" else make_tiny_model(text_only=text_only)
     rows = [encode(processor, content) for content in row_contents]
-    batch = left_pad(rows, model.config.text_config.pad_token_id)
+    batch = left_pad(rows, model.config.get_text_config().pad_token_id)
     assert (batch["attention_mask"] == 0).any(), "the batch rows must differ in length"
     return Case(request.param, model, encode(processor, prompt), rows, batch)
 
@@ -152,18 +169,13 @@ def assert_same_state_dict(got: dict, expected: dict):
         assert torch.equal(got[name], tensor), name
 
 
-def load_with(loader: str, folder, **kwargs):
-    if loader == "AutoModelForCausalLM":
-        return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **kwargs)
-    return UniMoEForCausalLM.from_pretrained(folder, **kwargs)
-
-
-@pytest.mark.parametrize("loader", ["UniMoEForCausalLM", "AutoModelForCausalLM"])
+@pytest.mark.parametrize("loader", ["own class", "AutoModelForCausalLM"])
 def test_save_and_reload_keeps_every_weight_and_the_logits(case, tmp_path, loader):
     case.model.save_pretrained(tmp_path)
-    reloaded, info = load_with(loader, tmp_path, output_loading_info=True)
+    cls = AutoModelForCausalLM if loader == "AutoModelForCausalLM" else type(case.model)
+    reloaded, info = cls.from_pretrained(tmp_path, trust_remote_code=True, output_loading_info=True)
     # With the package installed, its registered classes serve `trust_remote_code=True` too (see the fresh-process test).
-    assert type(reloaded) is UniMoEForCausalLM and not reloaded.training
+    assert type(reloaded) is type(case.model) and not reloaded.training
     assert_no_loading_problems(info)
     assert_same_state_dict(reloaded.state_dict(), case.model.state_dict())
     # Bit-identical weights; the logits only to float rounding: memory-mapped safetensors sit at other alignments,
@@ -198,12 +210,12 @@ def test_remote_code_in_a_fresh_process_reloads_the_same_weights_and_logits(case
 
 def test_the_base_model_loads_from_a_causal_lm_checkpoint_and_back(case, tmp_path):
     case.model.save_pretrained(tmp_path / "causal")
-    base, info = UniMoEModel.from_pretrained(tmp_path / "causal", output_loading_info=True)
+    base, info = case.base_class.from_pretrained(tmp_path / "causal", output_loading_info=True)
     assert_no_loading_problems(info)  # the head is left out on purpose, not reported
     assert_same_state_dict(base.state_dict(), case.model.model.state_dict())
     base.save_pretrained(tmp_path / "base")
     # base_model_prefix: the backbone's keys land under `model.`; only the head is new
-    head, info = UniMoEForCausalLM.from_pretrained(tmp_path / "base", output_loading_info=True)
+    head, info = type(case.model).from_pretrained(tmp_path / "base", output_loading_info=True)
     assert sorted(info["missing_keys"]) == ["lm_head.weight"] and not info["unexpected_keys"]
     assert_same_state_dict(head.model.state_dict(), case.model.model.state_dict())
 
@@ -214,7 +226,7 @@ def test_a_checkpoint_missing_a_weight_is_refused_by_name(case, tmp_path):
     with safe_open(path, "pt") as handle:
         metadata = handle.metadata()
     weights = load_file(path)
-    deleted = ["model.language_model.layers.1.mlp.gate.weight"]
+    deleted = [case.language_model_prefix + "layers.1.mlp.gate.weight"]
     if not case.text_only:
         deleted.append("model.audio_aligner.query_tokens")
     for name in deleted:
@@ -222,8 +234,8 @@ def test_a_checkpoint_missing_a_weight_is_refused_by_name(case, tmp_path):
     save_file(weights, path, metadata=metadata)
     refusal = rf"missing_keys: {re.escape(', '.join(sorted(deleted)))} \(pass `output_loading_info=True`"
     with pytest.raises(ValueError, match=refusal):
-        UniMoEForCausalLM.from_pretrained(tmp_path)
-    _, info = UniMoEForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+        type(case.model).from_pretrained(tmp_path)
+    _, info = type(case.model).from_pretrained(tmp_path, output_loading_info=True)
     assert sorted(info["missing_keys"]) == sorted(deleted)
     assert not info["unexpected_keys"] and not info["mismatched_keys"]
 
@@ -301,7 +313,7 @@ def expected_media_shapes(case: Case) -> dict:
     if case.text_only:
         return {}
     config, batch = case.model.config, case.batch
-    hidden = config.text_config.hidden_size
+    hidden = config.get_text_config().hidden_size
     patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     return {
         "image_hidden_states": (batch["pixel_values"].shape[0], patches, hidden),
@@ -314,7 +326,7 @@ def expected_media_shapes(case: Case) -> dict:
 
 def test_hidden_states_router_logits_and_media_features(case):
     config = case.model.config
-    text_config = config.text_config
+    text_config = config.get_text_config()
     batch_size, seq_len = case.batch["input_ids"].shape
     with torch.no_grad():
         out = case.model(**case.batch, output_hidden_states=True, output_router_logits=True)
@@ -329,11 +341,7 @@ def test_hidden_states_router_logits_and_media_features(case):
     # the first hidden state is the embeddings, the media features at their placeholders
     with torch.no_grad():
         embeddings = case.model.get_input_embeddings()(case.batch["input_ids"])
-    placeholders = {
-        "image_hidden_states": config.image_token_id,
-        "video_hidden_states": config.video_token_id,
-        "audio_hidden_states": config.audio_token_id,
-    }
+    placeholders = {f"{modality}_hidden_states": getattr(config, f"{modality}_token_id", None) for modality in ("image", "video", "audio")}
     text_positions = torch.ones_like(case.batch["input_ids"], dtype=torch.bool)
     for name in expected:
         positions = case.batch["input_ids"] == placeholders[name]
@@ -345,7 +353,7 @@ def test_hidden_states_router_logits_and_media_features(case):
 def test_eager_attention_returns_one_causal_padding_aware_map_per_layer(case):
     model = case.fresh()
     model.set_attn_implementation("eager")  # sdpa computes no attention weights to return
-    text_config = model.config.text_config
+    text_config = model.config.get_text_config()
     batch_size, seq_len = case.batch["input_ids"].shape
     with torch.no_grad():
         attentions = model(**case.batch, output_attentions=True).attentions
@@ -363,10 +371,11 @@ def test_eager_attention_returns_one_causal_padding_aware_map_per_layer(case):
 
 def test_eager_and_sdpa_attention_agree_on_a_left_padded_batch(case):
     model = case.fresh()
-    assert model.config.text_config._attn_implementation == "sdpa"  # the default, as `_supports_sdpa` promises
+    assert model.config.get_text_config()._attn_implementation == "sdpa"  # the default, as `_supports_sdpa` promises
     sdpa = logits_of(model, case.batch)
     model.set_attn_implementation("eager")
-    configs = [model.config.text_config] + [c for c in (model.config.vision_config, model.config.speech_config) if c]
+    towers = [getattr(model.config, name, None) for name in ("vision_config", "speech_config")]
+    configs = [model.config.get_text_config()] + [config for config in towers if config]
     assert all(config._attn_implementation == "eager" for config in configs)
     eager = logits_of(model, case.batch)
     real = case.batch["attention_mask"].bool()
@@ -387,7 +396,7 @@ def test_left_padding_leaves_every_rows_logits_unchanged(case):
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_resize_token_embeddings_grows_and_shrinks_the_vocabulary(case, tied):
     model = case.fresh(tie_word_embeddings=tied)
-    original_size = model.config.text_config.vocab_size
+    original_size = model.config.get_text_config().vocab_size
     original_input = model.get_input_embeddings().weight.detach().clone()
     original_output = model.lm_head.weight.detach().clone()
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
@@ -397,7 +406,7 @@ def test_resize_token_embeddings_grows_and_shrinks_the_vocabulary(case, tied):
         embeddings = model.resize_token_embeddings(new_size, pad_to_multiple_of=multiple)
         kept = min(kept, expected)
         assert embeddings is model.get_input_embeddings() and embeddings.weight.shape[0] == expected
-        assert model.config.text_config.vocab_size == expected
+        assert model.config.get_text_config().vocab_size == expected
         head = model.get_output_embeddings()
         assert head is model.lm_head and head.weight.shape[0] == expected
         assert (head.weight is embeddings.weight) == tied
@@ -497,8 +506,10 @@ def test_assisted_decoding_equals_greedy_search(case, assistant):
     else:
         kwargs = dict(assistant_model=make_tiny_model(seed=7, text_only=case.text_only, num_hidden_layers=1))
     fed = []
-    handle = case.model.model.language_model.register_forward_hook(
-        lambda _, __, kwargs_, ___: fed.append(kwargs_["inputs_embeds"].shape[1]), with_kwargs=True
+    handle = case.model.get_decoder().register_forward_hook(
+        # the nested model feeds its language model embeddings, the flat one its ids
+        lambda _, __, kwargs_, ___: fed.append(next(kwargs_[name] for name in ("inputs_embeds", "input_ids") if kwargs_.get(name) is not None).shape[1]),
+        with_kwargs=True,
     )
     try:
         assisted = case.model.generate(**case.prompt, do_sample=False, **kwargs, **GENERATE)
@@ -535,7 +546,7 @@ def test_parallelism_plans_name_real_modules_and_parameters(case):
                     declared += 1
                     assert key in wildcard_names(module), f"{prefix}: {plan_name} {key}"
                     assert f"{prefix}.{key}" in getattr(model, plan_name.removeprefix("base_model_")), f"{prefix}.{key}"
-    assert declared >= len(model.config.text_config.base_model_tp_plan)
+    assert declared >= len(model.config.get_text_config().base_model_tp_plan)
 
 
 # ---- embeddings, inputs_embeds, determinism, training --------------------------------------------------------------
@@ -543,9 +554,9 @@ def test_parallelism_plans_name_real_modules_and_parameters(case):
 
 def test_input_and_output_embeddings_are_the_language_models(case):
     model = case.fresh()
-    text_config = model.config.text_config
+    text_config = model.config.get_text_config()
     embeddings = model.get_input_embeddings()
-    assert embeddings is model.model.get_input_embeddings() is model.model.language_model.embed_tokens
+    assert embeddings is model.model.get_input_embeddings() is model.get_decoder().embed_tokens
     assert isinstance(embeddings, nn.Embedding)
     assert embeddings.weight.shape == (text_config.vocab_size, text_config.hidden_size)
     head = model.get_output_embeddings()
@@ -554,7 +565,7 @@ def test_input_and_output_embeddings_are_the_language_models(case):
     torch.manual_seed(3)
     replacement = nn.Embedding(text_config.vocab_size, text_config.hidden_size, text_config.pad_token_id)
     model.set_input_embeddings(replacement)
-    assert model.get_input_embeddings() is replacement and model.model.language_model.embed_tokens is replacement
+    assert model.get_input_embeddings() is replacement and model.get_decoder().embed_tokens is replacement
     after = logits_of(model, case.prompt)
     assert not torch.allclose(after, before)
     with torch.no_grad():
@@ -592,9 +603,12 @@ def test_training_forward_gives_a_scalar_loss_whose_gradients_reach_every_router
     out.loss.backward()
     assert out.hidden_states[0].grad is not None and out.hidden_states[0].grad.any()
     routers = {name: p for name, p in model.named_parameters() if name.endswith(".mlp.gate.weight")}
-    assert len(routers) == len(model.config.text_config.sparse_layer_indices)
+    assert len(routers) == len(model.config.get_text_config().sparse_layer_indices)
     assert all(p.grad is not None and p.grad.any() for p in routers.values()), "a router gets no gradient"
-    for name, child in model.model.named_children():  # towers, aligners, projector, language model
+    # towers, aligners, projector, language model; in the flat layout the language model's own parts
+    for name, child in model.model.named_children():
+        if not any(True for _ in child.parameters()):
+            continue  # the rotary embedding has no weights
         assert any(p.grad is not None and p.grad.any() for p in child.parameters()), f"no gradient reaches {name}"
 
 
@@ -645,7 +659,7 @@ def test_class_attributes_hold_for_the_instantiated_model(case):
     model = case.model
     assert model.can_generate() and not model.model.can_generate()
     assert model.base_model_prefix == "model" and getattr(model, model.base_model_prefix) is model.base_model is model.model
-    assert isinstance(model.base_model, UniMoEModel)
+    assert isinstance(model.base_model, case.base_class)
     assert model._supports_sdpa and model.config._attn_implementation == "sdpa"
     assert model.main_input_name == "input_ids" and next(iter(inspect.signature(model.forward).parameters)) == "input_ids"
 

@@ -1,8 +1,10 @@
+import json
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modeling_unimoe import UniMoEForCausalLM
+from modeling_unimoe import UniMoEForCausalLM, UniMoETextForCausalLM
 from trl_scripts.upcycling import main as upcycle_cli
 from trl_scripts.upcycling import upcycle_llama
 from conftest import random_ids
@@ -22,7 +24,7 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
 def test_upcycled_model_reproduces_dense_logits(router_type, moe_layers):
     dense = tiny_llama()
     moe = upcycle_llama(dense, num_experts=4, num_experts_per_tok=2, router_type=router_type, moe_layers=moe_layers)
-    text = moe.config.text_config
+    text = moe.config
     assert (text.num_experts, text.router_type, text.moe_intermediate_size) == (4, router_type, 96)
     ids = random_ids(2, 10, vocab=256)
     with torch.no_grad():
@@ -36,7 +38,7 @@ def test_upcycle_from_path_with_tied_embeddings(tmp_path):
     dense.save_pretrained(tmp_path / "dense")
     moe = upcycle_llama(tmp_path / "dense", num_experts=2, num_experts_per_tok=1)
     assert moe.config.tie_word_embeddings
-    assert moe.lm_head.weight.data_ptr() == moe.model.language_model.embed_tokens.weight.data_ptr()
+    assert moe.lm_head.weight.data_ptr() == moe.model.embed_tokens.weight.data_ptr()
     ids = random_ids(1, 7, vocab=256)
     with torch.no_grad():
         torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-5, rtol=0)
@@ -51,7 +53,7 @@ def test_upcycle_from_one_ffn_per_expert():
     dense = tiny_llama()
     ffns = [_ffn_state(dense, scale) for scale in (1.0, 2.0, 3.0)]
     moe = upcycle_llama(dense, num_experts=3, num_experts_per_tok=1, moe_layers=[1], expert_ffn_state_dicts=ffns)
-    layers = moe.model.language_model.layers
+    layers = moe.model.layers
     experts = layers[1].mlp.experts
     for e, scale in enumerate((1.0, 2.0, 3.0)):
         gate = dense.model.layers[1].mlp.gate_proj.weight * scale
@@ -77,11 +79,17 @@ def test_upcycle_cli(tmp_path):
     dense.save_pretrained(tmp_path / "dense")
     upcycle_cli(["--dense", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "moe"), "--num_experts", "2",
                  "--moe_layers", "0,2"])
-    moe = UniMoEForCausalLM.from_pretrained(tmp_path / "moe")
-    assert moe.config.text_config.sparse_layer_indices == [0, 2]
+    assert not (tmp_path / "moe" / "tokenizer_config.json").exists()  # the dense folder had none to copy
+    # the flat text-only layout (what vLLM serves as a text model), read by both classes
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == ("unimoe_text", ["UniMoETextForCausalLM"])
+    assert "text_config" not in config
     ids = random_ids(1, 5, vocab=256)
-    with torch.no_grad():
-        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-5, rtol=0)
+    for cls in (UniMoETextForCausalLM, UniMoEForCausalLM):
+        moe = cls.from_pretrained(tmp_path / "moe")
+        assert moe.config.get_text_config().sparse_layer_indices == [0, 2]
+        with torch.no_grad():
+            torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-5, rtol=0)
 
 
 def test_upcycled_smollm2_keeps_its_answer(smollm2):
@@ -160,3 +168,18 @@ def test_stage2_ffns_become_the_experts_of_the_stage3_model():
         torch.testing.assert_close(same(ids, pixel_values=pixels).logits, dense(ids, pixel_values=pixels).logits, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="stage-2 FFNs come from a dense model"):
         dense_ffn_state_dict(moe)
+
+
+def test_upcycle_cli_keeps_the_dense_models_tokenizer(tmp_path):
+    from trl_scripts import load_tiny_processor
+
+    dense = tiny_llama()
+    dense.save_pretrained(tmp_path / "dense")
+    tokenizer = load_tiny_processor().tokenizer
+    tokenizer.save_pretrained(tmp_path / "dense")
+    upcycle_cli(["--dense", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "moe"), "--num_experts", "2"])
+    from transformers import AutoTokenizer
+
+    copied = AutoTokenizer.from_pretrained(tmp_path / "moe")
+    text = "Name a colour. <image>"
+    assert copied(text).input_ids == tokenizer(text).input_ids and len(copied) == len(tokenizer)

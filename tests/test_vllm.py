@@ -24,8 +24,9 @@ import torch
 from media import tone
 from PIL import Image
 
-from modeling_unimoe import UniMoEForCausalLM
+from modeling_unimoe import UniMoEForCausalLM, UniMoETextForCausalLM
 from trl_scripts import load_preset, load_tiny_processor
+from trl_scripts.presets import CHAT_TEMPLATE_PATH
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,12 +57,29 @@ def build_checkpoint(path: Path, **text_overrides) -> UniMoEForCausalLM:
     weight that vLLM failed to load, or loaded into the wrong slot, pass unseen). Saved with its processor."""
     torch.manual_seed(0)
     config = load_preset("tiny", num_attention_heads=2, num_key_value_heads=1, **text_overrides)
-    model = UniMoEForCausalLM(config).eval()
+    model = perturb(UniMoEForCausalLM(config)).eval()
+    model.save_pretrained(path)
+    load_tiny_processor(config).save_pretrained(path)
+    return model
+
+
+def perturb(model):
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.05)
+    return model
+
+
+def build_text_checkpoint(path: Path) -> UniMoETextForCausalLM:
+    """The `tiny` preset's language model (head size 32, weights perturbed) in the flat text-only layout, saved with
+    the tiny tokenizer, which carries the Vicuna v1 chat template (a text model has no processor to hold it)."""
+    torch.manual_seed(0)
+    config = load_preset("tiny", text_only=True, num_attention_heads=2, num_key_value_heads=1).text_config
+    model = perturb(UniMoETextForCausalLM(config)).eval()
     model.save_pretrained(path)
-    load_tiny_processor(config).save_pretrained(path)
+    tokenizer = load_tiny_processor().tokenizer
+    tokenizer.chat_template = CHAT_TEMPLATE_PATH.read_text()
+    tokenizer.save_pretrained(path)
     return model
 
 
@@ -102,13 +120,13 @@ def run_offline(vllm_python: Path, tmp_path: Path, checkpoint: Path, prompts: li
     return result.returncode, json.loads(report.read_text()) if result.returncode == 0 else None, output
 
 
-def assert_every_weight_loaded(weights: dict):
+def assert_every_weight_loaded(weights: dict, at_least: int = 100):
     """Every vLLM parameter was written by vLLM's loader and holds, row for row, our checkpoint's values, and every
-    checkpoint tensor was found there."""
+    checkpoint tensor was found there; vLLM's model has `at_least` parameters (the report covers the whole model)."""
     assert weights["not_loaded"] == [], weights
     assert weights["not_covered"] == [], weights
     assert weights["unmatched_checkpoint_tensors"] == [], weights
-    assert weights["vllm_parameters"] > 100
+    assert weights["vllm_parameters"] >= at_least
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +165,22 @@ def test_audio_prompt_of_one_window_equals_generate(towered):
 def test_vllm_loads_every_weight_of_ours(towered):
     _, report = towered
     assert_every_weight_loaded(report["weights"])
+
+
+def test_text_only_checkpoint_equals_generate_and_loads_every_weight(vllm_python, tmp_path):
+    """A text-only checkpoint in the flat layout (`UniMoETextForCausalLM`, what `unimoe-upcycle` writes) runs as a
+    text model in vLLM (its multimodal backend takes any config nesting a `text_config`, and cannot serve one without
+    media): tokens and weights as above."""
+    checkpoint = tmp_path / "checkpoint"
+    model = build_text_checkpoint(checkpoint)
+    prompts = [{"prompt_token_ids": ids} for ids in TEXT_PROMPTS]
+    expected = our_tokens(model, None, prompts)
+    returncode, report, output = run_offline(vllm_python, tmp_path, checkpoint, prompts)
+    assert returncode == 0, output[-6000:]
+    assert report["tokens"] == expected
+    assert all(len(set(tokens)) > 1 for tokens in expected)
+    # 4 layers of q/k/v (fused), o, router, experts (w13, w2) and 2 norms; embedding, norm, head
+    assert_every_weight_loaded(report["weights"], at_least=31)
 
 
 def test_dense_and_sparse_layers_with_shared_experts(vllm_python, tmp_path):
@@ -294,3 +328,18 @@ def test_cumo_checkpoints_are_refused_by_name(vllm_python, tmp_path):
     returncode, _, output = run_offline(vllm_python, tmp_path, checkpoint, [{"prompt_token_ids": TEXT_PROMPTS[0]}], False)
     assert returncode != 0
     assert "vLLM cannot serve this checkpoint: the sparse MoE blocks of the projector and CLIP (CuMo)" in output
+
+
+def test_openai_server_text_only_checkpoint(vllm_python, tmp_path):
+    """vLLM's OpenAI server on the flat text-only layout: a completion from token ids and a chat (rendered by the
+    tokenizer's chat template) give our `generate`'s greedy tokens and prompt token counts."""
+    checkpoint = tmp_path / "checkpoint"
+    model = build_text_checkpoint(checkpoint)
+    (expected_text,) = our_tokens(model, None, [{"prompt_token_ids": TEXT_PROMPTS[1]}])
+    expected_chat = our_chat(model, load_tiny_processor(), {"type": "text", "text": "Name a colour."})
+    with openai_server(vllm_python, tmp_path, checkpoint) as client:
+        completion = client.completions.create(
+            model="unimoe", prompt=TEXT_PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0, logprobs=1, extra_body=TOKEN_IDS
+        )
+        assert ids_of(completion.choices[0].logprobs.tokens) == expected_text
+        assert chat(client, [{"type": "text", "text": "Name a colour."}]) == expected_chat

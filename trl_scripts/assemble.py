@@ -117,7 +117,7 @@ def assemble_unimoe(
         # the tower stays frozen in every Uni-MoE stage: BEATs' LayerDrop (0.05 in AS2M) would only add noise
         audio_config = sound.config.to_dict() | {"encoder_layerdrop": 0.0}
     config = UniMoEConfig(
-        text_config=lm.config.text_config.to_dict(),
+        text_config=lm.config.to_dict(),
         vision_config=vision.config.to_dict() if vision is not None else None,
         speech_config=speech.config.to_dict() if speech is not None else None,
         audio_config=audio_config,
@@ -133,7 +133,7 @@ def assemble_unimoe(
     model = UniMoEForCausalLM(config).to(lm.dtype)
 
     state = model.state_dict()
-    pieces = {"model.language_model.": lm.model.language_model.state_dict(), "lm_head.": lm.lm_head.state_dict()}
+    pieces = {"model.language_model.": lm.model.state_dict(), "lm_head.": lm.lm_head.state_dict()}
     if vision is not None:
         pieces["model.vision_tower."] = vision.state_dict()
     if speech is not None:

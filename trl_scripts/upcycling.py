@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, HfArgumentParser, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
 
-from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM
+from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, UniMoETextConfig, UniMoETextForCausalLM
 
 from .console import command_line
 
@@ -72,8 +72,11 @@ def _expert_ffns(
     return expert_ffn_state_dicts
 
 
-def _stacked_experts(experts: list[dict[str, torch.Tensor]], sparse_layers, dtype) -> dict[str, torch.Tensor]:
-    """Fused expert weights of every sparse layer from one FFN state dict per expert (original layout keys)."""
+def _stacked_experts(
+    experts: list[dict[str, torch.Tensor]], sparse_layers, dtype, prefix: str = "model.language_model."
+) -> dict[str, torch.Tensor]:
+    """Fused expert weights of every sparse layer from one FFN state dict per expert (original layout keys), under
+    `prefix` (the language model's: `model.language_model.` in `UniMoEForCausalLM`, `model.` in the text-only class)."""
     state = {}
     for layer in sorted(sparse_layers):
         gate_up, down = [], []
@@ -84,9 +87,9 @@ def _stacked_experts(experts: list[dict[str, torch.Tensor]], sparse_layers, dtyp
                 raise KeyError(f"FFN state dict of expert {expert} lacks {absent}")
             gate_up.append(torch.cat([ffn[keys["gate_proj"]], ffn[keys["up_proj"]]], dim=0))  # [2I, H]
             down.append(ffn[keys["down_proj"]])  # [H, I]
-        prefix = f"model.language_model.layers.{layer}.mlp.experts"
-        state[f"{prefix}.gate_up_proj"] = torch.stack(gate_up).to(dtype)  # [E, 2I, H]
-        state[f"{prefix}.down_proj"] = torch.stack(down).to(dtype)  # [E, H, I]
+        experts_key = f"{prefix}layers.{layer}.mlp.experts"
+        state[f"{experts_key}.gate_up_proj"] = torch.stack(gate_up).to(dtype)  # [E, 2I, H]
+        state[f"{experts_key}.down_proj"] = torch.stack(down).to(dtype)  # [E, H, I]
     return state
 
 
@@ -148,8 +151,10 @@ def upcycle_llama(
     norm_topk_prob: bool = True,
     expert_ffn_state_dicts: list[dict[str, torch.Tensor]] | None = None,
     **text_config_overrides,
-) -> UniMoEForCausalLM:
-    """Turn a dense LLaMA-architecture causal LM (a model or a path to one) into a `UniMoEForCausalLM`.
+) -> UniMoETextForCausalLM:
+    """Turn a dense LLaMA-architecture causal LM (a model or a path to one) into a text-only Uni-MoE,
+    `UniMoETextForCausalLM` (saved in the flat text-only layout, which vLLM serves; `UniMoEForCausalLM.from_pretrained`
+    reads it as a model without towers, and `assemble_unimoe` puts towers around it).
 
     Attention, embeddings, norms and the LM head are copied. In each sparse layer, expert `e` is the dense FFN of
     that layer, or, when `expert_ffn_state_dicts` is given, layer L's FFN from the e-th state dict (keys
@@ -168,31 +173,30 @@ def upcycle_llama(
         norm_topk_prob=norm_topk_prob,
         **text_config_overrides,
     )
-    config = UniMoEConfig(text_config=text_config)
+    config = UniMoETextConfig(**text_config)
     dtype = next(dense.parameters()).dtype
-    model = UniMoEForCausalLM(config).to(dtype)
+    model = UniMoETextForCausalLM(config).to(dtype)
 
     dense_state = dense.state_dict()
     experts = _expert_ffns(dense_state, num_experts, expert_ffn_state_dicts)
-    sparse_layers = set(config.text_config.sparse_layer_indices)
+    sparse_layers = set(config.sparse_layer_indices)
     state, used = {}, set()
-    for key, value in model.state_dict().items():
+    for key, value in model.state_dict().items():  # the same keys as the dense LLaMA's
         if ".mlp.gate.weight" in key:
             state[key] = value  # router: fresh init
             continue
         if ".mlp.experts." in key:
             continue
-        source = key.replace("model.language_model.", "model.", 1)
-        if source not in dense_state:
-            raise KeyError(f"Dense checkpoint has no weight {source!r} for {key!r}")
-        state[key] = dense_state[source]
-        used.add(source)
+        if key not in dense_state:
+            raise KeyError(f"Dense checkpoint has no weight {key!r}")
+        state[key] = dense_state[key]
+        used.add(key)
     used.update(f"model.layers.{layer}.mlp.{proj}.weight" for layer in sparse_layers for proj in _FFN_PROJECTIONS)
     unused = sorted(set(dense_state) - used)
     if unused:  # e.g. Qwen2's q/k/v biases or Qwen3's q/k norms: a different architecture, not a LLaMA
         raise ValueError(f"{type(dense).__name__} has weights a LLaMA-architecture Uni-MoE cannot hold: {unused[:8]}")
 
-    state.update(_stacked_experts(experts, sparse_layers, dtype))
+    state.update(_stacked_experts(experts, sparse_layers, dtype, prefix="model."))
 
     model.load_state_dict(state, strict=True)
     model.generation_config = copy.deepcopy(dense.generation_config)  # EOS ids, sampling defaults of the backbone
@@ -285,7 +289,9 @@ def upcycle_multimodal_experts(
 @dataclass
 class UpcycleArguments:
     dense: str = field(metadata={"help": "Path to a dense LLaMA-architecture causal LM (HF format)."})
-    output_dir: str = field(metadata={"help": "Where to save the Uni-MoE checkpoint (with remote code)."})
+    output_dir: str = field(
+        metadata={"help": "Where to save the text-only Uni-MoE checkpoint (flat layout, with remote code) and the dense model's tokenizer."}
+    )
     num_experts: int = 4
     num_experts_per_tok: int = 2
     moe_layers: str = field(default="all", metadata={"help": "all, even, odd, or comma-separated layer indices."})
@@ -317,6 +323,12 @@ def main(argv: list[str] | None = None) -> None:
         expert_ffn_state_dicts=[_read_state_dict(path) for path in args.expert_ffns] or None,
     )
     model.save_pretrained(args.output_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.dense)
+    except (OSError, ValueError) as error:  # a folder with weights only
+        logger.warning("%s has no tokenizer (%s): %s holds the model only; add one before serving it", args.dense, error, args.output_dir)
+    else:
+        tokenizer.save_pretrained(args.output_dir)
 
 
 if __name__ == "__main__":
