@@ -91,7 +91,7 @@ fuzz: $(STAMP)
 	UNIMOE_FUZZ_EXAMPLES=10000 UNIMOE_FUZZ_REPORT=outputs/fuzz/counts.json $(PY) -m pytest -q -p no:cacheprovider tests/test_processor_fuzz.py
 	cat outputs/fuzz/counts.json
 
-bench: $(STAMP)
+bench: $(STAMP) $(VLLM_STAMP)
 	$(PY) benchmarks/bench_moe_layer.py
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_decode.py
@@ -102,6 +102,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_cache_encodings.py
 	$(PY) benchmarks/bench_checkpoint_layout.py
 	$(PY) benchmarks/bench_serve.py
+	$(PY) benchmarks/bench_vllm.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .venv-compat-* outputs

@@ -83,10 +83,19 @@ def start_server(checkpoint: Path, max_batch_size: int) -> tuple[subprocess.Pope
             time.sleep(0.5)
 
 
-def run_clients(url: str, model: str, content, requests: int, clients: int, max_tokens: int) -> tuple[float, list[float]]:
-    """(wall seconds, per-request latencies) for `requests` requests shared by `clients` threads."""
+def fixed_length(max_tokens: int) -> dict:
+    """The request fields that make `unimoe-serve` generate exactly `max_tokens` tokens (transformers serve's
+    `generation_config` extension)."""
+    return {"generation_config": json.dumps({"min_new_tokens": max_tokens, "max_new_tokens": max_tokens, "do_sample": False})}
+
+
+def run_clients(
+    url: str, model: str, content, requests: int, clients: int, max_tokens: int, extra_body: dict | None = None
+) -> tuple[float, list[float]]:
+    """(wall seconds, per-request latencies) for `requests` requests shared by `clients` threads; `extra_body`: the
+    server's fields for a fixed answer length (`fixed_length` by default)."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
-    generation = json.dumps({"min_new_tokens": max_tokens, "max_new_tokens": max_tokens, "do_sample": False})
+    extra_body = fixed_length(max_tokens) if extra_body is None else extra_body
     latencies, lock, counter = [], threading.Lock(), iter(range(requests))
 
     def work():
@@ -97,7 +106,7 @@ def run_clients(url: str, model: str, content, requests: int, clients: int, max_
             start = time.perf_counter()
             response = client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0,
-                extra_body={"generation_config": generation},
+                extra_body=extra_body,
             )
             assert response.usage.completion_tokens == max_tokens, response.usage
             with lock:

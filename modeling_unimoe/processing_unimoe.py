@@ -445,11 +445,41 @@ def _resample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
     return _swresample(np.pad(waveform, (0, minimum - waveform.size)), rate, target)[:length]
 
 
+# Lossless files libsndfile decodes to the same float32 samples as PyAV (integer PCM scaled by its full scale, floats
+# rounded to float32), read without FFmpeg's per-file setup: 0.8 ms instead of 9-19 ms for a 3 s WAV, most of an audio
+# row's decoding. Lossy formats (MP3, Vorbis, Opus) decode differently in the two libraries and stay with PyAV.
+_SOUNDFILE_FORMATS = {"WAV", "WAVEX", "FLAC"}
+_SOUNDFILE_SUBTYPES = {"PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"}
+
+
+def _read_lossless(path, sampling_rate: int) -> np.ndarray | None:
+    """`[channels, samples]` float32 of a lossless WAV or FLAC file already at `sampling_rate`, read with soundfile;
+    None for any other file, or when soundfile is missing (remote code in an environment without it) or fails: PyAV
+    then decodes it (and names what is wrong with it)."""
+    try:
+        import soundfile
+    except ImportError:
+        return None
+    try:
+        info = soundfile.info(_rewound(path))
+        if info.format not in _SOUNDFILE_FORMATS or info.subtype not in _SOUNDFILE_SUBTYPES or info.samplerate != sampling_rate:
+            return None
+        data, _ = soundfile.read(_rewound(path), dtype="float32", always_2d=True)  # [samples, channels]
+    except (RuntimeError, TypeError, ValueError, OSError):  # libsndfile refuses it: PyAV decodes it or says why not
+        return None
+    return np.ascontiguousarray(data.T) if data.size else None
+
+
 def _load_audio_file(path, sampling_rate: int, index: int) -> np.ndarray:
     """`path`: a path or a binary file object (from `_file_source`)."""
-    import av
-
     label = _source_name(path)
+    channels = _read_lossless(path, sampling_rate)
+    if channels is not None:
+        waveform = _check_finite(_to_mono(channels, index), f"audio {index} (file {label})")
+        _check_peak(channels, f"audio {index} (file {label})")
+        return waveform
+
+    import av
 
     def decode(rate: int | None) -> tuple[list[np.ndarray], int, int]:
         """Planar float [channels, samples] chunks at `rate` (None: the file's), the file's rate and sample count."""

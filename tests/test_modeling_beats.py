@@ -8,7 +8,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeling_unimoe.configuration_beats import BEATsConfig
-from modeling_unimoe.feature_extraction_beats import beats_fbank, beats_frame_padding_mask, beats_num_frames
+from modeling_unimoe.feature_extraction_beats import (
+    _normalised_log_mel,
+    beats_fbank,
+    beats_frame_padding_mask,
+    beats_num_frames,
+    reference_log_mel,
+)
 from modeling_unimoe.modeling_beats import BEATsModel, beats_config_from_official, load_beats_checkpoint
 
 
@@ -374,6 +380,28 @@ def test_fbank_matches_a_handwritten_kaldi_reference():
     # a few units: ulp ~2e-7), so agreement to ~5e-7 is expected (measured 1.2e-7). 1e-5 keeps a 20x margin, while a
     # real mistake (periodic instead of symmetric window: 4e-2; Hann instead of povey: 0.25) is far above it.
     np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("remove_dc_offset", [True, False])
+def test_array_wide_fbank_equals_transformers_frame_by_frame_spectrogram_bit_for_bit(remove_dc_offset):
+    """The fbank runs `spectrogram`'s per-frame steps on all frames at once (its Python loop was most of an audio row's
+    collation); it must give the same bits, so that cached and uncached features, and runs before and after, agree.
+    Lengths cover one frame, partial hops, and the 4 s and 30 s windows; levels from near silence to full scale,
+    clipped noise, a tone with a DC offset, and edge padding."""
+    rng = np.random.default_rng(0)
+    t = np.arange(480000) / 16000
+    signals = [
+        np.clip(rng.standard_normal(480000), -1, 1),
+        0.3 * np.sin(2 * np.pi * 440 * t) + 0.02,
+        rng.standard_normal(480000) * 1e-4,
+        np.pad(rng.uniform(-0.5, 0.5, 9000), (0, 480000 - 9000), mode="edge"),
+    ]
+    for signal in signals:
+        for length in (400, 401, 559, 4321, 64000, 480000):
+            waveform = signal[:length].astype(np.float32)
+            ours = _normalised_log_mel(waveform, remove_dc_offset)
+            assert np.array_equal(ours, reference_log_mel(waveform, remove_dc_offset)), (length, signal[:3])
+            assert ours.dtype == np.float32 and ours.shape == (beats_num_frames(length), 128)
 
 
 def test_fbank_reproduces_torchaudio_on_the_edge_padding():

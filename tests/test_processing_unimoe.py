@@ -167,6 +167,35 @@ def test_audio_is_resampled_and_mixed_to_mono(tiny_processor, tmp_path):
     torch.testing.assert_close(c[inner], b[inner], atol=0.05, rtol=0)
 
 
+@pytest.mark.parametrize("container, subtype", [
+    ("WAV", "PCM_U8"), ("WAV", "PCM_16"), ("WAV", "PCM_24"), ("WAV", "PCM_32"), ("WAV", "FLOAT"), ("WAV", "DOUBLE"),
+    ("FLAC", "PCM_16"), ("FLAC", "PCM_24"),
+])
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_lossless_files_read_by_libsndfile_decode_to_pyavs_bits(container, subtype, channels, tmp_path, monkeypatch):
+    """WAV and FLAC at the target rate skip FFmpeg's per-file setup (read with soundfile); the samples, and so the
+    features, must be PyAV's bit for bit. Files at other rates, and anything soundfile cannot read, go to PyAV."""
+    import io
+
+    import soundfile
+
+    from modeling_unimoe import processing_unimoe
+
+    rng = np.random.default_rng(channels)
+    samples = np.clip(rng.standard_normal((24000, channels)) * 0.3, -1, 1)
+    samples[:5] = [[-1.0] * channels, [1.0] * channels, [0.999] * channels, [1e-6] * channels, [0.0] * channels]
+    path = tmp_path / f"clip.{container.lower()}"
+    soundfile.write(path, samples, 16000, subtype=subtype, format=container)
+    fast = [processing_unimoe.load_audio(source, 16000, 0) for source in (str(path), io.BytesIO(path.read_bytes()))]
+    assert processing_unimoe._read_lossless(str(path), 16000) is not None  # the soundfile path was taken
+    assert processing_unimoe._read_lossless(str(path), 8000) is None  # another rate: PyAV resamples it
+    monkeypatch.setattr(processing_unimoe, "_read_lossless", lambda path, rate: None)
+    pyav = processing_unimoe.load_audio(str(path), 16000, 0)
+    assert pyav.dtype == np.float32 and pyav.shape == (24000,)
+    for waveform in fast:
+        assert waveform.dtype == np.float32 and np.array_equal(waveform, pyav)
+
+
 def test_empty_and_overlong_audio(tiny_processor, caplog):
     with pytest.raises(ValueError, match="audio 0 is empty"):
         tiny_processor(text="<audio>", audio=[np.zeros(0, np.float32)])
