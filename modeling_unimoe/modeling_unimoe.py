@@ -1204,6 +1204,10 @@ class UniMoEModel(UniMoEPreTrainedModel):
         return inputs_embeds, media
 
 
+# The inputs `UniMoEForCausalLM` takes media in (`UniMoEProcessor`'s outputs)
+MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "input_features", "input_features_mask", "input_values", "input_values_mask")
+
+
 def _language_model_loss(
     model: PreTrainedModel,
     logits: torch.Tensor,
@@ -1275,6 +1279,20 @@ class UniMoETextForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
 
     _prepare_model_inputs = _prepare_model_inputs
 
+    @staticmethod
+    def _refuse_media(kwargs: dict) -> None:
+        """`ValueError` naming media inputs given to this text-only model (they would otherwise be ignored)."""
+        given = [name for name in MEDIA_INPUTS if kwargs.get(name) is not None]
+        if given:
+            raise ValueError(
+                f"This Uni-MoE checkpoint is text-only (UniMoETextForCausalLM, no towers), but media inputs were given: "
+                f"{', '.join(given)}"
+            )
+
+    def _validate_model_kwargs(self, model_kwargs: dict) -> None:
+        self._refuse_media(model_kwargs)
+        super()._validate_model_kwargs(model_kwargs)
+
     @can_return_tuple
     def forward(
         self,
@@ -1294,6 +1312,7 @@ class UniMoETextForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
             Token ids to predict (-100 = ignored). The loss adds the weighted router losses when
             `output_router_logits` is on (it must be for training: without router logits there is no balance term).
         """
+        self._refuse_media(kwargs)
         cache = pop_cache(cache, kwargs)  # `past_key_values` before transformers 5.24
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits

@@ -450,3 +450,27 @@ def test_mcq_references_may_be_an_option_letter_or_text(tmp_path):
             {"id": "q-4", "text": "Which?", "answers": [{"answer": "B", "answer_id": 1}, "b"], "options": ["x", "y"]}]  # fmt: skip
     samples = load_eval_samples(write_json(tmp_path / "rows.json", rows), "mcq")
     assert [sample.references for sample in samples] == [["B"], ["a dog"], ["Z"], ["B", "b"]]
+
+
+def test_a_text_only_checkpoint_loads_with_a_processor_built_from_its_tokenizer(tmp_path):
+    """The flat text-only layout ships a tokenizer only (`unimoe-upcycle`): the processor is built from it and its chat
+    template; a tokenizer without a template is a clear error."""
+    from modeling_unimoe import UniMoEProcessor, UniMoETextForCausalLM
+    from trl_scripts import load_preset
+    from trl_scripts.presets import CHAT_TEMPLATE_PATH
+
+    UniMoETextForCausalLM(load_preset("tiny", text_only=True).text_config).save_pretrained(tmp_path)
+    tokenizer = load_tiny_processor().tokenizer
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has a tokenizer but no processor and no chat template to build one from"):
+        load_model_and_processor(str(tmp_path))
+    tokenizer.chat_template = CHAT_TEMPLATE_PATH.read_text()
+    tokenizer.save_pretrained(tmp_path)
+    model, processor = load_model_and_processor(str(tmp_path))
+    assert type(model).__name__ == "UniMoETextForCausalLM" and isinstance(processor, UniMoEProcessor)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    expected = load_tiny_processor(load_preset("tiny", text_only=True)).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    assert inputs["input_ids"].tolist() == expected["input_ids"].tolist()

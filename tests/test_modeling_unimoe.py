@@ -325,3 +325,14 @@ def test_ids_outside_the_vocabulary_are_named(bad_id, module):
     cache = getattr(target(torch.tensor([[7, 8]]), use_cache=True), CACHE_NAME)
     with pytest.raises(ValueError, match=outside):
         target(torch.tensor([[bad_id]]), **{CACHE_NAME: cache})
+
+
+def test_the_text_only_class_refuses_media_inputs_by_name():
+    """`UniMoETextForCausalLM` has no towers: media inputs are an error naming them, in `forward` and `generate`
+    (`forward` would otherwise pass them on in its keyword arguments, unused)."""
+    from conftest import make_tiny_text_model
+
+    model, ids = make_tiny_text_model(), torch.tensor([[1, 5, 9]])
+    for call in (model, lambda *a, **k: model.generate(*a, **k, max_new_tokens=2)):
+        with pytest.raises(ValueError, match=r"text-only \(UniMoETextForCausalLM, no towers\).*: pixel_values, input_values$"):
+            call(ids, pixel_values=torch.zeros(1, 3, 28, 28), input_values=torch.zeros(1, 400, 128))

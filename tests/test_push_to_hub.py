@@ -370,7 +370,7 @@ def test_incomplete_folders_are_refused(hub, saved_multimodal, tmp_path):
     _refused(hub, tmp_path / "nowhere", r"does not exist")
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    _refused(hub, tmp_path / "llama", r"model_type 'llama', not 'unimoe'")
+    _refused(hub, tmp_path / "llama", r"model_type 'llama', not one of \('unimoe', 'unimoe_text'\)")
     _refused(hub, saved_multimodal, r"ORG/NAME", repo_id="no-namespace")
 
 
@@ -395,6 +395,51 @@ def test_bad_eval_results_name_file_and_key(tmp_path, change, message):
 def test_eval_results_file_that_is_not_json(hub, saved_multimodal):
     (saved_multimodal / "eval_results_asr.json").write_text("{not json")
     _refused(hub, saved_multimodal, r"eval_results_asr\.json is not valid JSON")
+
+
+def test_an_upcycled_text_only_checkpoint_publishes_and_loads_from_the_hub(hub, hub_client_env, online, tmp_path):
+    """What `unimoe-upcycle` writes (the flat text-only layout, `UniMoETextForCausalLM`, with the dense model's
+    tokenizer) passes the folder checks, gets a text-generation card, and loads from the Hub through remote code."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trl_scripts.presets import CHAT_TEMPLATE_PATH
+    from trl_scripts.upcycling import main as upcycle_cli
+
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    ))
+    dense.save_pretrained(tmp_path / "dense")
+    tokenizer = load_tiny_processor().tokenizer
+    tokenizer.chat_template = CHAT_TEMPLATE_PATH.read_text()  # a chat LLaMA's tokenizer carries its template
+    tokenizer.save_pretrained(tmp_path / "dense")
+    folder = tmp_path / "moe"
+    upcycle_cli(["--dense", str(tmp_path / "dense"), "--output_dir", str(folder), "--num_experts", "2"])
+    result = run_cli(["--model", str(folder), "--repo-id", "org/text-moe"], hub_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    repo = hub.repo("org/text-moe")
+    config = json.loads(repo.files["config.json"])
+    assert (config["model_type"], config["auto_map"]["AutoModelForCausalLM"]) == ("unimoe_text", "modeling_unimoe.UniMoETextForCausalLM")
+    card = ModelCard(repo.files["README.md"].decode())
+    assert card.data.pipeline_tag == "text-generation" and "| Experts | 2 routed per sparse layer" in card.text
+
+    ids = random_ids(1, 9, seed=4)
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": dense(ids).logits}, tmp_path / "expected.pt")
+    stdout = run_hub_client(
+        """
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        expected = torch.load("expected.pt")
+        model = AutoModelForCausalLM.from_pretrained("org/text-moe", trust_remote_code=True)
+        with torch.no_grad():  # upcycled from identical experts: the dense model's function
+            torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"], atol=1e-5, rtol=0)
+        print("LOADED", type(model).__name__, len(AutoTokenizer.from_pretrained("org/text-moe")))
+        """,
+        tmp_path,
+    )
+    assert f"LOADED UniMoETextForCausalLM {len(load_tiny_processor().tokenizer)}" in stdout
 
 
 def test_card_of_a_text_only_model(tmp_path):

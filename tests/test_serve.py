@@ -22,7 +22,7 @@ from conftest import REPO_ROOT, make_tiny_model
 from media import encode_audio, tone, write_audio, write_image, write_video
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-from trl_scripts import load_tiny_processor
+from trl_scripts import load_preset, load_tiny_processor
 from trl_scripts.serving.server import RequestError, chat_messages_from_openai, collate, main, parse_arguments
 
 
@@ -547,3 +547,43 @@ def test_an_int8_server_answers_as_the_int8_model(checkpoint, media, tmp_path):
             assert running.ask(parts, stream=False) == int8_reference(blocks), case
     finally:
         stop(running)
+
+
+def test_a_text_only_checkpoint_is_served_from_its_tokenizer_and_refuses_media(media, tmp_path):
+    """What `unimoe-upcycle` writes, the flat text-only layout with a tokenizer and no processor: the server builds
+    Uni-MoE's processor from the tokenizer's chat template and answers as `generate`; media, which the model has no
+    tower for, are a 400 naming what it takes (before: a 500 from `generate`). A towerless checkpoint of the composite
+    class says the same."""
+    from modeling_unimoe import UniMoETextForCausalLM
+    from trl_scripts.presets import CHAT_TEMPLATE_PATH
+
+    flat = tmp_path / "text-moe"
+    model = UniMoETextForCausalLM(load_preset("tiny", text_only=True).text_config).eval()
+    model.save_pretrained(flat)
+    tokenizer = load_tiny_processor().tokenizer
+    tokenizer.chat_template = CHAT_TEMPLATE_PATH.read_text()
+    tokenizer.save_pretrained(flat)
+    assert not (flat / "processor_config.json").exists()
+    processor = load_tiny_processor(load_preset("tiny", text_only=True))  # the same tokenizer and chat template
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": [QUESTION]}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    with torch.inference_mode():
+        output = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_TOKENS)
+    expected = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    towerless = tmp_path / "towerless"
+    make_tiny_model(text_only=True).save_pretrained(towerless)
+    load_tiny_processor().save_pretrained(towerless)
+    for folder in (flat, towerless):
+        running = start_server(str(folder), tmp_path / f"{folder.name}.log")
+        try:
+            if folder == flat:
+                assert running.ask([QUESTION]) == (expected, MAX_TOKENS)
+            parts, _ = cases(media)["image data URI"]
+            response = post(running, {"model": str(folder), "messages": [{"role": "user", "content": parts}]})
+            assert response.status_code == 400, response.text
+            assert "this model takes text only; the request has image input" in response.json()["error"]["message"]
+            assert running.ask([QUESTION])[1] == MAX_TOKENS  # and it goes on serving
+        finally:
+            stop(running)

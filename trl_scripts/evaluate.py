@@ -43,8 +43,9 @@ import torch
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
+from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser, ProcessorMixin
 
+from modeling_unimoe import UniMoEConfig, UniMoEProcessor
 from modeling_unimoe.processing_unimoe import is_frame_paths
 from modeling_unimoe.quantization_unimoe import UniMoEInt8Config
 
@@ -75,6 +76,25 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # class, not a dict: transformers refuses a dict for a checkpoint that is already quantised, and takes the saved
 # config when the class matches.
 QUANTIZATIONS = {"none": None, "int8": UniMoEInt8Config}
+
+
+def load_processor(model_path: str, revision: str | None = None):
+    """The checkpoint's `AutoProcessor`. A text-only checkpoint in the flat layout (`UniMoETextForCausalLM`, as
+    `unimoe-upcycle` writes it) ships a tokenizer only: its processor is built from that tokenizer and its chat
+    template (Uni-MoE's processor handles a model without towers as text, and names the modality it cannot take).
+    `ValueError` when such a tokenizer has no chat template."""
+    processor = AutoProcessor.from_pretrained(model_path, revision=revision, trust_remote_code=True)
+    if isinstance(processor, ProcessorMixin):
+        return processor
+    tokenizer = processor
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"{model_path} has a tokenizer but no processor and no chat template to build one from: save the "
+            "tokenizer with a chat template (`tokenizer.chat_template = ...; tokenizer.save_pretrained(DIR)`) or a "
+            "processor (`processor.save_pretrained(DIR)`) next to the model"
+        )
+    config = UniMoEConfig.from_pretrained(model_path, revision=revision)
+    return UniMoEProcessor.from_model_config(config, tokenizer, chat_template=tokenizer.chat_template)
 
 
 def quantization_kwargs(quantization: str) -> dict:
@@ -497,7 +517,7 @@ def load_model_and_processor(model_path: str, device: str | None = None, dtype: 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype, **quantization_config)
-        processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+        processor = load_processor(model_path)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if not local:

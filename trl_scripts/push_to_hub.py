@@ -35,7 +35,7 @@ from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from transformers import HfArgumentParser
 from transformers.dynamic_module_utils import get_relative_imports
 
-from modeling_unimoe import UniMoEConfig
+from modeling_unimoe import UniMoEConfig, UniMoETextConfig
 
 try:  # the HTTP client huggingface_hub uses (httpx2 in the releases this package needs; httpx before)
     import httpx2 as http_client
@@ -55,6 +55,8 @@ IGNORE_PATTERNS = [
     "__pycache__/*", "*.pyc", ".git/*", ".cache/*", ".ipynb_checkpoints/*",
 ]
 REQUIRED_AUTO_MAP = ("AutoConfig", "AutoModelForCausalLM")
+# the composite model's checkpoints and the text-only layout's (`UniMoETextForCausalLM`)
+MODEL_TYPES = (UniMoEConfig.model_type, UniMoETextConfig.model_type)
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 RESAVE_HINT = (
     "Re-save it with this package's save_pretrained, which writes `auto_map` and copies the remote-code files: "
@@ -183,9 +185,9 @@ def check_model_folder(folder: str | Path, base_models: list[str] | None = None)
             "adapter (adapter_config.json)"
         )
     config = _read_json(config_path)
-    if config.get("model_type") != UniMoEConfig.model_type:
+    if config.get("model_type") not in MODEL_TYPES:
         raise ValueError(
-            f"{config_path} has model_type {config.get('model_type')!r}, not {UniMoEConfig.model_type!r}: not a Uni-MoE "
+            f"{config_path} has model_type {config.get('model_type')!r}, not one of {MODEL_TYPES}: not a Uni-MoE "
             "checkpoint (convert or upcycle it first, e.g. with `unimoe-upcycle`)"
         )
     auto_map = config.get("auto_map") or {}
@@ -197,7 +199,7 @@ def check_model_folder(folder: str | Path, base_models: list[str] | None = None)
         )
     _check_weights(folder, "model")
 
-    parsed = UniMoEConfig.from_json_file(config_path)
+    parsed = UniMoEConfig.from_dict(config)  # a text-only checkpoint's flat config reads as one without towers
     multimodal = len(modalities(parsed)) > 1
     processor_path = folder / "processor_config.json"
     auto_maps = [auto_map]
@@ -269,7 +271,7 @@ def _adapter_base_config(checked: CheckedFolder, api: HfApi) -> UniMoEConfig:
     recorded = checked.adapter_config.get("base_model_name_or_path")
     local = Path(recorded) / "config.json" if recorded and (Path(recorded) / "config.json").is_file() else None
     try:
-        return UniMoEConfig.from_json_file(local or api.hf_hub_download(checked.base_model, "config.json"))
+        return UniMoEConfig.from_dict(_read_json(Path(local or api.hf_hub_download(checked.base_model, "config.json"))))
     except (OSError, ValueError, HfHubHTTPError) as error:
         source = local or checked.base_model
         raise ValueError(f"Cannot read the config of the adapter's base model {source}: {error}") from None

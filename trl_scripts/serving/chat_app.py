@@ -245,7 +245,8 @@ def count_routing(
     input_ids = input_ids.cpu()
     modality = torch.zeros_like(input_ids)  # MODALITIES[0] is text
     for name, token_id in media_token_ids.items():
-        modality[input_ids == token_id] = MODALITIES.index(name)
+        if token_id is not None:  # a model without that modality's tower
+            modality[input_ids == token_id] = MODALITIES.index(name)
     layers = []
     for logits in router_logits:
         if logits.shape[0] != input_ids.shape[0]:
@@ -265,7 +266,7 @@ def answer_routing_shares(model, inputs, sequences: torch.Tensor) -> tuple[torch
     if sequences.shape[0] != 1:
         raise ValueError(f"expected the sequences of one answer, got a batch of {sequences.shape[0]}")
     config = model.config
-    text_config = config.text_config
+    text_config = config.get_text_config()
     forward_inputs = {**inputs, "input_ids": sequences, "attention_mask": torch.ones_like(sequences)}
     router_logits = model(**forward_inputs, output_router_logits=True).router_logits
     if len(router_logits) != len(text_config.sparse_layer_indices):
@@ -273,7 +274,7 @@ def answer_routing_shares(model, inputs, sequences: torch.Tensor) -> tuple[torch
             f"the model returned router logits for {len(router_logits)} layers; its config has "
             f"{len(text_config.sparse_layer_indices)} sparse layers"
         )
-    media_token_ids = {"image": config.image_token_id, "video": config.video_token_id, "audio": config.audio_token_id}
+    media_token_ids = {name: getattr(config, f"{name}_token_id", None) for name in ("image", "video", "audio")}
     counts = count_routing(sequences[0], router_logits, media_token_ids, text_config.num_experts_per_tok)
     tokens = counts[:, 0].sum(dim=-1).long() // text_config.num_experts_per_tok  # k assignments per token and layer
     return counts / counts.sum(dim=-1, keepdim=True).clamp(min=1), tokens
@@ -331,7 +332,7 @@ class ChatApp:
         self.processor = processor
         self.system_prompt = system_prompt  # None: the chat template's default system message
         self.readable = readable_modalities(model.config)
-        text_config = model.config.text_config
+        text_config = model.config.get_text_config()
         self.sparse_layers = list(text_config.sparse_layer_indices)
         self.expert_names = expert_names or [""] * text_config.num_experts
 
@@ -342,7 +343,7 @@ class ChatApp:
     ) -> "ChatApp":
         """Load a checkpoint folder or Hub repo id (`trl_scripts.evaluate.load_model_and_processor`)."""
         model, processor = load_model_and_processor(model_path, device, dtype, quantization)
-        return cls(model, processor, expert_names(model_path, model.config.text_config.num_experts), system_prompt)
+        return cls(model, processor, expert_names(model_path, model.config.get_text_config().num_experts), system_prompt)
 
     def inputs(self, messages: list[dict]):
         """The model inputs of a conversation (its last turn the user's); raises `ChatInputError` for a file or

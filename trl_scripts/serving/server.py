@@ -42,12 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoProcessor, StoppingCriteria, StoppingCriteriaList
+from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from ..console import command_line
 from ..data import pad_encodings
-from ..evaluate import DTYPES, check_model_path, quantization_kwargs, resolve_device
+from ..evaluate import DTYPES, check_model_path, load_processor, quantization_kwargs, resolve_device
 from .arguments import ServingArguments, parse_serving_arguments
 
 
@@ -265,6 +265,24 @@ def chat_messages_from_openai(messages, processor=None, local_files: "bool | Pat
 
 
 # ---------------------------------------------------------------------------------------------------- batching
+
+
+# the processor outputs each modality's media arrive in
+_MEDIA_INPUTS = {"image": ("pixel_values",), "video": ("pixel_values_videos",), "audio": ("input_features", "input_values")}
+
+
+def check_served_modalities(config, inputs) -> None:
+    """`RequestError` (400) for media of a modality the served model has no tower for: a text-only checkpoint, or
+    one without the vision or audio towers. `generate` would fail on them as a server error."""
+    has_tower = {
+        "image": getattr(config, "vision_config", None) is not None,
+        "video": getattr(config, "vision_config", None) is not None,
+        "audio": bool(getattr(config, "audio_towers", None)),
+    }
+    refused = [name for name, keys in _MEDIA_INPUTS.items() if not has_tower[name] and any(k in inputs for k in keys)]
+    if refused:
+        takes = ["text"] + [name for name, present in has_tower.items() if present]
+        raise RequestError(f"this model takes {', '.join(takes)} only; the request has {' and '.join(refused)} input")
 
 
 def collate(encodings: list, pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -525,7 +543,7 @@ class UniMoEModelManager(ModelManager):
 
     def _load_processor(self, model_id_and_revision: str, gguf_file: str | None = None):
         model_id, revision = self._split(model_id_and_revision)
-        processor = AutoProcessor.from_pretrained(model_id, revision=revision, trust_remote_code=True)
+        processor = load_processor(model_id, revision)
         processor.tokenizer.padding_side = "left"
         return processor
 
@@ -646,9 +664,10 @@ class UniMoEChatCompletionHandler(ChatCompletionHandler):
                 code="model_not_found",
             )
         model, processor = self.model_manager.served()
-        check_request_fields(body, model.config.text_config.vocab_size)
+        check_request_fields(body, model.config.get_text_config().vocab_size)
         conversation, legend = chat_messages_from_openai(body.get("messages"), processor, self.local_files)
         inputs = await asyncio.to_thread(self._encode, processor, conversation, legend)
+        check_served_modalities(model.config, inputs)
         generation_config = self._generation_config(body, model, inputs["input_ids"].shape[1])
         if body.get("seed") is not None:
             self.generate_manager.set_seed(request_id, body["seed"])
