@@ -1,5 +1,7 @@
 """Processor throughput on 2 CPU cores: an image, a 30 s audio clip and an 8-frame video, as files, at the paper's
 sizes (CLIP ViT-L/14 at 336 px, Whisper 80-bin log-mel and BEATs 128-bin fbank per 30 s window, 8 video frames).
+The audio is a 44.1 kHz stereo WAV (decoded and resampled by PyAV), and for both towers also a 16 kHz mono WAV (read
+by libsndfile).
 
 Each row compares the full `UniMoEProcessor` call (file decoding, placeholder expansion, tokenisation) with the bare
 transformers component on already-decoded data, measured in the same run: the ratio is the share of time left after
@@ -35,6 +37,7 @@ def main():
     folder = Path(tempfile.mkdtemp())
     image = write_image(folder / "photo.png", size=(640, 480))
     audio = write_audio(folder / "speech.wav", seconds=30.0, rate=44100, channels=2)  # resampled and mixed down
+    audio_16k = write_audio(folder / "speech16k.wav", seconds=30.0)  # 16 kHz mono: read by libsndfile, no resampling
     video = write_video(folder / "clip.mp4", num_frames=250, size=(320, 240))  # 10 s at 25 fps (mpeg4)
 
     tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
@@ -62,6 +65,8 @@ def main():
         ("audio 30 s, BEATs fbank", lambda: processors[("beats",)](text="<audio>", audio=[str(audio)]),
          lambda: beats_fbank(waveform)),
         ("audio 30 s, both towers", lambda: processors[("whisper", "beats")](text="<audio>", audio=[str(audio)]),
+         lambda: (whisper([waveform], sampling_rate=16000, return_tensors="np"), beats_fbank(waveform))),
+        ("  the same, 16 kHz mono wav", lambda: processors[("whisper", "beats")](text="<audio>", audio=[str(audio_16k)]),
          lambda: (whisper([waveform], sampling_rate=16000, return_tensors="np"), beats_fbank(waveform))),
     ]
     header = f"{'item':<32} {'processor items/s':>17} {'bare component items/s':>23} {'ratio':>6}"
