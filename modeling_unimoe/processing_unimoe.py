@@ -1187,7 +1187,8 @@ def check_chat_messages(messages, where: str = "", require_sources: bool = False
     message only), 'user' and 'assistant' (case-sensitive), tool calls or reasoning, content that is neither a
     string nor a list of blocks, a block without a type or of a type other than text, image, video and audio, a
     text block whose text is not a string, a block carrying what another kind of block holds (text on a media
-    block, media or a 'path' / 'url' on a text block, a video on an image block...), a media block with two
+    block, media or a 'path' / 'url' on a text block, a video on an image block...), a text block holding a media
+    placeholder (`<image>`, `<video>`, `<audio>`: it would stand for no media item), a media block with two
     sources (of its type key, 'path' and 'url') and, with `require_sources` (the blocks' media are loaded), one
     with none. Missing or None content is an empty message, a None key no key. Errors name the message and block
     index, after `where` (e.g. "sample 1" or "row 7")."""
@@ -1244,6 +1245,12 @@ def check_chat_messages(messages, where: str = "", require_sources: bool = False
                     raise ValueError(f"{at_block} is a text block without 'text'")
                 if not isinstance(block["text"], str):
                     raise ChatContentTypeError(f"{at_block}: text must be a str, got {type(block['text']).__name__}")
+                typed = next((kind for kind in ("image", "video", "audio") if f"<{kind}>" in block["text"]), None)
+                if typed is not None:  # it would stand for no media item (the chat template refuses it too)
+                    raise ValueError(
+                        f"{at_block}: its text holds the placeholder <{typed}>, which stands for media; send the {typed} "
+                        f"as a content block of type '{typed}'"
+                    )
             elif block.get("text") is not None:
                 raise ValueError(f"{at_block}: {kind} blocks carry no text (it would be dropped); put it in a text block")
             _check_block_sources(block, kind, at_block, require_sources)

@@ -66,6 +66,13 @@ REFUSED = [
      ValueError, r"^message 0, content block 0: image block with 'image' and 'path': it takes exactly one of 'image', 'path' or 'url'$"),
     ("three sources", [user([{"type": "audio", "audio": "a.wav", "path": "b.wav", "url": "c.wav"}])],
      ValueError, r"^message 0, content block 0: audio block with 'audio' and 'path' and 'url': it takes exactly one of"),
+    # typed placeholders stand for no media item: a processor refuses the count, but vLLM without media never calls one
+    ("image placeholder typed in text", [user([{"type": "text", "text": "Describe <image> please"}])],
+     ValueError, r"^message 0, content block 0: its text holds the placeholder <image>, which stands for media; send the image as a content block of type 'image'$"),
+    ("video placeholder beside a video", [user([{"type": "video", "path": "v.mp4"}, {"type": "text", "text": "<video>\nWhat moves?"}])],
+     ValueError, r"^message 0, content block 1: its text holds the placeholder <video>"),
+    ("audio placeholder in an assistant turn", [user("Hi"), user([{"type": "text", "text": "I hear <audio>"}], role="assistant")],
+     ValueError, r"^message 1, content block 0: its text holds the placeholder <audio>"),
 ]  # fmt: skip
 
 
@@ -173,6 +180,10 @@ TEMPLATE_REFUSED = [
     ("block without type", [user([{"text": "Hi"}])], r"message 0, content block 0 has no 'type'"),
     ("block not a dict", [user(["Hi"])], r"message 0, content block 0 is not a dict"),
     ("number content", [user(5)], r"message 0: content must be a string or a list of content blocks"),
+    ("image placeholder typed in text", [user([{"type": "text", "text": "Describe <image> please"}])],
+     r"message 0, content block 0: its text holds the placeholder <image>, which stands for media; send the image as a content block of type 'image'"),
+    ("audio placeholder in text", [user([{"type": "image"}, {"type": "text", "text": "and <audio>"}])],
+     r"message 0, content block 1: its text holds the placeholder <audio>"),
 ]  # fmt: skip
 
 

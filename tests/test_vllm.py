@@ -313,6 +313,14 @@ def test_openai_server_text_image_and_audio(vllm_python, tmp_path):
         with pytest.raises(openai.InternalServerError):
             chat(client.with_options(http_client=openai.DefaultHttpxClient()), [data_part("audio", eight_khz)])
         assert chat(client, [data_part("audio", short_audio)]) == expected_audio
+        # A placeholder typed in the text, as a text part or as string content, stands for no media item: vLLM calls
+        # no processor for a request without media, so the checkpoint's chat template refuses it (a 400).
+        for content in ([{"type": "text", "text": "what is <image> here"}], "what is <image> here"):
+            with pytest.raises(openai.BadRequestError, match="its text holds the placeholder <image>"):
+                client.chat.completions.create(
+                    model="unimoe", max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": content}]
+                )
+        assert chat(client, [data_part("image", image)]) == expected_image
 
 
 def test_cumo_checkpoints_are_refused_by_name(vllm_python, tmp_path):
