@@ -15,6 +15,12 @@ from .configuration_beats import BEATsConfig
 
 
 ROUTER_TYPES = ("topk_softmax", "softmax_topk")
+# UniMoEConfig's fields that a text-only config (UniMoETextConfig at the top of config.json) cannot hold
+COMPOSITE_ONLY_FIELDS = {
+    "text_config", "vision_config", "speech_config", "audio_config", "audio_qformer_config", "image_token_id",
+    "video_token_id", "audio_token_id", "audio_towers", "vision_feature_layer", "projector_num_experts",
+    "vision_moe_layers",
+}
 MOE_LAYER_PATTERNS = ("all", "even", "odd")
 ACTIVATIONS = tuple(sorted(ACT2CLS))  # the names `ACT2FN` builds (LLaMA FFN, projector, CLIP, Whisper, Q-Former)
 ROPE_TYPES = ("default", *sorted(ROPE_INIT_FUNCTIONS))
@@ -133,6 +139,13 @@ class UniMoETextConfig(PreTrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
+        composite = sorted(set(kwargs) & COMPOSITE_ONLY_FIELDS)
+        if composite:  # kept as stray attributes, they would be silently ignored (or misread by tools)
+            raise ValueError(
+                f"UniMoETextConfig (model_type 'unimoe_text', the text-only layout) has no towers, but got the "
+                f"composite config's fields {composite}: a model with towers has model_type 'unimoe' and its "
+                "language model's fields under 'text_config'"
+            )
         self._check_decoder_fields()  # first: the defaults below divide by these
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -326,8 +339,17 @@ class UniMoEConfig(PreTrainedConfig):
     @staticmethod
     def _wrap_text_only(config_dict: dict) -> dict:
         """A text-only checkpoint's config (`UniMoETextForCausalLM`'s flat layout, `UniMoETextConfig` at the top) as
-        the composite config without towers; any other dict unchanged."""
+        the composite config without towers; any other dict unchanged. A dict with the language model's fields at the
+        top but another `model_type` is refused: read as a composite config, it would build the default 7B language
+        model around the checkpoint."""
         if config_dict.get("model_type") != UniMoETextConfig.model_type:
+            flat = sorted(set(config_dict) & {"hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"})
+            if flat and "text_config" not in config_dict:
+                raise ValueError(
+                    f"this config has the language model's fields {flat} at the top, as the text-only layout does, but "
+                    f"model_type {config_dict.get('model_type')!r}: a text-only Uni-MoE config has model_type "
+                    "'unimoe_text' (a composite one nests them under 'text_config')"
+                )
             return config_dict
         text = {key: value for key, value in config_dict.items() if key not in ("architectures", "auto_map")}
         wrapped = {"model_type": UniMoEConfig.model_type, "text_config": text}

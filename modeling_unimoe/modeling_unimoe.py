@@ -714,15 +714,16 @@ class UniMoEPreTrainedModel(PreTrainedModel):
             # Only the language model has experts: transformers would also hand the choice to CLIP / Whisper, which
             # refuse any kernel but eager.
             kwargs["experts_implementation"] = {"": implementation, "text_config": implementation}
+        if not return_info:  # mis-shaped weights are listed in the error below, with their shapes (transformers'
+            kwargs.setdefault("ignore_mismatched_sizes", True)  # own error only points at a log report)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if return_info:  # asked for: the caller inspects the missing / unexpected / mismatched keys (transformers' contract)
             return model, info
-        problems = {name: sorted(map(str, keys)) for name, keys in info.items() if name != "error_msgs" and keys}
+        problems = {name: sorted(map(_key_text, keys)) for name, keys in info.items() if name != "error_msgs" and keys}
         if problems:
-            listing = "; ".join(f"{name}: {', '.join(keys)}" for name, keys in problems.items())
             raise ValueError(
-                f"Checkpoint does not match {cls.__name__}: {listing} (pass `output_loading_info=True` to load it anyway "
-                "and inspect these keys)"
+                f"Checkpoint does not match {cls.__name__}: {_key_listing(problems)} (pass `output_loading_info=True` to "
+                f"load it anyway and inspect these keys){_loading_hint(cls, problems)}"
             )
         return model
 
@@ -752,6 +753,39 @@ class UniMoEPreTrainedModel(PreTrainedModel):
             }
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
         return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
+
+_TOWER_PREFIXES = ("model.vision_tower.", "model.speech_tower.", "model.audio_tower.", "model.multi_modal_projector.")
+
+
+def _key_text(key) -> str:
+    """A loading-info key as text; transformers reports a mis-shaped one as (name, checkpoint shape, model shape)."""
+    if isinstance(key, tuple) and len(key) == 3:
+        name, checkpoint, model = key
+        return f"{name} (checkpoint {list(checkpoint)}, model {list(model)})"
+    return str(key)
+
+
+def _key_listing(problems: dict[str, list[str]], shown: int = 8) -> str:
+    """'missing_keys: a, b; unexpected_keys: c, ... and 190 more', each list cut to `shown` keys."""
+    parts = []
+    for name, keys in problems.items():
+        more = f", ... and {len(keys) - shown} more" if len(keys) > shown else ""
+        parts.append(f"{name}: {', '.join(keys[:shown])}{more}")
+    return "; ".join(parts)
+
+
+def _loading_hint(cls, problems: dict[str, list[str]]) -> str:
+    """What the key problems usually mean, for the two cases that produce hundreds of keys."""
+    unexpected = problems.get("unexpected_keys", [])
+    if cls.__name__ == "UniMoETextForCausalLM" and any(key.startswith(_TOWER_PREFIXES) for key in unexpected):
+        return (
+            ". The checkpoint has modality towers: load it with UniMoEForCausalLM (UniMoETextForCausalLM reads "
+            "text-only checkpoints)"
+        )
+    if "mismatched_keys" in problems:
+        return ". Mis-shaped weights mean config.json does not describe these weights (hidden_size, vocab_size, ...)"
+    return ""
 
 
 def _check_input_shapes(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:

@@ -9,6 +9,7 @@ orientation applied, video and audio with PyAV) and every failure names the file
 import bisect
 import contextvars
 import io
+import itertools
 import math
 import numbers
 import os
@@ -445,15 +446,17 @@ def _resample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
     return _swresample(np.pad(waveform, (0, minimum - waveform.size)), rate, target)[:length]
 
 
-# Lossless files libsndfile decodes to the same float32 samples as PyAV (integer PCM scaled by its full scale, floats
+# WAV files libsndfile decodes to the same float32 samples as PyAV (integer PCM scaled by its full scale, floats
 # rounded to float32), read without FFmpeg's per-file setup: 0.8 ms instead of 9-19 ms for a 3 s WAV, most of an audio
-# row's decoding. Lossy formats (MP3, Vorbis, Opus) decode differently in the two libraries and stay with PyAV.
-_SOUNDFILE_FORMATS = {"WAV", "WAVEX", "FLAC"}
+# row's decoding. Other formats stay with PyAV: lossy ones decode differently in the two libraries, and libsndfile
+# trusts a FLAC header's sample count and rate where FFmpeg reads the frames (a wrong header would cut the audio,
+# mislabel its rate, or make it allocate what the header claims).
+_SOUNDFILE_FORMATS = {"WAV", "WAVEX"}
 _SOUNDFILE_SUBTYPES = {"PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"}
 
 
 def _read_lossless(path, sampling_rate: int) -> np.ndarray | None:
-    """`[channels, samples]` float32 of a lossless WAV or FLAC file already at `sampling_rate`, read with soundfile;
+    """`[channels, samples]` float32 of an uncompressed WAV file already at `sampling_rate`, read with soundfile;
     None for any other file, or when soundfile is missing (remote code in an environment without it) or fails: PyAV
     then decodes it (and names what is wrong with it)."""
     try:
@@ -465,7 +468,7 @@ def _read_lossless(path, sampling_rate: int) -> np.ndarray | None:
         if info.format not in _SOUNDFILE_FORMATS or info.subtype not in _SOUNDFILE_SUBTYPES or info.samplerate != sampling_rate:
             return None
         data, _ = soundfile.read(_rewound(path), dtype="float32", always_2d=True)  # [samples, channels]
-    except (RuntimeError, TypeError, ValueError, OSError):  # libsndfile refuses it: PyAV decodes it or says why not
+    except (RuntimeError, TypeError, ValueError, OSError, MemoryError):  # refused by libsndfile: PyAV decodes it or says why not
         return None
     return np.ascontiguousarray(data.T) if data.size else None
 
@@ -482,7 +485,7 @@ def _load_audio_file(path, sampling_rate: int, index: int) -> np.ndarray:
     import av
 
     def decode(rate: int | None) -> tuple[list[np.ndarray], int, int]:
-        """Planar float [channels, samples] chunks at `rate` (None: the file's), the file's rate and sample count."""
+        """Float [channels, samples] chunks at `rate` (None: the file's), the file's rate and sample count."""
         with av.open(_rewound(path)) as container:
             if not container.streams.audio:
                 _check_has_media(container, f"audio {index}", "audio", label)
@@ -490,12 +493,15 @@ def _load_audio_file(path, sampling_rate: int, index: int) -> np.ndarray:
                     f"audio {index}: file {label} has no audio stream (its streams: {_stream_kinds(container)})"
                 )
             stream = container.streams.audio[0]
-            resampler = av.AudioResampler(format="fltp", rate=rate)
+            # interleaved float, de-interleaved here: the same samples as planar float, whose `to_ndarray` crashes
+            # the process (a segmentation fault in PyAV) for 8 or more channels
+            resampler = av.AudioResampler(format="flt", rate=rate)
             chunks, samples, native_rate = [], 0, stream.rate
-            for frame in container.decode(stream):
-                samples, native_rate = samples + frame.samples, frame.sample_rate or native_rate
-                chunks.extend(out.to_ndarray() for out in resampler.resample(frame))
-            chunks.extend(out.to_ndarray() for out in resampler.resample(None))
+            for frame in itertools.chain(container.decode(stream), [None]):  # None: flush the resampler
+                if frame is not None:
+                    samples, native_rate = samples + frame.samples, frame.sample_rate or native_rate
+                for out in resampler.resample(frame):
+                    chunks.append(np.ascontiguousarray(out.to_ndarray().reshape(-1, len(out.layout.channels)).T))
         return chunks, native_rate, samples
 
     try:
@@ -1036,7 +1042,7 @@ class UniMoEProcessor(ChatTemplateSteps, ProcessorMixin):
                 }
                 raise ValueError(
                     f"sample {sample} is {length} tokens long after expanding its media "
-                    f"({', '.join(f'{n} {name}' for name, n in media.items())}), more than the model maximum of {limit}; "
+                    f"({', '.join(f'{n} {name}' for name, n in media.items())}), more than the tokenizer's maximum of {limit} (model_max_length); "
                     "shorten the text or pass fewer media items (media blocks are never cut)"
                 )
 

@@ -167,3 +167,19 @@ def test_evaluate_names_a_missing_checkpoint_folder_in_one_line(tmp_path):
     result = run_module("evaluate", "--model", "out/nope", "--data", "data.json", "--task", "vqa", cwd=tmp_path)
     error = one_line_error(result, "evaluate.py")
     assert f"--model 'out/nope': no such folder ({tmp_path / 'out' / 'nope'}); expected a checkpoint folder" in error
+
+
+def test_a_console_script_exits_0_when_its_tool_returns_results(monkeypatch):
+    """Console scripts run `sys.exit(main())`; `unimoe-evaluate` returned its metrics dict there, which Python prints
+    to stderr and turns into exit status 1 after a successful run."""
+    from trl_scripts.console import command_line
+
+    @command_line
+    def tool(argv=None):
+        return {"accuracy": 1.0}
+
+    assert tool([]) == {"accuracy": 1.0}  # called with arguments (tests, other code): the results
+    monkeypatch.setattr(sys, "argv", ["unimoe-tool"])
+    with pytest.raises(SystemExit) as exited:
+        sys.exit(tool())
+    assert exited.value.code is None  # exit status 0

@@ -261,3 +261,21 @@ def test_audio_config_carries_the_audio_token_budget_vllm_reads(tmp_path):
     assert reloaded.audio_config.max_source_positions == 32
     changed = UniMoEConfig.from_pretrained(tmp_path, max_audio_windows=2)
     assert changed.audio_config.max_source_positions == 16
+
+
+def test_the_text_only_layout_holds_no_tower_fields_and_says_its_model_type():
+    """The flat text-only config (`UniMoETextConfig` at the top of config.json) and the composite one must not be
+    mixed up: tower fields in a flat config would stay stray attributes (ignored by the model, misread by tools),
+    and a flat config read as a composite one (its model_type edited or lost) built the default 7B language model."""
+    from modeling_unimoe import UniMoEConfig, UniMoETextConfig
+
+    flat = UniMoETextConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=128).to_dict()
+    for extra in ({"vision_config": {}}, {"image_token_id": 5, "audio_towers": ["whisper"]}, {"text_config": {}}):
+        with pytest.raises(ValueError, match=r"UniMoETextConfig \(model_type 'unimoe_text', the text-only layout\) has no towers, but got the composite config's fields \["):
+            UniMoETextConfig.from_dict({**flat, **extra})
+    for model_type in ("unimoe", None):
+        broken = {key: value for key, value in flat.items() if key != "model_type"} | ({"model_type": model_type} if model_type else {})
+        with pytest.raises(ValueError, match=r"fields \['hidden_size', 'num_attention_heads', 'num_hidden_layers', 'vocab_size'\] at the top.*model_type 'unimoe_text'"):
+            UniMoEConfig.from_dict(broken)
+    wrapped = UniMoEConfig.from_dict(flat)  # the flat config as the composite model without towers
+    assert wrapped.text_config.hidden_size == 64 and wrapped.vision_config is None and not wrapped.audio_towers

@@ -283,7 +283,7 @@ def test_text_over_the_model_maximum_after_media_expansion_is_refused(tmp_path, 
         f"maximum of {length - 1} (the model's max_position_embeddings); shorten the conversation or give it fewer media items"
     )
     tiny_processor.tokenizer.model_max_length = length - 1
-    with pytest.raises(ValueError, match=r"more than the model maximum"):  # the collator, mid-run, without the row id
+    with pytest.raises(ValueError, match=r"more than the tokenizer's maximum of \d+ \(model_max_length\)"):  # the collator, mid-run, without the row id
         UniMoEDataCollator(tiny_processor, tmp_path)([row])
     with pytest.raises(ValueError, match=rf"^row long-text: {length} tokens .* maximum of {length - 1} \(the tokenizer's model_max_length\)"):
         validate_dataset(dataset, tmp_path, processor=tiny_processor)

@@ -336,3 +336,30 @@ def test_the_text_only_class_refuses_media_inputs_by_name():
     for call in (model, lambda *a, **k: model.generate(*a, **k, max_new_tokens=2)):
         with pytest.raises(ValueError, match=r"text-only \(UniMoETextForCausalLM, no towers\).*: pixel_values, input_values$"):
             call(ids, pixel_values=torch.zeros(1, 3, 28, 28), input_values=torch.zeros(1, 400, 128))
+
+
+def test_loading_errors_stay_short_and_say_what_the_keys_mean(tmp_path):
+    """A towered checkpoint read by the text-only class listed some 200 unexpected keys (12,000 characters); a config
+    whose hidden_size does not fit the weights ended in transformers' `ignore_mismatched_sizes` RuntimeError, whose
+    shapes were only in a log report. Both are now one short ValueError naming keys, shapes and the likely cause."""
+    import json
+
+    from conftest import make_tiny_text_model
+    from modeling_unimoe import UniMoETextForCausalLM
+
+    make_tiny_model(text_only=False).save_pretrained(tmp_path / "towered")
+    with pytest.raises(ValueError) as refused:
+        UniMoETextForCausalLM.from_pretrained(tmp_path / "towered")
+    message = str(refused.value)
+    assert len(message) < 1500 and re.search(r"unexpected_keys: .*, \.\.\. and \d+ more", message)
+    assert message.endswith("The checkpoint has modality towers: load it with UniMoEForCausalLM (UniMoETextForCausalLM reads text-only checkpoints)")
+
+    make_tiny_text_model().save_pretrained(tmp_path / "flat")
+    config_path = tmp_path / "flat" / "config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"hidden_size": 32}))
+    for cls in (UniMoETextForCausalLM, UniMoEForCausalLM):
+        with pytest.raises(ValueError, match=r"mismatched_keys: lm_head\.weight \(checkpoint \[512, 64\], model \[512, 32\]\).*config\.json does not describe these weights"):
+            cls.from_pretrained(tmp_path / "flat")
+    # asked for, the loading info is still transformers' own (a mis-shaped weight is its error)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        UniMoETextForCausalLM.from_pretrained(tmp_path / "flat", output_loading_info=True)

@@ -169,12 +169,12 @@ def test_audio_is_resampled_and_mixed_to_mono(tiny_processor, tmp_path):
 
 @pytest.mark.parametrize("container, subtype", [
     ("WAV", "PCM_U8"), ("WAV", "PCM_16"), ("WAV", "PCM_24"), ("WAV", "PCM_32"), ("WAV", "FLOAT"), ("WAV", "DOUBLE"),
-    ("FLAC", "PCM_16"), ("FLAC", "PCM_24"),
+    ("FLAC", "PCM_16"), ("FLAC", "PCM_24"),  # PyAV's: libsndfile trusts a FLAC header's length and rate
 ])
 @pytest.mark.parametrize("channels", [1, 2, 3])
-def test_lossless_files_read_by_libsndfile_decode_to_pyavs_bits(container, subtype, channels, tmp_path, monkeypatch):
-    """WAV and FLAC at the target rate skip FFmpeg's per-file setup (read with soundfile); the samples, and so the
-    features, must be PyAV's bit for bit. Files at other rates, and anything soundfile cannot read, go to PyAV."""
+def test_wav_files_read_by_libsndfile_decode_to_pyavs_bits(container, subtype, channels, tmp_path, monkeypatch):
+    """WAV files at the target rate skip FFmpeg's per-file setup (read with soundfile); the samples, and so the
+    features, must be PyAV's bit for bit. Files at other rates, FLAC, and anything soundfile cannot read go to PyAV."""
     import io
 
     import soundfile
@@ -187,13 +187,36 @@ def test_lossless_files_read_by_libsndfile_decode_to_pyavs_bits(container, subty
     path = tmp_path / f"clip.{container.lower()}"
     soundfile.write(path, samples, 16000, subtype=subtype, format=container)
     fast = [processing_unimoe.load_audio(source, 16000, 0) for source in (str(path), io.BytesIO(path.read_bytes()))]
-    assert processing_unimoe._read_lossless(str(path), 16000) is not None  # the soundfile path was taken
+    assert (processing_unimoe._read_lossless(str(path), 16000) is not None) == (container == "WAV")  # soundfile's path
     assert processing_unimoe._read_lossless(str(path), 8000) is None  # another rate: PyAV resamples it
     monkeypatch.setattr(processing_unimoe, "_read_lossless", lambda path, rate: None)
     pyav = processing_unimoe.load_audio(str(path), 16000, 0)
     assert pyav.dtype == np.float32 and pyav.shape == (24000,)
     for waveform in fast:
         assert waveform.dtype == np.float32 and np.array_equal(waveform, pyav)
+
+
+@pytest.mark.parametrize("rate", [44100, 16000])
+def test_many_channel_files_decode_instead_of_crashing_the_process(rate, tmp_path):
+    """PyAV's planar-float `to_ndarray` crashed the interpreter (a segmentation fault) for 8 or more channels; eight
+    copies of a tone now mix down to the tone's own samples (to float rounding: libswresample's kernels differ by
+    channel count). Run in a child process: the old failure would take pytest down with it."""
+    import subprocess
+    import sys
+
+    import soundfile
+
+    samples = tone(1.0, 440.0, rate)
+    soundfile.write(tmp_path / "mono.flac", samples, rate, subtype="PCM_16")
+    soundfile.write(tmp_path / "eight.flac", np.repeat(samples[:, None], 8, axis=1), rate, subtype="PCM_16")
+    code = (
+        "import sys, numpy as np; from modeling_unimoe.processing_unimoe import load_audio; "
+        f"a, b = (load_audio(r'{tmp_path}/' + name, 16000, 0) for name in ('mono.flac', 'eight.flac')); "
+        "print(a.shape == b.shape == (16000,) and float(np.abs(a - b).max()) < 1e-6)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip().endswith("True")
 
 
 def test_empty_and_overlong_audio(tiny_processor, caplog):

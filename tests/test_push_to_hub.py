@@ -19,9 +19,10 @@ from peft import LoraConfig, get_peft_model
 from conftest import REPO_ROOT, make_tiny_model, random_ids, run_fresh_python
 from local_hub import LocalHub
 from media import write_audio, write_image, write_video
-from modeling_unimoe import UniMoEForCausalLM
+from modeling_unimoe import UniMoEForCausalLM, UniMoETextForCausalLM
 from trl_scripts import load_preset, load_tiny_processor
 from trl_scripts.model_card import build_model_card, load_eval_result
+from trl_scripts.evaluate import load_processor
 from trl_scripts.push_to_hub import check_model_folder, push_folder_to_hub
 from trl_scripts.space import write_space
 
@@ -440,6 +441,33 @@ def test_an_upcycled_text_only_checkpoint_publishes_and_loads_from_the_hub(hub, 
         tmp_path,
     )
     assert f"LOADED UniMoETextForCausalLM {len(load_tiny_processor().tokenizer)}" in stdout
+    # the card's own snippet answers as the processor-built prompt does (BOS included: the Vicuna template leaves it
+    # to the tokenizer)
+    model = UniMoETextForCausalLM.from_pretrained(folder)
+    question = re.search(r'"content": "([^"]+)"', usage_code(card.text)).group(1)
+    processor = load_processor(str(folder))
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+    expected = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert run_hub_client(usage_code(card.text), tmp_path).strip() == expected.strip()
+
+
+def test_a_tokenizer_only_folder_whose_tokenizer_does_not_load_is_refused(tmp_path):
+    from conftest import make_tiny_text_model
+
+    from trl_scripts.presets import CHAT_TEMPLATE_PATH
+
+    make_tiny_text_model().save_pretrained(tmp_path)
+    tokenizer = load_tiny_processor().tokenizer
+    tokenizer.chat_template = CHAT_TEMPLATE_PATH.read_text()
+    tokenizer.save_pretrained(tmp_path)
+    check_model_folder(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=r": its tokenizer does not load \(.*\); save it again with `tokenizer.save_pretrained\(DIR\)`"):
+        check_model_folder(tmp_path)
 
 
 def test_card_of_a_text_only_model(tmp_path):

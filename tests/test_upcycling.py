@@ -183,3 +183,15 @@ def test_upcycle_cli_keeps_the_dense_models_tokenizer(tmp_path):
     copied = AutoTokenizer.from_pretrained(tmp_path / "moe")
     text = "Name a colour. <image>"
     assert copied(text).input_ids == tokenizer(text).input_ids and len(copied) == len(tokenizer)
+
+
+def test_upcycle_cli_names_a_missing_dense_model_and_warns_of_a_missing_chat_template(tmp_path, caplog):
+    with pytest.raises(FileNotFoundError, match=r"^cannot load the dense model '.*nowhere'"):
+        upcycle_cli(["--dense", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "moe")])
+    from trl_scripts import load_tiny_processor
+
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    load_tiny_processor().tokenizer.save_pretrained(tmp_path / "dense")  # no chat template
+    with caplog.at_level("WARNING", logger="trl_scripts.upcycling"):
+        upcycle_cli(["--dense", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "moe"), "--num_experts", "2"])
+    assert "has no chat template: unimoe-serve, unimoe-evaluate and push_to_hub need one" in caplog.text

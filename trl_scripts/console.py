@@ -12,15 +12,16 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, Con
 
 def command_line(main):
     """Decorate a tool's `main(argv=None)`. Called with an argument list (tests, other code) it raises as usual;
-    called without one (the command line: `python -m ...` or a console script) a `USER_ERRORS` exception ends the
-    process with exit status 1 and the message alone. `UNIMOE_TRACEBACK=1` shows the traceback instead."""
+    called without one (the command line: `python -m ...` or a console script) it returns nothing (exit status 0), and
+    a `USER_ERRORS` exception ends the process with exit status 1 and the message alone. `UNIMOE_TRACEBACK=1` shows the
+    traceback instead."""
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None):
         if argv is not None or os.environ.get("UNIMOE_TRACEBACK"):
             return main(argv)
         try:
-            return main()
+            main()  # no return value: console scripts run `sys.exit(main())`, which would print it and exit with 1
         except USER_ERRORS as error:
             name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else main.__module__
             sys.exit(f"{name}: error: {error}")

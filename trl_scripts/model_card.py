@@ -313,10 +313,18 @@ def usage_snippet(repo_id: str, config: UniMoEConfig, has_processor: bool, base_
         lines.append(f'messages = [{{"role": "user", "content": [\n{content},\n]}}]')
     else:
         lines.append(f'messages = [{{"role": "user", "content": "{question}"}}]')
+    if has_processor:
+        lines += [
+            f"inputs = {preprocessor}.apply_chat_template(",
+            '    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"',
+            ")",
+        ]
+    else:  # the Vicuna template leaves BOS to the tokenizer, which adds it when called on the text, as the processor does
+        lines += [
+            "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)",
+            'inputs = tokenizer(prompt, return_tensors="pt")',
+        ]
     lines += [
-        f"inputs = {preprocessor}.apply_chat_template(",
-        '    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"',
-        ")",
         "output = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
         f'print({preprocessor}.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
     ]

@@ -35,6 +35,8 @@ from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from transformers import HfArgumentParser
 from transformers.dynamic_module_utils import get_relative_imports
 
+from transformers import AutoTokenizer
+
 from modeling_unimoe import UniMoEConfig, UniMoETextConfig
 
 try:  # the HTTP client huggingface_hub uses (httpx2 in the releases this package needs; httpx before)
@@ -218,6 +220,14 @@ def check_model_folder(folder: str | Path, base_models: list[str] | None = None)
         )
     elif not (folder / "tokenizer_config.json").is_file():
         raise ValueError(f"{folder} has no tokenizer: save it next to the model with `tokenizer.save_pretrained(DIR)`")
+    else:  # a tokenizer alone (the text-only layout): the processor is built from it, so it must load
+        try:
+            AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        except (OSError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"{folder}: its tokenizer does not load ({reason}); save it again with `tokenizer.save_pretrained(DIR)`"
+            ) from error
     missing = _missing_remote_code(folder, auto_maps)
     if missing:
         raise ValueError(

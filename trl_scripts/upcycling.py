@@ -47,7 +47,11 @@ _FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 def _load_dense(dense: PreTrainedModel | str | Path) -> PreTrainedModel:
     if isinstance(dense, (str, Path)):
-        dense = AutoModelForCausalLM.from_pretrained(dense)
+        try:
+            dense = AutoModelForCausalLM.from_pretrained(dense)
+        except OSError as error:  # no such folder, no config.json or weights, not a Hub id
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise FileNotFoundError(f"cannot load the dense model {str(dense)!r}: {reason}") from error
     config = dense.config
     if getattr(config, "mlp_bias", False):
         raise ValueError(f"{type(dense).__name__} has FFN biases (`mlp_bias=True`); Uni-MoE experts have none")
@@ -325,10 +329,16 @@ def main(argv: list[str] | None = None) -> None:
     model.save_pretrained(args.output_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.dense)
-    except (OSError, ValueError) as error:  # a folder with weights only
-        logger.warning("%s has no tokenizer (%s): %s holds the model only; add one before serving it", args.dense, error, args.output_dir)
-    else:
-        tokenizer.save_pretrained(args.output_dir)
+    except (OSError, ValueError):  # a folder with weights only
+        logger.warning("%s has no tokenizer: %s holds the model only; save one there before serving it", args.dense, args.output_dir)
+        return
+    tokenizer.save_pretrained(args.output_dir)
+    if not tokenizer.chat_template:
+        logger.warning(
+            "the tokenizer of %s has no chat template: unimoe-serve, unimoe-evaluate and push_to_hub need one; set "
+            "`tokenizer.chat_template` (Uni-MoE's: processing/chat_template.jinja) and save it to %s",
+            args.dense, args.output_dir,
+        )
 
 
 if __name__ == "__main__":
