@@ -344,7 +344,8 @@ class UniMoEConfig(PreTrainedConfig):
         model around the checkpoint."""
         if config_dict.get("model_type") != UniMoETextConfig.model_type:
             flat = sorted(set(config_dict) & {"hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"})
-            if flat and "text_config" not in config_dict:
+            ours = config_dict.get("model_type") in (None, UniMoEConfig.model_type)  # others: `refuse_foreign_model_type`
+            if ours and flat and "text_config" not in config_dict:
                 raise ValueError(
                     f"this config has the language model's fields {flat} at the top, as the text-only layout does, but "
                     f"model_type {config_dict.get('model_type')!r}: a text-only Uni-MoE config has model_type "
