@@ -32,6 +32,19 @@ def is_weight(value) -> bool:
     return math.isfinite(value) and value >= 0
 
 
+def check_config_file(config_dict, source) -> dict:
+    """`config_dict` as read from `source`'s config.json: a `ValueError` when it is not a JSON object, or names no
+    `model_type` (a config without fields would build the default 7B-class model around the checkpoint)."""
+    if not isinstance(config_dict, dict):
+        raise ValueError(f"the config.json of {source} holds a JSON {type(config_dict).__name__}, not an object of config fields")
+    if not config_dict.get("model_type"):
+        raise ValueError(
+            f"the config.json of {source} names no model_type (a Uni-MoE config has 'unimoe', or 'unimoe_text' for "
+            "the text-only layout)"
+        )
+    return config_dict
+
+
 def refuse_foreign_model_type(config_class, config_dict: dict):
     """Raises `ValueError` when a config dict names another architecture: transformers only warns and would build a
     default-sized Uni-MoE (a 7B-class MoE) around a checkpoint whose weights cannot fit it."""
@@ -132,6 +145,18 @@ class UniMoETextConfig(PreTrainedConfig):
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
     output_router_logits: bool = False
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        check_config_file(config_dict, pretrained_model_name_or_path)
+        if config_dict.get("model_type") == cls.model_type and cls.base_config_key in config_dict:
+            # transformers would read that nested dict as the config (it does so for a composite config)
+            raise ValueError(
+                f"the config.json of {pretrained_model_name_or_path} is a text-only config (model_type "
+                f"'unimoe_text') holding a '{cls.base_config_key}': the text-only layout has its fields at the top"
+            )
+        return config_dict, kwargs
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -357,9 +382,9 @@ class UniMoEConfig(PreTrainedConfig):
         return wrapped | {name: text[name] for name in ("tie_word_embeddings", "dtype") if name in text}
 
     @classmethod
-    def get_config_dict(cls, *args, **kwargs) -> tuple[dict, dict]:
-        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
-        return cls._wrap_text_only(config_dict), kwargs
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return cls._wrap_text_only(check_config_file(config_dict, pretrained_model_name_or_path)), kwargs
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):

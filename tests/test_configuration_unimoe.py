@@ -279,3 +279,22 @@ def test_the_text_only_layout_holds_no_tower_fields_and_says_its_model_type():
             UniMoEConfig.from_dict(broken)
     wrapped = UniMoEConfig.from_dict(flat)  # the flat config as the composite model without towers
     assert wrapped.text_config.hidden_size == 64 and wrapped.vision_config is None and not wrapped.audio_towers
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"text_config": {}}, r"is a text-only config \(model_type 'unimoe_text'\) holding a 'text_config'|composite config's fields \['text_config'\]"),
+    ([1, 2], r"holds a JSON list, not an object of config fields"),
+    ({}, r"names no model_type"),
+])
+def test_config_files_that_would_build_the_default_model_are_refused(tmp_path, content, message):
+    """A flat config holding a `text_config` (transformers would read that nested dict instead of the flat fields),
+    a config.json that is no JSON object, and one without a model_type: each built the default 7B-class language
+    model (out of memory), or failed with an AttributeError."""
+    from modeling_unimoe import UniMoETextForCausalLM
+
+    flat = UniMoETextConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=128).to_dict()
+    data = flat | content if isinstance(content, dict) and content else content
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    for cls in (UniMoETextForCausalLM, UniMoEForCausalLM, UniMoETextConfig, UniMoEConfig):
+        with pytest.raises(ValueError, match=message):
+            cls.from_pretrained(tmp_path)

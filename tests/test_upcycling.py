@@ -188,6 +188,9 @@ def test_upcycle_cli_keeps_the_dense_models_tokenizer(tmp_path):
 def test_upcycle_cli_names_a_missing_dense_model_and_warns_of_a_missing_chat_template(tmp_path, caplog):
     with pytest.raises(FileNotFoundError, match=r"^cannot load the dense model '.*nowhere'"):
         upcycle_cli(["--dense", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "moe")])
+    (tmp_path / "notes.json").write_text("{}")  # save_pretrained only logs a file given as its folder
+    with pytest.raises(NotADirectoryError, match=r"^--output_dir '.*notes\.json' is a file; give a folder to write into$"):
+        upcycle_cli(["--dense", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "notes.json")])
     from trl_scripts import load_tiny_processor
 
     tiny_llama().save_pretrained(tmp_path / "dense")

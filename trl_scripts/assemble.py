@@ -22,7 +22,7 @@ from transformers import (
 
 from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, UniMoEProcessor, load_beats_checkpoint
 
-from .console import command_line
+from .console import check_output_dir, command_line
 from .presets import CHAT_TEMPLATE_PATH
 from .upcycling import upcycle_llama
 
@@ -193,6 +193,7 @@ def _moe_layers(value: str) -> str | list[int]:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     (args,) = HfArgumentParser(AssembleArguments).parse_args_into_dataclasses(args=argv)
+    check_output_dir(args.output_dir)
     model, processor = assemble_unimoe(
         args.language_model,
         clip=args.clip,

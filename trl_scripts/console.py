@@ -3,6 +3,7 @@
 import functools
 import os
 import sys
+from pathlib import Path
 
 
 # What our validation raises for bad arguments or inputs (a missing file, a wrong option, a row that does not convert)
@@ -27,3 +28,12 @@ def command_line(main):
             sys.exit(f"{name}: error: {error}")
 
     return run
+
+
+def check_output_dir(path: str | os.PathLike, option: str = "--output_dir") -> Path:
+    """`path` as a folder to write into, before any work: a `NotADirectoryError` naming `option` when it is an
+    existing file (transformers' `save_pretrained` only logs that and writes nothing)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{option} {str(path)!r} is a file; give a folder to write into")
+    return path

@@ -61,7 +61,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, UniMoEProcessor, load_beats_checkpoint
 
 from .assemble import _with_placeholders, keep_tokenizer_options
-from .console import command_line
+from .console import check_output_dir, command_line
 from .presets import CHAT_TEMPLATE_PATH
 
 
@@ -946,6 +946,7 @@ class ConvertArguments:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     (args,) = HfArgumentParser(ConvertArguments).parse_args_into_dataclasses(args=argv)
+    check_output_dir(args.output_dir)
     model, _, report = convert_original(
         args.variant, args.base_dir, stage3_dir=args.stage3_dir, experts_dir=args.experts_dir, clip=args.clip,
         whisper=args.whisper, beats=args.beats, tokenizer_dir=args.tokenizer, audio_qformer_config=args.audio_qformer_config,

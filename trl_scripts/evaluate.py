@@ -49,7 +49,7 @@ from modeling_unimoe import UniMoEConfig, UniMoEProcessor
 from modeling_unimoe.processing_unimoe import is_frame_paths
 from modeling_unimoe.quantization_unimoe import UniMoEInt8Config
 
-from .console import command_line
+from .console import check_output_dir, command_line
 from .data import ROLES, media_path_candidates, modality_mix, to_messages, with_system_prompt
 from .metrics import load_metric
 from .metrics.mcq_accuracy.mcq_accuracy import resolve_reference
@@ -592,7 +592,7 @@ def write_outputs(
     output_dir: str | Path, task: str, samples: list[EvalSample], predictions: list[str], metrics: dict, dataset: dict
 ) -> dict:
     """`predictions.jsonl` and `metrics.json` in `output_dir`; returns the metrics.json content."""
-    output_dir = Path(output_dir)
+    output_dir = check_output_dir(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as file:
         for sample, prediction in zip(samples, predictions):

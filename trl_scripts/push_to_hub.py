@@ -187,6 +187,8 @@ def check_model_folder(folder: str | Path, base_models: list[str] | None = None)
             "adapter (adapter_config.json)"
         )
     config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds a JSON {type(config).__name__}, not an object of config fields")
     if config.get("model_type") not in MODEL_TYPES:
         raise ValueError(
             f"{config_path} has model_type {config.get('model_type')!r}, not one of {MODEL_TYPES}: not a Uni-MoE "

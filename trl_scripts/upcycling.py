@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 
 from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, UniMoETextConfig, UniMoETextForCausalLM
 
-from .console import command_line
+from .console import check_output_dir, command_line
 
 
 logger = logging.getLogger(__name__)
@@ -317,6 +317,7 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
 @command_line
 def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser(UpcycleArguments).parse_args_into_dataclasses(args=argv)
+    check_output_dir(args.output_dir)
     moe_layers = args.moe_layers if args.moe_layers in ("all", "even", "odd") else [int(i) for i in args.moe_layers.split(",")]
     model = upcycle_llama(
         args.dense,
