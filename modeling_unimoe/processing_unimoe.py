@@ -455,7 +455,7 @@ _SOUNDFILE_FORMATS = {"WAV", "WAVEX"}
 _SOUNDFILE_SUBTYPES = {"PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"}
 
 
-def _read_lossless(path, sampling_rate: int) -> np.ndarray | None:
+def _read_wav(path, sampling_rate: int) -> np.ndarray | None:
     """`[channels, samples]` float32 of an uncompressed WAV file already at `sampling_rate`, read with soundfile;
     None for any other file, or when soundfile is missing (remote code in an environment without it) or fails: PyAV
     then decodes it (and names what is wrong with it)."""
@@ -476,7 +476,7 @@ def _read_lossless(path, sampling_rate: int) -> np.ndarray | None:
 def _load_audio_file(path, sampling_rate: int, index: int) -> np.ndarray:
     """`path`: a path or a binary file object (from `_file_source`)."""
     label = _source_name(path)
-    channels = _read_lossless(path, sampling_rate)
+    channels = _read_wav(path, sampling_rate)
     if channels is not None:
         waveform = _check_finite(_to_mono(channels, index), f"audio {index} (file {label})")
         _check_peak(channels, f"audio {index} (file {label})")

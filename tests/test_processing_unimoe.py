@@ -187,9 +187,9 @@ def test_wav_files_read_by_libsndfile_decode_to_pyavs_bits(container, subtype, c
     path = tmp_path / f"clip.{container.lower()}"
     soundfile.write(path, samples, 16000, subtype=subtype, format=container)
     fast = [processing_unimoe.load_audio(source, 16000, 0) for source in (str(path), io.BytesIO(path.read_bytes()))]
-    assert (processing_unimoe._read_lossless(str(path), 16000) is not None) == (container == "WAV")  # soundfile's path
-    assert processing_unimoe._read_lossless(str(path), 8000) is None  # another rate: PyAV resamples it
-    monkeypatch.setattr(processing_unimoe, "_read_lossless", lambda path, rate: None)
+    assert (processing_unimoe._read_wav(str(path), 16000) is not None) == (container == "WAV")  # soundfile's path
+    assert processing_unimoe._read_wav(str(path), 8000) is None  # another rate: PyAV resamples it
+    monkeypatch.setattr(processing_unimoe, "_read_wav", lambda path, rate: None)
     pyav = processing_unimoe.load_audio(str(path), 16000, 0)
     assert pyav.dtype == np.float32 and pyav.shape == (24000,)
     for waveform in fast:

@@ -78,6 +78,17 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = {"none": None, "int8": UniMoEInt8Config}
 
 
+def readable_modalities(config) -> set[str]:
+    """The media a checkpoint's towers read: image and video with a vision tower, audio with a speech or sound tower
+    (none for a text-only config of either layout)."""
+    readable = set()
+    if getattr(config, "vision_config", None) is not None:
+        readable |= {"image", "video"}
+    if getattr(config, "audio_towers", None):
+        readable.add("audio")
+    return readable
+
+
 def load_processor(model_path: str, revision: str | None = None):
     """The checkpoint's `AutoProcessor`. A text-only checkpoint in the flat layout (`UniMoETextForCausalLM`, as
     `unimoe-upcycle` writes it) ships a tokenizer only: its processor is built from that tokenizer and its chat

@@ -35,7 +35,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from transformers.utils import cached_file
 
 from ..console import command_line
-from ..evaluate import load_model_and_processor
+from ..evaluate import load_model_and_processor, readable_modalities
 from ..quickstart import plot_routing
 from ..trainer import MODALITIES, modality_expert_counts
 from .arguments import ServingArguments, parse_serving_arguments
@@ -87,16 +87,6 @@ def file_modality(path: str) -> str:
             "video file"
         )
     return modality
-
-
-def readable_modalities(config) -> set[str]:
-    """The media a checkpoint's towers read: image and video with a vision tower, audio with a speech or sound tower."""
-    readable = set()
-    if getattr(config, "vision_config", None) is not None:
-        readable |= {"image", "video"}
-    if getattr(config, "audio_towers", None):
-        readable.add("audio")
-    return readable
 
 
 def media_block(path: str, readable: Collection[str]) -> dict:

@@ -47,7 +47,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..console import command_line
 from ..data import pad_encodings
-from ..evaluate import DTYPES, check_model_path, load_processor, quantization_kwargs, resolve_device
+from ..evaluate import DTYPES, check_model_path, load_processor, quantization_kwargs, readable_modalities, resolve_device
 from .arguments import ServingArguments, parse_serving_arguments
 
 
@@ -274,14 +274,10 @@ _MEDIA_INPUTS = {"image": ("pixel_values",), "video": ("pixel_values_videos",), 
 def check_served_modalities(config, inputs) -> None:
     """`RequestError` (400) for media of a modality the served model has no tower for: a text-only checkpoint, or
     one without the vision or audio towers. `generate` would fail on them as a server error."""
-    has_tower = {
-        "image": getattr(config, "vision_config", None) is not None,
-        "video": getattr(config, "vision_config", None) is not None,
-        "audio": bool(getattr(config, "audio_towers", None)),
-    }
-    refused = [name for name, keys in _MEDIA_INPUTS.items() if not has_tower[name] and any(k in inputs for k in keys)]
+    readable = readable_modalities(config)
+    refused = [name for name, keys in _MEDIA_INPUTS.items() if name not in readable and any(k in inputs for k in keys)]
     if refused:
-        takes = ["text"] + [name for name, present in has_tower.items() if present]
+        takes = ["text"] + [name for name in _MEDIA_INPUTS if name in readable]
         raise RequestError(f"this model takes {', '.join(takes)} only; the request has {' and '.join(refused)} input")
 
 
