@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-from trl_scripts.make_synthetic_data import make_synthetic_dataset
-from trl_scripts.train import DataArguments, StageArguments, run
+from trl_scripts.quickstart.make_synthetic_data import make_synthetic_dataset
+from trl_scripts.training.train import DataArguments, StageArguments, run
 
 
 def stage1_seconds(data: dict, output_dir: Path, epochs: float, cache: bool) -> tuple[float, list]:

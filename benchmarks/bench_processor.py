@@ -22,7 +22,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from modeling_unimoe import UniMoEFeatureExtractor, UniMoEProcessor
 from modeling_unimoe.feature_extraction_beats import beats_fbank
 from modeling_unimoe.processing_unimoe import load_image, load_video
-from trl_scripts.presets import TINY_TOKENIZER_DIR
+from trl_scripts.training.presets import TINY_TOKENIZER_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from media import write_audio, write_image, write_video  # noqa: E402

@@ -19,9 +19,9 @@ import torch
 
 from modeling_unimoe import UniMoEForCausalLM, UniMoEProcessor
 from trl_scripts import load_preset
-from trl_scripts.presets import CHAT_TEMPLATE_PATH, TINY_TOKENIZER_DIR
-from trl_scripts.stages import prepare_stage3
-from trl_scripts.upcycling import upcycle_unimoe
+from trl_scripts.training.presets import CHAT_TEMPLATE_PATH, TINY_TOKENIZER_DIR
+from trl_scripts.training.stages import prepare_stage3
+from trl_scripts.training.upcycling import upcycle_unimoe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from media import tone  # noqa: E402

@@ -68,7 +68,7 @@ def _normalised_log_mel(waveform: np.ndarray, remove_dc_offset: bool = True) -> 
     Kaldi's settings (`reference_log_mel` below), computed on all frames at once. `spectrogram` runs its per-frame
     steps in a Python loop (about 14 ms for a 4 s window on one core, the largest part of an audio row's collation);
     these are the same float64 operations in the same order, array-wide, so the result is equal bit for bit
-    (`tests/test_modeling_beats.py` checks it against `spectrogram`)."""
+    (`tests/models/test_modeling_beats.py` checks it against `spectrogram`)."""
     amplitudes = (waveform * 2**15).astype(np.float64)  # Kaldi works on 16-bit integer amplitudes
     frames = np.lib.stride_tricks.sliding_window_view(amplitudes, _FRAME_LENGTH)[::_FRAME_SHIFT]  # [frames, 400]
     buffer = np.zeros((frames.shape[0], _FFT_LENGTH))  # each frame zero-padded to the FFT length

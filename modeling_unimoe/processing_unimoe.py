@@ -4,23 +4,25 @@ Media may be given decoded (PIL images, arrays, waveforms), as local file paths 
 (`io.BytesIO`, `open(path, "rb")`, read from their start); files are decoded here (images with Pillow, their EXIF
 orientation applied, video and audio with PyAV) and every failure names the file. Each `<image>`, `<video>` and
 `<audio>` placeholder is expanded to exactly the number of soft tokens the model scatters in its place.
+
+From transformers: the placeholder expansion (`ProcessorMixin.get_text_with_replacements` with our `replace_*_token`
+hooks), the chat-template steps, the CLIP image processor and Whisper's features. The media loaders are our own:
+`load_image`, `load_video` and `load_audio` each say, in one line, what transformers' loader lacks.
 """
 
-import bisect
 import contextvars
 import io
 import itertools
 import math
 import numbers
 import os
-import sys
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessorMixin
-from transformers.utils import logging
+from transformers.utils import is_torch_tensor, logging
 
 from .transformers_compat import ChatTemplateSteps, image_processor_rgb
 
@@ -91,12 +93,6 @@ def _array_to_image(array: np.ndarray, index: int, label: str | None = None) -> 
     return Image.fromarray(_to_uint8(array, name))
 
 
-def _is_tensor(value) -> bool:
-    """A torch tensor, checked by type (never by a `detach` method: file objects have one too)."""
-    torch = sys.modules.get("torch")  # not imported: no tensor can exist
-    return torch is not None and isinstance(value, torch.Tensor)
-
-
 def _is_file(value) -> bool:
     """A file object (`io.BytesIO`, `open(path, "rb")`): anything with a `read` method but a path or bytes."""
     return not isinstance(value, (str, bytes, bytearray, os.PathLike)) and callable(getattr(value, "read", None))
@@ -143,7 +139,7 @@ def _rewound(source):
 
 def _as_numpy(value):
     """torch tensors -> numpy (leaves everything else alone): floating tensors as float32, others keep their dtype."""
-    if not _is_tensor(value):
+    if not is_torch_tensor(value):
         return value
     value = value.detach().cpu()
     return (value.float() if value.is_floating_point() else value).numpy()
@@ -182,6 +178,8 @@ def load_image(image, index: int, label: str | None = None) -> Image.Image:
     arrays, PIL modes I;16, I;16B, I;16L) scaled by their full range (x 255/65535); other integer types (and PIL
     mode I) only when all values are in [0, 255]; floats (and PIL mode F) only in [0, 1] (x 255); bool as 0/255.
     Anything else (values out of range, NaN or infinity, another dtype, an empty image) is refused, naming the item.
+
+    Not transformers' `load_image`: its Pillow `convert("RGB")` clips 16-bit files and drops alpha, and it takes no file objects.
     """
     name = label or f"image {index}"
     if isinstance(image, (str, os.PathLike)) or _is_file(image):
@@ -288,7 +286,10 @@ def _image_extensions() -> set[str]:
 
 def load_video(video, num_frames: int, index: int) -> list[np.ndarray]:
     """`num_frames` RGB frames [H, W, 3] sampled uniformly from a video file (PyAV), from given frames, or from frame
-    image files (`is_frame_paths`; only the sampled files are read). Given frames follow `load_image`'s value rule."""
+    image files (`is_frame_paths`; only the sampled files are read). Given frames follow `load_image`'s value rule.
+
+    Not transformers' `load_video`: its PyAV backend trusts the declared frame count (0 in WebM and MKV files), refuses
+    clips shorter than `num_frames` (we repeat frames) and takes no file objects."""
     num_frames = _check_num_frames(num_frames, f"video {index}: num_frames")
     if isinstance(video, (str, os.PathLike)) or _is_file(video):
         frames = _decode_video_frames(_file_source(video, f"video {index}"), num_frames, index)
@@ -356,7 +357,7 @@ _MAX_FLOAT_PEAK = 2.0
 
 def _check_rate(rate, name: str) -> int:
     """A sampling rate in Hz -> int, refusing anything but a whole number of Hz in [_MIN_RATE, _MAX_RATE]."""
-    if (isinstance(rate, np.ndarray) or _is_tensor(rate)) and rate.ndim == 0:  # np.array(16000), torch.tensor(16000)
+    if (isinstance(rate, np.ndarray) or is_torch_tensor(rate)) and rate.ndim == 0:  # np.array(16000), torch.tensor(16000)
         rate = rate.item()
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not math.isfinite(rate) or rate != int(rate):
         raise ValueError(f"{name}: the sampling rate must be a whole number of Hz, got {rate!r}")
@@ -372,7 +373,7 @@ def _waveform(value, index: int) -> np.ndarray:
     """A given waveform (an array, a tensor or a list of samples) -> finite, non-empty, mono float32: float samples
     as given (peaks up to `_MAX_FLOAT_PEAK`), int16/int32/uint8 PCM scaled to [-1, 1); other dtypes refused."""
     name = f"audio {index}"
-    if not (isinstance(value, (np.ndarray, list, tuple)) or _is_tensor(value) or hasattr(value, "__array__")):
+    if not (isinstance(value, (np.ndarray, list, tuple)) or is_torch_tensor(value) or hasattr(value, "__array__")):
         is_file = _is_path(value) or _is_file(value)
         hint = "; a file's rate is read from the file: give the file alone" if is_file else ""
         raise TypeError(
@@ -532,7 +533,10 @@ def load_audio(audio, sampling_rate: int, index: int, given_rate: int | None = N
     Float peaks up to 2 (lossy decoders and resamplers overshoot full scale on loud recordings: MP3 up to ~1.5) are
     taken as they are; past 2, float waveforms and files (e.g. a float WAV holding PCM values) are refused, naming
     the peak: divide 16-bit PCM values by 32768. Empty, non-finite or otherwise typed waveforms and rates that are
-    not a whole number of Hz in [1 kHz, 1 MHz] are refused, naming the item."""
+    not a whole number of Hz in [1 kHz, 1 MHz] are refused, naming the item.
+
+    Not transformers' `load_audio`: it decodes with torchcodec, or soundfile and resamples with soxr (5.24) or librosa
+    (5.19), none of them our dependencies, and takes no file objects; PyAV decodes and resamples here."""
     name = f"audio {index}"
     if isinstance(audio, (str, os.PathLike)) or _is_file(audio):
         return _load_audio_file(_file_source(audio, name), sampling_rate, index)
@@ -548,7 +552,7 @@ def load_audio(audio, sampling_rate: int, index: int, given_rate: int | None = N
         if len(audio) != 2:
             raise ValueError(f"{name}: an audio tuple must be (waveform, sampling_rate), got {len(audio)} elements")
         waveform, rate = audio
-    elif isinstance(audio, np.ndarray) or _is_tensor(audio):
+    elif isinstance(audio, np.ndarray) or is_torch_tensor(audio):
         waveform, rate = audio, given_rate if given_rate is not None else sampling_rate
     else:
         hint = " (encoded file bytes? wrap them in io.BytesIO)" if isinstance(audio, (bytes, bytearray)) else ""
@@ -575,7 +579,7 @@ def _is_path(x) -> bool:
 
 
 def _is_array(x, *ndims: int) -> bool:
-    return (isinstance(x, np.ndarray) or _is_tensor(x)) and x.ndim in ndims
+    return (isinstance(x, np.ndarray) or is_torch_tensor(x)) and x.ndim in ndims
 
 
 def _is_image(x) -> bool:
@@ -721,12 +725,25 @@ class UniMoEProcessor(ChatTemplateSteps, ProcessorMixin):
             **kwargs,
         )
 
-    @property
-    def video_seq_length(self) -> int:
-        return self.image_seq_length * (1 if self.video_pooling == "mean" else self.num_frames)
+    def video_seq_length(self, num_frames: int) -> int:
+        """Soft tokens of a video of `num_frames` sampled frames: one image's with `video_pooling="mean"`, one image's
+        per frame with `"none"`."""
+        return self.image_seq_length * (1 if self.video_pooling == "mean" else num_frames)
 
     def audio_seq_length(self, windows: int) -> int:
+        """Soft tokens of an audio item cut into `windows` windows: `num_query_tokens` per window and audio tower."""
         return windows * self.num_query_tokens * len(self.feature_extractor.audio_towers)
+
+    # transformers' placeholder hooks: the text each placeholder becomes (`get_text_with_replacements` puts it there)
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.image_seq_length
+
+    def replace_video_token(self, video_inputs: dict, video_idx: int, num_frames: int, **kwargs) -> str:
+        return self.video_token * self.video_seq_length(num_frames)
+
+    def replace_audio_token(self, audio_inputs: dict, audio_idx: int, **kwargs) -> str:
+        """`audio_inputs["audio_windows"]`: the window count of each audio item (the feature extractor's output)."""
+        return self.audio_token * self.audio_seq_length(audio_inputs["audio_windows"][audio_idx])
 
     def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, audio_lengths=None, **kwargs) -> MultiModalData:
         """Soft tokens each item would expand to, from its size alone (transformers' processor hook; vLLM sizes its
@@ -734,7 +751,7 @@ class UniMoEProcessor(ChatTemplateSteps, ProcessorMixin):
 
         image_sizes: one (height, width) per image; every image costs `image_seq_length` tokens (it is resized and
         center-cropped to the CLIP input). video_sizes: one (frames, height, width) per video; a video costs
-        `video_seq_length` tokens whatever its frame count (`num_frames` frames are sampled from it). audio_lengths:
+        `video_seq_length(num_frames)` tokens whatever its frame count (`num_frames` frames are sampled from it). audio_lengths:
         samples per audio item at the feature extractor's rate; `num_query_tokens` per started window and tower, at
         most `max_audio_windows` windows (longer audio is refused, or cut with `truncation=True`).
         """
@@ -743,7 +760,7 @@ class UniMoEProcessor(ChatTemplateSteps, ProcessorMixin):
             data["num_image_tokens"] = [self.image_seq_length] * len(image_sizes)
             data["num_image_patches"] = [1] * len(image_sizes)  # rows of `pixel_values` per image
         if video_sizes is not None:
-            data["num_video_tokens"] = [self.video_seq_length] * len(video_sizes)
+            data["num_video_tokens"] = [self.video_seq_length(self.num_frames)] * len(video_sizes)
         if audio_lengths is not None:
             extractor = self.feature_extractor
             data["num_audio_tokens"] = [
@@ -767,7 +784,7 @@ class UniMoEProcessor(ChatTemplateSteps, ProcessorMixin):
             media = []
         elif is_item(media):
             media = [media]
-        elif isinstance(media, np.ndarray) or _is_tensor(media):  # a batch as one array: its items
+        elif isinstance(media, np.ndarray) or is_torch_tensor(media):  # a batch as one array: its items
             media = list(media)
         elif not isinstance(media, (list, tuple)):
             argument = "audio" if modality == "audio" else f"{modality}s"
@@ -996,38 +1013,17 @@ class UniMoEProcessor(ChatTemplateSteps, ProcessorMixin):
     def _expand_placeholders(
         self, texts: list[str], audio_windows: list[int], num_frames: int
     ) -> tuple[list[str], list[list[dict]]]:
-        """Each placeholder -> its exact soft-token count; also, per sample, where every expansion landed, in the form
-        of transformers' `ProcessorMixin.get_text_with_replacements` (`type`: the modality, `span` / `new_span`: the
-        character range before / after, `text`: the placeholder, `replacement`: its expansion), which assistant masks
-        and vLLM read."""
-        audio_iter = iter(audio_windows)
-        video_length = self.image_seq_length * (1 if self.video_pooling == "mean" else num_frames)
-        lengths = {self.image_token: self.image_seq_length, self.video_token: video_length}
-        modalities = {self.image_token: "image", self.video_token: "video", self.audio_token: "audio"}
-        expanded, offsets = [], []
-        for text in texts:
-            pieces, sample_offsets, position, new_length = [], [], 0, 0
-            while True:
-                found = [(text.find(token, position), token) for token in lengths.keys() | {self.audio_token}]
-                found = [(start, token) for start, token in found if start >= 0]
-                if not found:
-                    pieces.append(text[position:])
-                    break
-                start, token = min(found)
-                pieces.append(text[position:start])
-                new_length += start - position
-                repeat = self.audio_seq_length(next(audio_iter)) if token == self.audio_token else lengths[token]
-                replacement = token * repeat
-                pieces.append(replacement)
-                sample_offsets.append({
-                    "type": modalities[token], "span": (start, start + len(token)),
-                    "new_span": (new_length, new_length + len(replacement)), "text": token, "replacement": replacement,
-                })
-                new_length += len(replacement)
-                position = start + len(token)
-            expanded.append("".join(pieces))
-            offsets.append(sample_offsets)
-        return expanded, offsets
+        """`texts` with each placeholder replaced by its `replace_*_token` text (`audio_windows`: the window count of
+        each audio item, in placeholder order; `num_frames`: frames per video), by transformers'
+        `get_text_with_replacements`; also, per sample, where each replacement landed (`type`: the modality, `span` /
+        `new_span`: the character range before / after, `text`, `replacement`), which assistant masks and vLLM read."""
+        images, videos = (sum(text.count(token) for text in texts) for token in (self.image_token, self.video_token))
+        return self.get_text_with_replacements(
+            list(texts),
+            [self.replace_image_token({}, index) for index in range(images)],
+            [self.replace_video_token({}, index, num_frames=num_frames) for index in range(videos)],
+            [self.replace_audio_token({"audio_windows": audio_windows}, index) for index in range(len(audio_windows))],
+        )
 
     def _check_lengths(self, encoding, texts: list[str]):
         """Each sample's own length (padding excluded: a short sample padded to a long one is not too long)."""
@@ -1172,8 +1168,8 @@ CHAT_BLOCK_TYPES = ("text", "image", "video", "audio")
 # message fields that hold content Vicuna v1 has no place for
 _UNRENDERED_MESSAGE_FIELDS = ("tool_calls", "reasoning_content", "reasoning", "thinking")
 _ROLE_HINTS = {
-    "human": "; use 'user' (LLaVA's 'human' and 'gpt' are the training rows' `from` names, which trl_scripts.data maps)",
-    "gpt": "; use 'assistant' (LLaVA's 'human' and 'gpt' are the training rows' `from` names, which trl_scripts.data maps)",
+    "human": "; use 'user' (LLaVA's 'human' and 'gpt' are the training rows' `from` names, which trl_scripts.training.data maps)",
+    "gpt": "; use 'assistant' (LLaVA's 'human' and 'gpt' are the training rows' `from` names, which trl_scripts.training.data maps)",
     "tool": "; Uni-MoE was not trained with tool messages",
 }
 _BLOCK_HINTS = {

@@ -11,15 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
-from test_train import write_rows
+from tests.utils import REPO_ROOT
+from tests.utils.data import write_training_rows
 
 
-# the tools: modules defining `main`, or entry modules importing it from their sub-package (`serve` -> serving.server)
+# the tools as `python -m trl_scripts.<name>` runs them: the thin entry modules (each imports `main` from its
+# sub-package: `train` -> training.train) and the quickstart package (`__main__` runs quickstart.run)
 CLI_MODULES = sorted(
-    path.stem for path in (REPO_ROOT / "trl_scripts").glob("*.py")
-    if "\ndef main(" in path.read_text() or " import main\n" in path.read_text()
+    [path.stem for path in (REPO_ROOT / "trl_scripts").glob("*.py") if " import main\n" in path.read_text()]
+    + [path.parent.name for path in (REPO_ROOT / "trl_scripts").glob("*/__main__.py")]
 )
+
+
+def tool_main(module: str):
+    """The `main` that `python -m trl_scripts.<module>` runs."""
+    package = importlib.import_module(f"trl_scripts.{module}")
+    return package.main if hasattr(package, "main") else importlib.import_module(f"trl_scripts.{module}.run").main
 
 
 def console_scripts() -> dict[str, str]:
@@ -31,7 +38,7 @@ def console_scripts() -> dict[str, str]:
 
 @pytest.mark.parametrize("module", CLI_MODULES)
 def test_every_cli_prints_its_help(module, capsys):
-    main = importlib.import_module(f"trl_scripts.{module}").main
+    main = tool_main(module)
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
@@ -40,12 +47,14 @@ def test_every_cli_prints_its_help(module, capsys):
 
 def test_every_tool_has_a_console_script_installed():
     scripts = console_scripts()
-    targets = {target.split(":")[0].removeprefix("trl_scripts.") for target in scripts.values()}
-    # every tool a user runs has a console script (the tokenizer builder is a maintainer's tool)
-    assert set(CLI_MODULES) - {"build_tiny_tokenizer"} <= targets
+    mains = {}
     for name, target in scripts.items():
         module, function = target.split(":")
-        assert callable(getattr(importlib.import_module(module), function)), target
+        mains[name] = getattr(importlib.import_module(module), function)
+    # every tool a user runs has a console script running the same `main` (the tokenizer builder is a maintainer's tool)
+    for module in set(CLI_MODULES) - {"build_tiny_tokenizer"}:
+        assert tool_main(module) in mains.values(), f"python -m trl_scripts.{module} has no console script"
+    for name in scripts:
         assert (Path(sys.executable).parent / name).is_file(), f"{name} is not installed (pip install -e .)"
 
 
@@ -62,9 +71,9 @@ def test_a_user_error_is_one_line_without_a_traceback(tmp_path):
 
 
 def test_a_missing_model_folder_is_named(tmp_path):
-    from trl_scripts.train import main
+    from trl_scripts.training.train import main
 
-    train = write_rows(tmp_path)
+    train = write_training_rows(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"--model_name_or_path 'out/stage1': no such folder .*not a preset \(.*tiny"):
         main(["--stage", "2", "--model_name_or_path", "out/stage1", "--experts", "image", "--train_files", train, "--output_dir", str(tmp_path / "o")])
 
@@ -77,12 +86,12 @@ def train_arguments(train, output_dir):
 def test_media_paths_are_relative_to_the_data_file_by_default(tmp_path, monkeypatch):
     """train, like evaluate, finds a row's media next to its data file when no --media_root is given, from any
     working directory; the original's absolute-looking paths (`/red.png`) are tried under the media folder too."""
-    from trl_scripts.data import media_path_candidates
-    from trl_scripts.train import main
+    from trl_scripts.training.data import media_path_candidates
+    from trl_scripts.training.train import main
 
     data = tmp_path / "data"
     data.mkdir()
-    train = write_rows(data)
+    train = write_training_rows(data)
     rows = json.loads(Path(train).read_text())
     rows[0]["image"] = "/red.png"
     Path(train).write_text(json.dumps(rows))
@@ -96,10 +105,10 @@ def test_media_paths_are_relative_to_the_data_file_by_default(tmp_path, monkeypa
 
 
 def test_train_files_in_several_folders_need_a_media_root(tmp_path):
-    from trl_scripts.train import main
+    from trl_scripts.training.train import main
 
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    first, second = write_rows(tmp_path / "a"), write_rows(tmp_path / "b")
+    first, second = write_training_rows(tmp_path / "a"), write_training_rows(tmp_path / "b")
     arguments = train_arguments(first, tmp_path / "out")
     arguments[arguments.index("--train_files") + 1 : arguments.index("--train_files") + 2] = [first, second]
     with pytest.raises(ValueError, match=r"--train_files are in several folders .*--media_root"):
@@ -107,9 +116,9 @@ def test_train_files_in_several_folders_need_a_media_root(tmp_path):
 
 
 def test_a_yaml_file_takes_overrides_from_the_command_line(tmp_path):
-    from trl_scripts.train import main
+    from trl_scripts.training.train import main
 
-    train = write_rows(tmp_path)
+    train = write_training_rows(tmp_path)
     config = tmp_path / "stage1.yaml"
     config.write_text(
         f"stage: 1\nmodel_name_or_path: tiny\ntrain_files: [{train}]\noutput_dir: {tmp_path / 'from-yaml'}\n"
@@ -127,10 +136,12 @@ def run_module(module: str, *args: str, cwd, env: dict | None = None, warnings_a
     )
 
 
-def test_running_a_tool_as_a_module_does_not_warn(tmp_path):
+@pytest.mark.parametrize("module", ["upcycling", "training.upcycling", "quickstart", "serving.server"])
+def test_running_a_tool_as_a_module_does_not_warn(module, tmp_path):
     """`trl_scripts/__init__.py` imported `upcycling` eagerly, so `python -m trl_scripts.upcycling` ran a module
-    already in sys.modules (runpy's RuntimeWarning). The package imports none of its submodules; its names load lazily."""
-    result = run_module("upcycling", "--help", cwd=tmp_path, warnings_as_errors=True)
+    already in sys.modules (runpy's RuntimeWarning). No package imports its submodules; its names load lazily. The
+    entry module and the sub-package module it names both run."""
+    result = run_module(module, "--help", cwd=tmp_path, warnings_as_errors=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:") and "RuntimeWarning" not in result.stderr
     code = ("import sys, trl_scripts; print(sorted(m for m in sys.modules if m.startswith('trl_scripts.')));"
@@ -151,7 +162,7 @@ def one_line_error(result: subprocess.CompletedProcess, tool: str) -> str:
 
 def test_stage1_text_only_rows_are_one_line_before_training(tmp_path):
     """They crashed mid-run with a 51-line "element 0 of tensors does not require grad" traceback."""
-    train = write_rows(tmp_path)
+    train = write_training_rows(tmp_path)
     rows = json.loads(Path(train).read_text()) + [
         {"id": "txt-0", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "hello"}]}]
     Path(train).write_text(json.dumps(rows))

@@ -1,7 +1,7 @@
 """The README, followed verbatim by a new user: every bash and python block runs, in order, in a fresh copy of the
 repository (its tracked and unignored files), with the paths the README itself creates. A block may be skipped only
 with a `<!-- not run by tests/test_readme.py: reason -->` line right above it (the two `make` commands, which run this
-test and the demo). Pushing goes to `tests/local_hub.py` through `HF_ENDPOINT` and `HF_TOKEN`, as the README says.
+test and the demo). Pushing goes to `tests/utils/local_hub.py` through `HF_ENDPOINT` and `HF_TOKEN`, as the README says.
 A bash block of one command ending in `&` starts a service (the server, the chat app), as a user would in another
 terminal: it runs in the background, the next blocks wait until its `--port` answers HTTP, and it is stopped at the
 end; it must still be running then."""
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import httpx
 
-from conftest import REPO_ROOT
-from local_hub import LocalHub
+from tests.utils import REPO_ROOT
+from tests.utils.local_hub import LocalHub
 
 
 BLOCK = re.compile(r"(?:<!-- not run by tests/test_readme\.py: (?P<skip>[^\n]*?) -->\n)?```(?P<lang>[a-z]*)\n(?P<code>.*?)```", re.S)

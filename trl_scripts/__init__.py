@@ -1,4 +1,6 @@
-"""Training and publishing side of Uni-MoE: presets, upcycling, backbones, the quickstart (imports `modeling_unimoe`).
+"""Everything that drives the model (imports `modeling_unimoe`, never the other way), one sub-package per task:
+`training/`, `conversion/`, `hub/`, `evaluation/`, `serving/`, `quickstart/`; `console` holds what the command lines
+share, and the thin entry modules here (`train`, `evaluate`, `serve`, ...) keep `python -m trl_scripts.<tool>` short.
 
 The public names load their submodule on first use (module `__getattr__`): importing the package imports none of
 its submodules, so that `python -m trl_scripts.<tool>` runs a module that is not already imported (runpy would
@@ -8,10 +10,10 @@ import importlib
 
 
 _EXPORTS = {
-    "PRESETS_DIR": "presets",
-    "load_preset": "presets",
-    "load_tiny_processor": "presets",
-    "upcycle_llama": "upcycling",
+    "PRESETS_DIR": "training.presets",
+    "load_preset": "training.presets",
+    "load_tiny_processor": "training.presets",
+    "upcycle_llama": "training.upcycling",
 }
 
 __all__ = list(_EXPORTS)

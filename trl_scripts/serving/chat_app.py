@@ -13,11 +13,11 @@ The answer streams token by token (`model.generate` in a thread with a `TextIter
 settings (max new tokens, temperature (0: greedy), top_p) are in an accordion under the input box. Under each answer
 a heatmap shows which experts each sparse layer chose for that answer's tokens, per modality (the text, image, video
 and audio tokens of prompt and answer): one forward pass over prompt + answer with `output_router_logits=True`,
-counted like the trainer's expert load (`trl_scripts.trainer.modality_expert_counts`) and drawn with
-`trl_scripts.quickstart.plot_routing`.
+counted like the trainer's expert load (`trl_scripts.training.trainer.modality_expert_counts`) and drawn with
+`trl_scripts.quickstart.run.plot_routing`.
 
 Needs the `chat` extra (`pip install 'unimoe[chat]'`: gradio). `unimoe-push-to-hub --space ORG/NAME` publishes the
-model with a Hugging Face Space running this app on it (`trl_scripts.space`).
+model with a Hugging Face Space running this app on it (`trl_scripts.hub.space`).
 """
 
 import io
@@ -35,9 +35,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from transformers.utils import cached_file
 
 from ..console import command_line
-from ..evaluate import load_model_and_processor, readable_modalities
-from ..quickstart import plot_routing
-from ..trainer import MODALITIES, modality_expert_counts
+from ..evaluation.evaluate import load_model_and_processor, readable_modalities
+from ..quickstart.run import plot_routing
+from ..training.trainer import MODALITIES, modality_expert_counts
 from .arguments import ServingArguments, parse_serving_arguments
 
 
@@ -331,7 +331,7 @@ class ChatApp:
         cls, model_path: str, device: str | None = None, dtype: str = "auto", system_prompt: str | None = None,
         quantization: str = "none",
     ) -> "ChatApp":
-        """Load a checkpoint folder or Hub repo id (`trl_scripts.evaluate.load_model_and_processor`)."""
+        """Load a checkpoint folder or Hub repo id (`trl_scripts.evaluation.evaluate.load_model_and_processor`)."""
         model, processor = load_model_and_processor(model_path, device, dtype, quantization)
         return cls(model, processor, expert_names(model_path, model.config.get_text_config().num_experts), system_prompt)
 

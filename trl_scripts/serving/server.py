@@ -46,8 +46,8 @@ from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteri
 from transformers.generation.streamers import BaseStreamer
 
 from ..console import command_line
-from ..data import pad_encodings
-from ..evaluate import DTYPES, check_model_path, load_processor, quantization_kwargs, readable_modalities, resolve_device
+from ..evaluation.evaluate import DTYPES, check_model_path, load_processor, quantization_kwargs, readable_modalities, resolve_device
+from ..training.data import pad_encodings
 from .arguments import ServingArguments, parse_serving_arguments
 
 
@@ -282,7 +282,7 @@ def check_served_modalities(config, inputs) -> None:
 
 
 def collate(encodings: list, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Processor outputs of single requests -> one left-padded batch (`trl_scripts.data.pad_encodings`), media in
+    """Processor outputs of single requests -> one left-padded batch (`trl_scripts.training.data.pad_encodings`), media in
     request order, as the processor itself orders the media of a batch."""
     return pad_encodings(encodings, pad_token_id, padding_side="left")
 
