@@ -1,7 +1,15 @@
 """Configuration of BEATs, the audio encoder of Uni-MoE's audio variant (microsoft/unilm `beats/`)."""
 
+from typing import NoReturn
+
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
+
+
+def reject_field(config: PreTrainedConfig, field: str, value, expected: str) -> NoReturn:
+    """The error every Uni-MoE config check raises: a `ValueError` naming the config class, the field (dotted for a
+    sub-config's), the value it got and what it expects. The checks bind it as `bad = partial(reject_field, self)`."""
+    raise ValueError(f"{type(config).__name__}: invalid `{field}`={value!r}; expected {expected}.")
 
 
 # Official `activation_fn` names -> transformers' ACT2FN names (fairseq's "gelu_accurate" is the tanh approximation).
@@ -119,7 +127,7 @@ class BEATsConfig(PreTrainedConfig):
 
     def _check_fields(self):
         def bad(field, expected):
-            raise ValueError(f"BEATsConfig: invalid `{field}`={getattr(self, field)!r}; expected {expected}.")
+            reject_field(self, field, getattr(self, field), expected)
 
         for field in ("input_patch_size", "embed_dim", "encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim",
                       "encoder_attention_heads", "conv_pos", "conv_pos_groups"):

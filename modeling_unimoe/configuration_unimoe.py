@@ -4,6 +4,7 @@
 from .transformers_compat import BUILDS_SUB_CONFIGS, CACHE_NAME, SubConfigSpec, build_sub_configs  # isort: skip
 
 import math
+from functools import partial
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
@@ -11,7 +12,7 @@ from transformers.activations import ACT2CLS
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
-from .configuration_beats import BEATsConfig
+from .configuration_beats import BEATsConfig, reject_field
 
 
 ROUTER_TYPES = ("topk_softmax", "softmax_topk")
@@ -187,8 +188,7 @@ class UniMoETextConfig(PreTrainedConfig):
     def _check_decoder_fields(self):
         """The LLaMA fields whose bad values fail only when the model is built or first run (a KeyError on the
         activation, a negative tensor dimension, a division by zero) or silently give NaN."""
-        def bad(field, value, expected):
-            raise ValueError(f"UniMoETextConfig: invalid `{field}`={value!r}; expected {expected}.")
+        bad = partial(reject_field, self)
 
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "max_position_embeddings"):
             if getattr(self, field) < 1:
@@ -229,8 +229,7 @@ class UniMoETextConfig(PreTrainedConfig):
             )
 
     def _check_moe_fields(self):
-        def bad(field, value, expected):
-            raise ValueError(f"UniMoETextConfig: invalid `{field}`={value!r}; expected {expected}.")
+        bad = partial(reject_field, self)
 
         if self.num_experts < 1:
             bad("num_experts", self.num_experts, "at least 1")
@@ -449,8 +448,7 @@ class UniMoEConfig(PreTrainedConfig):
             self.audio_config.max_source_positions = self.max_audio_windows * self.num_query_tokens * len(self.audio_towers)
 
     def _check_multimodal_fields(self, present: dict):
-        def bad(field, value, expected):
-            raise ValueError(f"UniMoEConfig: invalid `{field}`={value!r}; expected {expected}.")
+        bad = partial(reject_field, self)
 
         for tower in self.audio_towers:
             if tower not in AUDIO_TOWERS:

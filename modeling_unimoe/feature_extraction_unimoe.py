@@ -9,12 +9,11 @@ from transformers import WhisperFeatureExtractor
 from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
 
+from .configuration_unimoe import AUDIO_TOWERS
 from .feature_extraction_beats import beats_constant_frame_fbank, beats_fbank, beats_frame_padding_mask, beats_num_frames
 
 
 logger = logging.getLogger(__name__)
-
-AUDIO_TOWERS = ("whisper", "beats")
 
 
 class UniMoEFeatureExtractor(SequenceFeatureExtractor):
