@@ -179,7 +179,7 @@ def load_image(image, index: int, label: str | None = None) -> Image.Image:
     mode I) only when all values are in [0, 255]; floats (and PIL mode F) only in [0, 1] (x 255); bool as 0/255.
     Anything else (values out of range, NaN or infinity, another dtype, an empty image) is refused, naming the item.
 
-    Not transformers' `load_image`: its Pillow `convert("RGB")` clips 16-bit files and drops alpha, and it takes no file objects.
+    Not transformers' `load_image`: its `convert("RGB")` clips 16-bit files and drops alpha; it takes no file objects.
     """
     name = label or f"image {index}"
     if isinstance(image, (str, os.PathLike)) or _is_file(image):
@@ -288,8 +288,7 @@ def load_video(video, num_frames: int, index: int) -> list[np.ndarray]:
     """`num_frames` RGB frames [H, W, 3] sampled uniformly from a video file (PyAV), from given frames, or from frame
     image files (`is_frame_paths`; only the sampled files are read). Given frames follow `load_image`'s value rule.
 
-    Not transformers' `load_video`: its PyAV backend trusts the declared frame count (0 in WebM and MKV files), refuses
-    clips shorter than `num_frames` (we repeat frames) and takes no file objects."""
+    Not transformers' `load_video`: it needs a declared frame count (WebM, MKV: 0) of >= `num_frames`, and a path."""
     num_frames = _check_num_frames(num_frames, f"video {index}: num_frames")
     if isinstance(video, (str, os.PathLike)) or _is_file(video):
         frames = _decode_video_frames(_file_source(video, f"video {index}"), num_frames, index)
@@ -535,8 +534,7 @@ def load_audio(audio, sampling_rate: int, index: int, given_rate: int | None = N
     the peak: divide 16-bit PCM values by 32768. Empty, non-finite or otherwise typed waveforms and rates that are
     not a whole number of Hz in [1 kHz, 1 MHz] are refused, naming the item.
 
-    Not transformers' `load_audio`: it decodes with torchcodec, or soundfile and resamples with soxr (5.24) or librosa
-    (5.19), none of them our dependencies, and takes no file objects; PyAV decodes and resamples here."""
+    Not transformers' `load_audio`: it needs torchcodec, or soxr (5.24) / librosa (5.19), and a path; PyAV decodes here."""
     name = f"audio {index}"
     if isinstance(audio, (str, os.PathLike)) or _is_file(audio):
         return _load_audio_file(_file_source(audio, name), sampling_rate, index)
@@ -751,9 +749,9 @@ class UniMoEProcessor(ChatTemplateSteps, ProcessorMixin):
 
         image_sizes: one (height, width) per image; every image costs `image_seq_length` tokens (it is resized and
         center-cropped to the CLIP input). video_sizes: one (frames, height, width) per video; a video costs
-        `video_seq_length(num_frames)` tokens whatever its frame count (`num_frames` frames are sampled from it). audio_lengths:
-        samples per audio item at the feature extractor's rate; `num_query_tokens` per started window and tower, at
-        most `max_audio_windows` windows (longer audio is refused, or cut with `truncation=True`).
+        `video_seq_length(num_frames)` tokens whatever its frame count (`num_frames` frames are sampled from it).
+        audio_lengths: samples per audio item at the feature extractor's rate; `num_query_tokens` per started window
+        and tower, at most `max_audio_windows` windows (longer audio is refused, or cut with `truncation=True`).
         """
         data = {}
         if image_sizes is not None:
@@ -1018,12 +1016,19 @@ class UniMoEProcessor(ChatTemplateSteps, ProcessorMixin):
         `get_text_with_replacements`; also, per sample, where each replacement landed (`type`: the modality, `span` /
         `new_span`: the character range before / after, `text`, `replacement`), which assistant masks and vLLM read."""
         images, videos = (sum(text.count(token) for text in texts) for token in (self.image_token, self.video_token))
-        return self.get_text_with_replacements(
+        expanded, offsets = self.get_text_with_replacements(
             list(texts),
             [self.replace_image_token({}, index) for index in range(images)],
             [self.replace_video_token({}, index, num_frames=num_frames) for index in range(videos)],
             [self.replace_audio_token({"audio_windows": audio_windows}, index) for index in range(len(audio_windows))],
         )
+        for sample, (text, replaced) in enumerate(zip(texts, offsets)):
+            if len(replaced) != sum(text.count(token) for token in (self.image_token, self.video_token, self.audio_token)):
+                raise ValueError(  # transformers >= 5.24 leaves a placeholder right after that mark as text
+                    f"sample {sample}: a placeholder follows U+F0000, transformers' mark for text that is no placeholder; "
+                    "remove the mark"
+                )
+        return expanded, offsets
 
     def _check_lengths(self, encoding, texts: list[str]):
         """Each sample's own length (padding excluded: a short sample padded to a long one is not too long)."""

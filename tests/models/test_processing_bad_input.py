@@ -662,3 +662,14 @@ def test_the_length_limit_names_the_long_sample_of_a_padded_batch(tiny_processor
     for texts, images, long in ((["hi", "<image><image>"], [[], two_images], 1), (["<image><image>", "hi"], [two_images, []], 0)):
         with pytest.raises(ValueError, match=rf"^sample {long} is 33 tokens long after expanding its media \(2 images"):
             tiny_processor(text=texts, images=images, padding=True)  # (explicit: also how the collator calls it)
+
+
+def test_a_placeholder_after_transformers_control_token_mark_is_never_left_unexpanded(tiny_processor):
+    """transformers >= 5.24's placeholder expansion leaves a placeholder right after U+F0000 (its mark for text that
+    is no placeholder) as text: refused there, since its image would have no soft tokens; expanded before."""
+    try:
+        out = tiny_processor(text="a \U000f0000<image> b", images=[gradient()])
+    except ValueError as error:
+        assert str(error).startswith("sample 0: a placeholder follows U+F0000, transformers' mark"), error
+    else:
+        assert (out["input_ids"][0] == tiny_processor.image_token_id).sum() == tiny_processor.image_seq_length

@@ -248,6 +248,18 @@ def test_short_video_repeats_frames_and_empty_video_fails(tiny_processor, tmp_pa
         tiny_processor(text="<video>", videos=[[]])
 
 
+def test_videos_without_a_declared_frame_count_are_sampled_from_their_frames(tiny_processor, tmp_path):
+    """MKV and WebM files declare no frame count (PyAV reads 0), which transformers' `load_video` samples by; ours
+    counts the frames it decodes: the same frames as the same video in MP4."""
+    import av
+
+    mkv, mp4 = write_video(tmp_path / "move.mkv"), write_video(tmp_path / "move.mp4")
+    with av.open(str(mkv)) as container:
+        assert container.streams.video[0].frames == 0
+    expected = tiny_processor(text="<video>", videos=[str(mp4)])["pixel_values_videos"]
+    torch.testing.assert_close(tiny_processor(text="<video>", videos=[str(mkv)])["pixel_values_videos"], expected, atol=0, rtol=0)
+
+
 def test_too_long_after_expansion_names_the_lengths(tiny_processor):
     tiny_processor.tokenizer.model_max_length = 30
     with pytest.raises(ValueError, match=r"sample 0 is \d+ tokens long after expanding its media \(1 images.*maximum of 30"):

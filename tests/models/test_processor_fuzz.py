@@ -189,7 +189,8 @@ def test_processor_and_chat_template_properties(tiny, conversation):
     if "pixel_values" in inputs:
         assert counts["image"] == len(inputs["pixel_values"]) * processor.image_seq_length
     if "pixel_values_videos" in inputs:
-        assert counts["video"] == len(inputs["pixel_values_videos"]) * processor.video_seq_length
+        videos, frames = inputs["pixel_values_videos"].shape[:2]
+        assert counts["video"] == videos * processor.video_seq_length(frames)
     windows = len(inputs["input_features"]) if "input_features" in inputs else 0
     assert counts["audio"] == processor.audio_seq_length(windows)
     with torch.no_grad():
