@@ -434,14 +434,43 @@ def test_options_and_the_checkpoint_are_checked_naming_them(tmp_path, monkeypatc
         ({"text": 5}, "vqa", r"^row q-1: the prompt 'text' must be a string, got int 5$"),
         ({"text": "  "}, "vqa", r"^row q-1: the prompt 'text' is empty$"),
         ({"text": None, "conversations": "Hi"}, "vqa", r"^row q-1: 'conversations' must be a list of turns"),
+        ({"conversations": [{"from": "gpt", "value": "a"}]}, "vqa", r"^row q-1: the conversation has no question \(no user turn before the answer\)$"),
+        ({"messages": [{"role": "assistant", "content": "a"}]}, "vqa", r"^row q-1: the conversation has no question \(no user turn before the answer\)$"),
     ],
     ids=["dict gt", "number in a list", "answer not a string", "mcq letter not an option", "mcq text not an option",
-         "number text", "blank text", "conversations not a list"],
+         "number text", "blank text", "conversations not a list", "answer only", "messages answer only"],
 )
 def test_references_and_prompts_that_cannot_be_right_are_refused(tmp_path, row, task, message):
     data = write_json(tmp_path / "rows.json", [{"id": "q-1", "text": "Which animal?", "gt": "a", **row}])
     with pytest.raises(ValueError, match=message):
         load_eval_samples(data, task)
+
+
+@pytest.mark.parametrize(
+    "conversation",
+    [
+        "Hi",
+        [{"from": "human"}],
+        [{"from": "Human", "value": "Hi"}],
+        [{"value": "Hi"}],
+        [{"from": "human", "value": 5}],
+        ["Hi"],
+        [{"from": "human", "value": "Hi"}, {"from": "system", "value": "Be terse."}],
+        [{"from": "human", "value": "<image>\n<image>\nHi"}],
+    ],
+    ids=["not a list", "no value", "speaker case", "no speaker", "number value", "turn not a dict", "late system",
+         "more placeholders than media"],
+)
+def test_a_bad_conversation_is_refused_with_the_training_parsers_own_error(tmp_path, conversation):
+    """Evaluation reads `conversations` rows with training's parser (`to_messages`): the same rows are refused, with
+    the same error naming the row and the turn."""
+    row = {"id": "q-1", "image": "red.png", "gt": "a", "conversations": conversation}
+    with pytest.raises(ValueError) as training:
+        to_messages(row)
+    with pytest.raises(ValueError) as evaluation:
+        load_eval_samples(write_json(tmp_path / "rows.json", [row]), "vqa")
+    assert str(evaluation.value) == str(training.value)
+    assert str(evaluation.value).startswith("row q-1")
 
 
 def test_mcq_references_may_be_an_option_letter_or_text(tmp_path):

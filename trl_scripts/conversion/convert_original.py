@@ -39,7 +39,6 @@ import json
 import logging
 import re
 import warnings
-import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +62,7 @@ from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, UniMoEProcessor, lo
 from ..console import check_output_dir, command_line
 from ..training.presets import CHAT_TEMPLATE_PATH
 from .assemble import _with_placeholders, keep_tokenizer_options
+from .checkpoint_files import read_state_dict
 from .original_keys import (
     VARIANTS,
     ConversionReport,
@@ -87,23 +87,6 @@ SHARD_INDEX = "pytorch_model.bin.index.json"
 SINGLE_SHARD = "pytorch_model.bin"
 
 # ----------------------------------------------------------------------------------------------------------- reading
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A `.bin` (torch.save) or `.safetensors` state dict, read safely (`weights_only=True`). Zip-format `.bin`
-    files are memory-mapped, so a checkpoint of many gigabytes costs no RAM until its tensors are used."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as error:  # pickle, zip, EOF and runtime errors all mean the same: unreadable
-        raise ValueError(f"Cannot read checkpoint file {path}: {type(error).__name__}: {error}") from error
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise ValueError(f"Checkpoint file {path} does not hold a state dict of tensors (got {type(state).__name__})")
-    return state
 
 
 def normalise_keys(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:

@@ -46,11 +46,17 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser, ProcessorMixin
 
 from modeling_unimoe import UniMoEConfig, UniMoEProcessor
-from modeling_unimoe.processing_unimoe import is_frame_paths
 from modeling_unimoe.quantization_unimoe import UniMoEInt8Config
 
 from ..console import check_output_dir, command_line
-from ..training.data import ROLES, media_path_candidates, modality_mix, to_messages, with_system_prompt
+from ..training.data import (
+    conversation_turns,
+    media_path_candidates,
+    modality_mix,
+    row_media,
+    to_messages,
+    with_system_prompt,
+)
 from .metrics import load_metric
 from .metrics.mcq_accuracy.mcq_accuracy import resolve_reference
 
@@ -67,8 +73,6 @@ GROUPED_METRICS = {"vqa_accuracy", "exact_match", "mcq_accuracy"}  # the metrics
 REFERENCE_KEYS = ("references", "answers", "gt", "answer")
 OPTION_KEYS = ("options", "choices")
 ID_KEYS = ("id", "question_id")
-# row key -> modality; the original files call speech "voice"
-MEDIA_KEYS = {"image": "image", "video": "video", "audio": "audio", "voice": "audio"}
 # the original inference put the media placeholders before the question in this order
 PLACEHOLDER_ORDER = ("image", "audio", "video")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -254,84 +258,72 @@ def resolve_media_path(path: str, root: Path, rid: str, modality: str) -> str:
     raise FileNotFoundError(f"row {rid}: {modality} file {path!r} not found (looked for {tried})")
 
 
-def _media_lists(row: dict, root: Path, rid: str) -> dict[str, list]:
-    """{modality: [resolved path, or a list of frame paths for a video given as frames]} in placeholder order."""
-    media = {}
-    for key, modality in MEDIA_KEYS.items():
-        value = row.get(key)
-        if not value:
-            continue
-        values = [value] if isinstance(value, str) else list(value)
-        if modality == "video" and is_frame_paths(values):
-            # the original format gives a video as its frame images (the rule training data follows too)
-            media.setdefault(modality, []).append([resolve_media_path(v, root, rid, "video frame") for v in values])
-        else:
-            media.setdefault(modality, []).extend(resolve_media_path(v, root, rid, modality) for v in values)
-    return media
-
-
-def _add_missing_placeholders(turns: list[dict], media: dict[str, list]) -> list[dict]:
-    """Prepend `<image>` / `<audio>` / `<video>` to the first human turn for media that has no placeholder at all."""
-    text = "".join(turn["value"] for turn in turns)
-    missing = "".join(f"<{m}>\n" * len(media[m]) for m in PLACEHOLDER_ORDER if media.get(m) and f"<{m}>" not in text)
-    if not missing:
-        return turns
-    turns = [dict(turn) for turn in turns]
-    first = next(i for i, turn in enumerate(turns) if ROLES.get(turn["from"]) == "user")
-    turns[first]["value"] = missing + turns[first]["value"]
-    return turns
-
-
-def _conversation_messages(row: dict, root: Path, rid: str) -> tuple[list[dict], str | None]:
-    """(prompt messages, answer turn text or None) of a `conversations` or `text` row."""
+def _prompt_row(row: dict, rid: str) -> dict:
+    """The row for `to_messages`, under its evaluation id: a `messages` or `conversations` row as it is, a question-file
+    row (LLaVA's, the original's) with its question in `text` only as a one-turn conversation. A `text` that is not a
+    non-empty string, and a row with no prompt at all, are errors naming the row."""
+    if row.get("messages"):
+        return {**row, "id": rid}
     if row.get("conversations"):
-        if not isinstance(row["conversations"], list):
-            kind = type(row["conversations"]).__name__
-            raise ValueError(f"row {rid}: 'conversations' must be a list of turns ({{'from', 'value'}}), got {kind}")
-        for turn in row["conversations"]:
-            if not isinstance(turn, dict) or "from" not in turn or not isinstance(turn.get("value"), str):
-                raise ValueError(f"row {rid}: every conversation turn needs 'from' and a string 'value', got {turn!r}")
-        turns = [dict(turn) for turn in row["conversations"]]
-    elif isinstance(row.get("text"), str) and row["text"].strip():
-        turns = [{"from": "human", "value": row["text"]}]
-    elif row.get("text") is not None:
-        text = row["text"]
+        return {**row, "id": rid, "messages": None}
+    text = row.get("text")
+    if isinstance(text, str) and text.strip():
+        return {**row, "id": rid, "messages": None, "conversations": [{"from": "human", "value": text}]}
+    if text is not None:
         problem = "is empty" if isinstance(text, str) else f"must be a string, got {type(text).__name__} {text!r}"[:120]
         raise ValueError(f"row {rid}: the prompt 'text' {problem}")
-    else:
-        raise ValueError(f"row {rid}: no prompt (expected 'conversations', 'messages' or 'text')")
-    answer = None
-    if ROLES.get(turns[-1]["from"]) == "assistant":
-        answer = turns.pop()["value"]
-    if not any(ROLES.get(turn["from"]) == "user" for turn in turns):
-        raise ValueError(f"row {rid}: the conversation has no question (no human turn before the answer)")
-
-    media = _media_lists(row, root, rid)
-    turns = _add_missing_placeholders(turns, media)
-    # to_messages pairs the k-th placeholder with the k-th entry (a path, or a video's frame files)
-    messages = to_messages({"id": rid, "conversations": turns, **media})
-    return messages, answer
+    raise ValueError(f"row {rid}: no prompt (expected 'conversations', 'messages' or 'text')")
 
 
-def _chat_messages(row: dict, root: Path, rid: str) -> tuple[list[dict], str | None]:
-    """(prompt messages, answer text or None) of an HF `messages` row, media paths resolved."""
-    messages = []
-    # to_messages refuses what the chat template would drop (as for training rows), naming the row
-    for message in to_messages({"id": rid, "messages": row["messages"]}):
-        content = message["content"]
-        if not isinstance(content, str):
-            content = [
-                {**block, "path": resolve_media_path(block["path"], root, rid, block["type"])}
-                if block.get("path")
-                else dict(block)
-                for block in content
-            ]
-        messages.append({"role": message["role"], "content": content})
+def _with_missing_placeholders(row: dict) -> dict:
+    """A `conversations` row whose text has no placeholder at all for some of its media (`row_media`: MMBench's rows)
+    with them prepended to its first question, image then audio then video, as the original inference did. The turns
+    are checked by `conversation_turns`; a `messages` row, or one without a question, is returned as it is."""
+    if row.get("messages"):
+        return row
+    turns = conversation_turns(row)
+    text = "".join(value for _, value in turns)
+    media = row_media(row)
+    missing = "".join(f"<{m}>\n" * len(media[m]) for m in PLACEHOLDER_ORDER if media.get(m) and f"<{m}>" not in text)
+    first = next((index for index, (role, _) in enumerate(turns) if role == "user"), None)
+    if not missing or first is None:
+        return row
+    conversation = [dict(turn) for turn in row["conversations"]]
+    conversation[first]["value"] = missing + conversation[first]["value"]
+    return {**row, "conversations": conversation}
+
+
+def _with_media_files(message: dict, root: Path, rid: str) -> dict:
+    """`message` with each media block's path found under `root` (`resolve_media_path`: a missing file is an error
+    naming the row and the path as written); a video given as frame files, frame by frame."""
+    if isinstance(message["content"], str):
+        return message
+    content = []
+    for block in message["content"]:
+        if block["type"] != "text":
+            path = block["path"]
+            path = (
+                [resolve_media_path(frame, root, rid, "video frame") for frame in path]
+                if isinstance(path, list)
+                else resolve_media_path(path, root, rid, block["type"])
+            )
+            block = {**block, "path": path}
+        content.append(block)
+    return {**message, "content": content}
+
+
+def _row_messages(row: dict, root: Path, rid: str) -> tuple[list[dict], str | None]:
+    """(prompt messages, answer text or None) of a row of any format, read by training's parser (`to_messages`: the
+    turns, roles and content blocks checked, placeholders paired with media), media files found under `root`, and the
+    final assistant turn split off as the answer. A prompt without a question (no user turn) is an error naming the
+    row."""
+    messages = to_messages(_with_missing_placeholders(_prompt_row(row, rid)))
+    messages = [_with_media_files(message, root, rid) for message in messages]
     answer = None
     if messages and messages[-1]["role"] == "assistant":
         answer = _text_of(messages.pop()["content"])
     if not any(message["role"] == "user" for message in messages):
-        raise ValueError(f"row {rid}: the messages have no user turn before the answer")
+        raise ValueError(f"row {rid}: the conversation has no question (no user turn before the answer)")
     return messages, answer
 
 
@@ -422,9 +414,7 @@ def load_eval_samples(
     samples, groups = [], []
     for index, row in enumerate(rows):
         rid = row_id(row, index)
-        messages, answer = (
-            _chat_messages(row, root, rid) if row.get("messages") else _conversation_messages(row, root, rid)
-        )
+        messages, answer = _row_messages(row, root, rid)
         references = row_references(row, answer, rid)
         if references is None:
             raise ValueError(

@@ -137,54 +137,68 @@ def to_messages(row: dict, media_root: str | Path | None = None) -> list[dict]:
     """The row as HF chat messages with content lists, media paths resolved against `media_root`.
 
     Whatever the chat template would drop or render wrongly is an error naming the row and the turn or message,
-    never a row that trains with the item silently missing: no or an empty conversation, a turn without `from` or
-    with a speaker not in `ROLES`, a message without a role or with one other than system, user and assistant (both
-    case-sensitive), a system turn after the first, a `value` or text that is not a string, a content block without
-    a type, of another type than text, image, video and audio, or (media) without a path, as
+    never a row that trains with the item silently missing: no or an empty conversation, a turn refused by
+    `conversation_turns`, a placeholder without its media or media without a placeholder, a message without a role
+    or with one other than system, user and assistant (case-sensitive), a text that is not a string, a content block
+    without a type, of another type than text, image, video and audio, or (media) without a path, as
     `processing_unimoe.check_chat_messages` refuses them in the processor. A media block's file may be its `path` or
     a string under its type key (`_block_source`: local files only); it comes out as `path`."""
-    row_id = row.get("id", "?")
     if row.get("messages") is not None:
-        given = row["messages"]
-        if not isinstance(given, (list, tuple)):
-            raise ChatContentTypeError(f"row {row_id}: 'messages' is of type {type(given).__name__}, expected a list")
+        return _chat_row_messages(row, media_root)
+    return _conversation_row_messages(row, media_root)
 
-        def present(item):  # `datasets` gives every message and block each key of the file, None where it has none
-            return {key: value for key, value in item.items() if value is not None} if isinstance(item, dict) else item
 
-        given = [present(message) for message in given]
-        given = [
-            {**message, "content": [present(block) for block in message["content"]]}
-            if isinstance(message, dict) and isinstance(message.get("content"), (list, tuple))
-            else message
-            for message in given
-        ]
-        check_chat_messages(given, f"row {row_id}")
-        resolve = _resolver(media_root)
-        messages = []
-        for index, message in enumerate(given):
-            content = message.get("content", [])
-            if not isinstance(content, str):
-                # each media block as {"type", "path"}: its one file (`_block_source`), resolved against the media root
-                content = [
-                    block if block["type"] == "text" else {
-                        "type": block["type"],
-                        "path": resolve(_block_source(block, f"row {row_id}, message {index}, content block {number}")),
-                    }
-                    for number, block in enumerate(content)
-                ]
-            messages.append({"role": message["role"], "content": content})
-        return messages
+def _chat_row_messages(row: dict, media_root: str | Path | None) -> list[dict]:
+    """`to_messages` of an HF chat `messages` row: checked by `check_chat_messages`, each media block as `{"type",
+    "path"}`, its one file (`_block_source`) resolved against `media_root`."""
+    row_id = row.get("id", "?")
+    given = row["messages"]
+    if not isinstance(given, (list, tuple)):
+        raise ChatContentTypeError(f"row {row_id}: 'messages' is of type {type(given).__name__}, expected a list")
 
+    def present(item):  # `datasets` gives every message and block each key of the file, None where it has none
+        return {key: value for key, value in item.items() if value is not None} if isinstance(item, dict) else item
+
+    given = [present(message) for message in given]
+    given = [
+        {**message, "content": [present(block) for block in message["content"]]}
+        if isinstance(message, dict) and isinstance(message.get("content"), (list, tuple))
+        else message
+        for message in given
+    ]
+    check_chat_messages(given, f"row {row_id}")
+    resolve = _resolver(media_root)
+    messages = []
+    for index, message in enumerate(given):
+        content = message.get("content", [])
+        if not isinstance(content, str):
+            content = [
+                block if block["type"] == "text" else {
+                    "type": block["type"],
+                    "path": resolve(_block_source(block, f"row {row_id}, message {index}, content block {number}")),
+                }
+                for number, block in enumerate(content)
+            ]
+        messages.append({"role": message["role"], "content": content})
+    return messages
+
+
+def conversation_turns(row: dict) -> list[tuple[str, str]]:
+    """(role, text) of each turn of a LLaVA-style `conversations` row, the speaker mapped by `ROLES`. Checked, each
+    error naming the row (and the turn): a conversation that is missing, not a list or empty; a turn that is not a
+    dict, without `from`, with a speaker not in `ROLES` (case-sensitive), a system turn after the first, a turn
+    without `value` or whose `value` is not a str."""
+    row_id = row.get("id", "?")
     turns = row.get("conversations")
     if turns is None:
         raise ValueError(f"row {row_id}: no conversation (expected 'conversations' or 'messages')")
     if not isinstance(turns, (list, tuple)):
-        raise ChatContentTypeError(f"row {row_id}: 'conversations' is of type {type(turns).__name__}, expected a list")
+        raise ChatContentTypeError(
+            f"row {row_id}: 'conversations' must be a list of turns ({{'from', 'value'}}), got {type(turns).__name__}"
+        )
     if not turns:
         raise ValueError(f"row {row_id}: the conversation is empty: it needs at least one turn")
-    media = {modality: iter(paths) for modality, paths in row_media(row, media_root).items()}
-    messages = []
+    checked = []
     for index, turn in enumerate(turns):
         at = f"row {row_id}, turn {index}"
         if not isinstance(turn, dict):
@@ -202,24 +216,40 @@ def to_messages(row: dict, media_root: str | Path | None = None) -> list[dict]:
             raise ValueError(f"{at} has no 'value'")
         if not isinstance(turn["value"], str):
             raise ChatContentTypeError(f"{at}: 'value' must be a str, got {type(turn['value']).__name__}")
-        content, position = [], 0
-        for match in PLACEHOLDER.finditer(turn["value"]):
-            if match.start() > position:
-                content.append({"type": "text", "text": turn["value"][position : match.start()]})
-            modality = match.group(1)
-            path = next(media.get(modality, iter(())), None)
-            if path is None:
-                raise ValueError(f"row {row_id}: more <{modality}> placeholders than {modality} paths")
-            content.append({"type": modality, "path": path})
-            position = match.end()
-        if position < len(turn["value"]):
-            content.append({"type": "text", "text": turn["value"][position:]})
-        messages.append({"role": role, "content": content})
-    left = {modality: list(paths) for modality, paths in media.items()}
-    unused = {modality: paths for modality, paths in left.items() if paths}
+        checked.append((role, turn["value"]))
+    return checked
+
+
+def _conversation_row_messages(row: dict, media_root: str | Path | None) -> list[dict]:
+    """`to_messages` of a `conversations` row (`conversation_turns`): the k-th `<image>` of the conversation takes the
+    row's k-th image (`row_media`), and so on; a placeholder without its media, or media left without a placeholder,
+    is an error naming the row."""
+    row_id = row.get("id", "?")
+    turns = conversation_turns(row)
+    media = {modality: iter(paths) for modality, paths in row_media(row, media_root).items()}
+    messages = [{"role": role, "content": _turn_content(text, media, row_id)} for role, text in turns]
+    unused = {modality: left for modality, paths in media.items() if (left := list(paths))}
     if unused:
         raise ValueError(f"row {row_id}: media without a placeholder in the conversation: {unused}")
     return messages
+
+
+def _turn_content(text: str, media: dict[str, Iterator], row_id) -> list[dict]:
+    """A turn's text as content blocks: text runs, and a media block for each placeholder, taking the next item of its
+    modality from `media`; a placeholder with no item left is an error naming the row."""
+    content, position = [], 0
+    for match in PLACEHOLDER.finditer(text):
+        if match.start() > position:
+            content.append({"type": "text", "text": text[position : match.start()]})
+        modality = match.group(1)
+        path = next(media.get(modality, iter(())), None)
+        if path is None:
+            raise ValueError(f"row {row_id}: more <{modality}> placeholders than {modality} paths")
+        content.append({"type": modality, "path": path})
+        position = match.end()
+    if position < len(text):
+        content.append({"type": "text", "text": text[position:]})
+    return content
 
 
 def text_warmup_rows(rows: list[dict], caption_rows: list[dict]) -> list[dict]:
