@@ -24,8 +24,8 @@ from modeling_unimoe.feature_extraction_beats import beats_fbank
 from modeling_unimoe.processing_unimoe import load_image, load_video
 from trl_scripts.training.presets import TINY_TOKENIZER_DIR
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from media import write_audio, write_image, write_video  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.utils.media import write_audio, write_image, write_video  # noqa: E402
 from timing import best_seconds  # noqa: E402
 
 

@@ -23,8 +23,8 @@ from trl_scripts.training.presets import CHAT_TEMPLATE_PATH, TINY_TOKENIZER_DIR
 from trl_scripts.training.stages import prepare_stage3
 from trl_scripts.training.upcycling import upcycle_unimoe
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from media import tone  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.utils.media import tone  # noqa: E402
 
 
 def processor_for(config):

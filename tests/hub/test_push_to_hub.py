@@ -377,6 +377,25 @@ def test_incomplete_folders_are_refused(hub, saved_multimodal, tmp_path):
     _refused(hub, saved_multimodal, r"ORG/NAME", repo_id="no-namespace")
 
 
+def test_a_text_only_folder_with_a_media_processor_is_refused(tmp_path):
+    """A flat text-only checkpoint (no towers) beside a processor that prepares images and audio would publish a
+    processor whose media the model refuses at every request."""
+    from tests.utils.models import make_tiny_text_model
+    from trl_scripts import load_tiny_processor
+
+    folder = tmp_path / "text-only"
+    make_tiny_text_model().save_pretrained(folder)
+    load_tiny_processor().save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"processor_config\.json prepares image, video and audio inputs, but the "
+                                         r"model is text-only \(model_type 'unimoe_text'\).*tokenizer"):
+        check_model_folder(folder)
+    (folder / "processor_config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"processor_config\.json holds a JSON list, not an object"):
+        check_model_folder(folder)
+    (folder / "processor_config.json").unlink()
+    assert check_model_folder(folder).config.vision_config is None
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

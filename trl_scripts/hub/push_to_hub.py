@@ -208,7 +208,18 @@ def check_model_folder(folder: str | Path, base_models: list[str] | None = None)
     processor_path = folder / "processor_config.json"
     auto_maps = [auto_map]
     if processor_path.is_file():
-        processor_auto_map = _read_json(processor_path).get("auto_map") or {}
+        processor_config = _read_json(processor_path)
+        if not isinstance(processor_config, dict):
+            raise ValueError(f"{processor_path} holds a JSON {type(processor_config).__name__}, not an object of fields")
+        media = {"image_processor": "image, video", "feature_extractor": "audio"}
+        prepared = [kinds for key, kinds in media.items() if processor_config.get(key)]
+        if config["model_type"] == UniMoETextConfig.model_type and prepared:
+            raise ValueError(
+                f"{processor_path} prepares {' and '.join(prepared)} inputs, but the model is text-only (model_type "
+                f"{config['model_type']!r}): it would refuse them at every request. Publish the tokenizer alone: "
+                "delete processor_config.json and save `processor.tokenizer.save_pretrained(DIR)`."
+            )
+        processor_auto_map = processor_config.get("auto_map") or {}
         if "AutoProcessor" not in processor_auto_map:
             raise ValueError(
                 f"{processor_path} has no `auto_map` entry for AutoProcessor, so AutoProcessor could not load it "

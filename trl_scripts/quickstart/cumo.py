@@ -29,7 +29,15 @@ from transformers import TrainingArguments
 from ..training.train import DataArguments, StageArguments, run as run_stage
 from ..training.trainer import VISION_MODALITIES, modality_expert_counts
 from .make_synthetic_data import TASKS, make_synthetic_dataset
-from .run import QuickstartArguments, answer_in_fresh_process, evaluate_held_out, plot_routing
+from .run import (
+    QuickstartArguments,
+    Timings,
+    answer_in_fresh_process,
+    evaluate_held_out,
+    plot_routing,
+    print_fresh_answers,
+    print_timings,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -168,47 +176,36 @@ def run(args: CuMoQuickstartArguments) -> dict:
     if not isinstance(args, CuMoQuickstartArguments):
         raise TypeError("the CuMo quickstart takes CuMoQuickstartArguments (its defaults are CuMo's tiny recipe)")
     torch.set_num_threads(args.num_threads)
-    start = time.perf_counter()
+    timings = Timings()
     out = Path(args.output_dir).resolve()
     args.output_dir = str(out)
-    data = make_synthetic_dataset(
-        out / "data", num_train_per_task=args.num_train_per_task, num_eval_per_task=args.num_eval_per_task,
-        seed=args.seed, use_espeak=False,
-    )
-    files = image_and_video_data(data)
-    timings = {"synthetic data": time.perf_counter() - start}
+    with timings.step("synthetic data"):
+        data = make_synthetic_dataset(
+            out / "data", num_train_per_task=args.num_train_per_task, num_eval_per_task=args.num_eval_per_task,
+            seed=args.seed, use_espeak=False,
+        )
+        files = image_and_video_data(data)
+    with timings.step("stages 0-3 (training)"):
+        checkpoint, histories = train_cumo_stages(args, files)
+    with timings.step("held-out evaluation"):
+        model, processor, samples, metrics = evaluate_held_out(
+            checkpoint, files["eval"], args.system_prompt, out / "eval", "unimoe-synthetic-quickstart-cumo"
+        )
+    with timings.step("routing heatmap"):
+        shares = multimodal_routing_shares(model, processor, samples)
+        heatmap = checkpoint / "routing_heatmap.png"
+        panels = ["projector"] * shares["projector"].shape[1] + [f"CLIP layer {i}" for i in model.config.vision_moe_layers]
+        plot_routing(
+            torch.cat([shares["projector"], shares["vision"]], dim=1), panels, [""] * args.num_experts, heatmap,
+            row_labels=list(VISION_MODALITIES),
+            title="Share of the image and video-frame tokens each router sends to each expert (top-k assignments, held-out)",
+        )
+    with timings.step("fresh-process Auto* reload + answers"):
+        first = [next(sample for sample in samples if sample.group == modality) for modality in VISION_MODALITIES]
+        reloaded = answer_in_fresh_process(checkpoint, first)
+    timings.finish()
 
-    mark = time.perf_counter()
-    checkpoint, histories = train_cumo_stages(args, files)
-    timings["stages 0-3 (training)"] = time.perf_counter() - mark
-
-    mark = time.perf_counter()
-    model, processor, samples, metrics = evaluate_held_out(
-        checkpoint, files["eval"], args.system_prompt, out / "eval", "unimoe-synthetic-quickstart-cumo"
-    )
-    timings["held-out evaluation"] = time.perf_counter() - mark
-
-    mark = time.perf_counter()
-    shares = multimodal_routing_shares(model, processor, samples)
-    heatmap = checkpoint / "routing_heatmap.png"
-    panels = ["projector"] * shares["projector"].shape[1] + [f"CLIP layer {i}" for i in model.config.vision_moe_layers]
-    plot_routing(
-        torch.cat([shares["projector"], shares["vision"]], dim=1), panels, [""] * args.num_experts, heatmap,
-        row_labels=list(VISION_MODALITIES),
-        title="Share of the image and video-frame tokens each router sends to each expert (top-k assignments, held-out)",
-    )
-    timings["routing heatmap"] = time.perf_counter() - mark
-
-    mark = time.perf_counter()
-    first = [next(sample for sample in samples if sample.group == modality) for modality in VISION_MODALITIES]
-    reloaded = answer_in_fresh_process(checkpoint, first)
-    timings["fresh-process Auto* reload + answers"] = time.perf_counter() - mark
-    timings["total"] = time.perf_counter() - start
-
-    print("\nAnswers from a fresh process (AutoModelForCausalLM + AutoProcessor, trust_remote_code=True):")
-    print(f"  class {reloaded['class']}")
-    for sample, answer in zip(first, reloaded["answers"]):
-        print(f"  [{sample.group:<6}] {sample.prompt.splitlines()[-1]:<34} -> {answer!r:<10} (expected {sample.references[0]!r})")
+    print_fresh_answers(first, reloaded)
 
     print("\nHeld-out accuracy (exact match, local `evaluate` module)")
     print(f"  {'modality / task':<18} {'accuracy':>8} {'chance':>7} {'target':>7}")
@@ -232,9 +229,7 @@ def run(args: CuMoQuickstartArguments) -> dict:
           f"group; {total / 1e6:.2f} M parameters, {active / 1e6:.2f} M active per token")
     print("  Not in CuMo's recipe (the tiny preset starts from random weights): stage 0 text warm-up, towers trained in "
           f"stage 1, system prompt {args.system_prompt!r}.")
-    print("\nTime (2 CPU cores)")
-    for name, seconds in timings.items():
-        print(f"  {name:<40} {seconds:6.1f} s")
+    print_timings(timings)
     print(f"\n  checkpoint      {checkpoint}")
     print(f"  heatmap         {heatmap}")
     print(f"  predictions     {out / 'eval' / 'predictions.jsonl'}")

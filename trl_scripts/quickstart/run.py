@@ -14,6 +14,7 @@ summary prints all three.
 `--recipe cumo` runs CuMo's recipe on the image and video tasks instead (`trl_scripts.quickstart.cumo`).
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -122,6 +123,37 @@ def train_all_stages(args: QuickstartArguments, data: dict) -> tuple[Path, dict[
         histories[title] = [entry for trainer in trainers for entry in trainer.state.log_history if "ce_loss" in entry]
         logger.info("%s done in %.0f s", title, time.perf_counter() - start)
     return out / "stage3", histories
+
+
+class Timings(dict):
+    """Seconds per step of a run, in the order the steps ran; `total` counts from creation."""
+
+    def __init__(self):
+        super().__init__()
+        self._start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        mark = time.perf_counter()
+        yield
+        self[name] = time.perf_counter() - mark
+
+    def finish(self) -> "Timings":
+        self["total"] = time.perf_counter() - self._start
+        return self
+
+
+def print_fresh_answers(samples: list, reloaded: dict) -> None:
+    print("\nAnswers from a fresh process (AutoModelForCausalLM + AutoProcessor, trust_remote_code=True):")
+    print(f"  class {reloaded['class']}")
+    for sample, answer in zip(samples, reloaded["answers"]):
+        print(f"  [{sample.group:<6}] {sample.prompt.splitlines()[-1]:<34} -> {answer!r:<10} (expected {sample.references[0]!r})")
+
+
+def print_timings(timings: Timings) -> None:
+    print("\nTime (2 CPU cores)")
+    for name, seconds in timings.items():
+        print(f"  {name:<40} {seconds:6.1f} s")
 
 
 def eval_samples(rows: list[dict], media_root: Path, system_prompt: str) -> list[EvalSample]:
@@ -282,43 +314,32 @@ def run(args: QuickstartArguments) -> dict:
 
         return run_cumo(args)
     torch.set_num_threads(args.num_threads)
-    start = time.perf_counter()
+    timings = Timings()
     out = Path(args.output_dir).resolve()
     args.output_dir = str(out)
-    data = make_synthetic_dataset(
-        out / "data", num_train_per_task=args.num_train_per_task, num_eval_per_task=args.num_eval_per_task,
-        seed=args.seed, use_espeak=args.use_espeak,
-    )
-    timings = {"synthetic data": time.perf_counter() - start}
+    with timings.step("synthetic data"):
+        data = make_synthetic_dataset(
+            out / "data", num_train_per_task=args.num_train_per_task, num_eval_per_task=args.num_eval_per_task,
+            seed=args.seed, use_espeak=args.use_espeak,
+        )
+    with timings.step("stages 0-3 (training)"):
+        checkpoint, histories = train_all_stages(args, data)
+    with timings.step("held-out evaluation"):
+        model, processor, samples, metrics = evaluate_held_out(
+            checkpoint, data["eval"], args.system_prompt, out / "eval", "unimoe-synthetic-quickstart"
+        )
+    with timings.step("routing heatmap + loss curve"):
+        experts = json.loads((checkpoint / "experts.json").read_text())
+        text = model.config.text_config
+        shares = routing_shares(model, processor, samples)
+        plot_routing(shares, text.sparse_layer_indices, experts, checkpoint / "routing_heatmap.png")
+        plot_losses(histories, out / "loss_curve.png")
+    with timings.step("fresh-process Auto* reload + answers"):
+        first = [next(sample for sample in samples if sample.group == modality) for modality in MODALITIES]
+        reloaded = answer_in_fresh_process(checkpoint, first)
+    timings.finish()
 
-    mark = time.perf_counter()
-    checkpoint, histories = train_all_stages(args, data)
-    timings["stages 0-3 (training)"] = time.perf_counter() - mark
-
-    mark = time.perf_counter()
-    model, processor, samples, metrics = evaluate_held_out(
-        checkpoint, data["eval"], args.system_prompt, out / "eval", "unimoe-synthetic-quickstart"
-    )
-    timings["held-out evaluation"] = time.perf_counter() - mark
-
-    mark = time.perf_counter()
-    experts = json.loads((checkpoint / "experts.json").read_text())
-    text = model.config.text_config
-    shares = routing_shares(model, processor, samples)
-    plot_routing(shares, text.sparse_layer_indices, experts, checkpoint / "routing_heatmap.png")
-    plot_losses(histories, out / "loss_curve.png")
-    timings["routing heatmap + loss curve"] = time.perf_counter() - mark
-
-    mark = time.perf_counter()
-    first = [next(sample for sample in samples if sample.group == modality) for modality in MODALITIES]
-    reloaded = answer_in_fresh_process(checkpoint, first)
-    timings["fresh-process Auto* reload + answers"] = time.perf_counter() - mark
-    timings["total"] = time.perf_counter() - start
-
-    print("\nAnswers from a fresh process (AutoModelForCausalLM + AutoProcessor, trust_remote_code=True):")
-    print(f"  class {reloaded['class']}")
-    for sample, answer in zip(first, reloaded["answers"]):
-        print(f"  [{sample.group:<6}] {sample.prompt.splitlines()[-1]:<34} -> {answer!r:<10} (expected {sample.references[0]!r})")
+    print_fresh_answers(first, reloaded)
 
     chance = {m: sum(1 / len(TASKS[t][2]) for t in TASKS if TASKS[t][0] == m) / sum(TASKS[t][0] == m for t in TASKS) for m in MODALITIES}
     uniform = 1 / len(experts)
@@ -338,9 +359,7 @@ def run(args: QuickstartArguments) -> dict:
           f"{total / 1e6:.2f} M parameters, {active / 1e6:.2f} M active per token")
     print("  Not in the paper's recipe (the tiny preset starts from random weights): stage 0 text warm-up, "
           f"towers trained in stage 1, system prompt {args.system_prompt!r} instead of Vicuna's sentence.")
-    print("\nTime (2 CPU cores)")
-    for name, seconds in timings.items():
-        print(f"  {name:<40} {seconds:6.1f} s")
+    print_timings(timings)
     print(f"\n  checkpoint      {checkpoint}")
     print(f"  heatmap         {checkpoint / 'routing_heatmap.png'}")
     print(f"  loss curve      {out / 'loss_curve.png'}")
