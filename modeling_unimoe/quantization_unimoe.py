@@ -64,7 +64,7 @@ def dequantize_rows(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.T
     return weight.float() * weight_scale.float().unsqueeze(-1)
 
 
-class Int8LinearFunction(torch.autograd.Function):
+class UniMoEInt8LinearFunction(torch.autograd.Function):
     """The int8 product; its backward gives the inputs the gradient of the dequantised weight's product (the
     activation rounding passes the gradient straight through, as bitsandbytes' int8 matmul does). The int8 weights
     themselves take no gradient."""
@@ -92,13 +92,13 @@ def int8_linear(inputs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     inputs [..., I] (float); weight int8 [O, I]; weight_scale [O]. Returns [..., O] in `inputs.dtype`. Each row of
     `inputs` is scaled by its own absolute maximum to [-127, 127] (dynamic, per token). On CPU the int8 product runs in
     `torch._int_mm`; elsewhere (its CUDA kernel needs more than 16 rows) the weight is dequantised for the product.
-    Differentiable in `inputs` (see `Int8LinearFunction`), so a float module before the language model (a tower, a
+    Differentiable in `inputs` (see `UniMoEInt8LinearFunction`), so a float module before the language model (a tower, a
     connector, LoRA on them) trains against a frozen int8 language model.
     """
     out_features, in_features = weight.shape
     if inputs.shape[-1] != in_features:
         raise ValueError(f"int8_linear: inputs have {inputs.shape[-1]} features, the weight expects {in_features}")
-    output = Int8LinearFunction.apply(inputs.reshape(-1, in_features).float(), weight, weight_scale)  # [T, O]
+    output = UniMoEInt8LinearFunction.apply(inputs.reshape(-1, in_features).float(), weight, weight_scale)  # [T, O]
     return output.to(inputs.dtype).reshape(*inputs.shape[:-1], out_features)
 
 
@@ -343,10 +343,10 @@ def dequantize_language_model(model: nn.Module, dtype: torch.dtype) -> nn.Module
 
 def _float_experts(model: nn.Module, module: UniMoEInt8Experts, dtype: torch.dtype) -> nn.Module:
     # The experts class of the model's own module (remote code may load a second copy of these files).
-    modeling = __import__(type(model).__module__, fromlist=["UniMoEExperts"])
+    modeling = __import__(type(model).__module__, fromlist=["UniMoEExperts", "UniMoEMoeSpec"])
     text_config = model.config.get_text_config(decoder=True)
     with torch.device(module.gate_up_proj.device):
-        experts = modeling.UniMoEExperts(text_config).to(dtype)
+        experts = modeling.UniMoEExperts(modeling.UniMoEMoeSpec.for_text(text_config)).to(dtype)
     gate_up, down = module.dequantized(dtype)
     experts.gate_up_proj.data.copy_(gate_up)
     experts.down_proj.data.copy_(down)

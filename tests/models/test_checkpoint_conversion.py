@@ -1,10 +1,14 @@
-"""Original Uni-MoE per-expert checkpoints load into the fused layout through the conversion mapping."""
+"""Per-expert checkpoints (original Uni-MoE ones, and co-upcycled ones saved before CuMo's experts were fused) load
+into the fused layout through the conversion mapping."""
+
+import re
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from modeling_unimoe import UniMoEForCausalLM, UniMoETextConfig
-from tests.utils.models import make_tiny_model, random_ids
+from tests.utils.models import image_and_video_batch, make_tiny_cumo_model, make_tiny_model, random_ids
 
 
 def original_layout_state_dict(model: UniMoEForCausalLM) -> dict[str, torch.Tensor]:
@@ -120,3 +124,95 @@ def test_a_kernel_name_applies_to_the_experts_and_leaves_the_towers_alone(tmp_pa
         chosen = loaded.get_experts_implementation()
         assert chosen[""] == chosen["text_config"] == implementation
         assert chosen["vision_config"] == "eager"
+
+
+# ---- CuMo's experts, saved per expert before they were fused --------------------------------------------------------
+
+_FUSED_CUMO_KEY = re.compile(r"^(model\.multi_modal_projector\.experts|model\.vision_tower\..+\.mlp\.experts)\.(up|down)_proj(_bias)?$")
+
+
+def per_expert_cumo_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fused state dict with CuMo's experts written in the layout this package saved before they were fused: one
+    copy of the dense MLP per expert (`experts.{e}.linear_1/2` in the projector, `mlp.experts.{e}.fc1/2` in CLIP)."""
+    converted = {}
+    for key, value in state.items():
+        match = _FUSED_CUMO_KEY.match(key)
+        if match is None:
+            converted[key] = value
+            continue
+        experts, projection, bias = match.groups()
+        first, second = ("linear_1", "linear_2") if "multi_modal_projector" in experts else ("fc1", "fc2")
+        linear = first if projection == "up" else second
+        for expert, tensor in enumerate(value):
+            converted[f"{experts}.{expert}.{linear}.{'bias' if bias else 'weight'}"] = tensor.clone()
+    return converted
+
+
+def write_per_expert_cumo_checkpoint(model, folder, drop: tuple[str, ...] = ()):
+    """`model.save_pretrained(folder)`, its weights then rewritten in the per-expert CuMo layout."""
+    model.save_pretrained(folder)
+    (path,) = folder.glob("*.safetensors")
+    state = per_expert_cumo_state_dict(load_file(path))
+    assert not drop or set(drop) <= state.keys()
+    save_file({key: value for key, value in state.items() if key not in drop}, path, metadata={"format": "pt"})
+    return state
+
+
+def cumo_logits(model) -> torch.Tensor:
+    batch = {key: value for key, value in image_and_video_batch().items() if key != "labels"}
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_a_per_expert_cumo_checkpoint_loads_into_the_fused_experts(tmp_path):
+    """A co-upcycled checkpoint saved with CuMo's experts as per-expert MLPs (the layout before they were fused) loads
+    strictly, every weight in place: the same state dict and logits."""
+    model = make_tiny_cumo_model()
+    state = write_per_expert_cumo_checkpoint(model, tmp_path / "per-expert")
+    assert "model.multi_modal_projector.experts.3.linear_2.bias" in state
+    assert "model.vision_tower.encoder.layers.1.mlp.experts.0.fc1.weight" in state
+    assert not any(_FUSED_CUMO_KEY.match(key) for key in state)
+    loaded = UniMoEForCausalLM.from_pretrained(tmp_path / "per-expert").eval()
+    expected = model.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert torch.equal(cumo_logits(loaded), cumo_logits(model))
+
+
+def test_a_per_expert_cumo_checkpoint_missing_an_expert_is_an_error(tmp_path):
+    write_per_expert_cumo_checkpoint(
+        make_tiny_cumo_model(), tmp_path / "broken", drop=("model.vision_tower.encoder.layers.0.mlp.experts.2.fc2.bias",)
+    )
+    with pytest.raises(ValueError, match=r"lacks expert weights .*layers\.0\.mlp\.experts\.2\.fc2\.bias"):
+        UniMoEForCausalLM.from_pretrained(tmp_path / "broken")
+
+
+def test_save_original_format_writes_every_expert_in_its_own_per_expert_layout(tmp_path):
+    """`save_original_format=True` on a model with sparse LLM layers and CuMo blocks: the LLM's experts as original
+    Uni-MoE keys, CuMo's as their per-expert MLPs (CLIP's and the LLM's `mlp.experts.down_proj` kept apart); it loads
+    back to the same model."""
+    model = make_tiny_cumo_model()
+    model.save_pretrained(tmp_path / "original", save_original_format=True)
+    (path,) = (tmp_path / "original").glob("*.safetensors")
+    keys = set(load_file(path))
+    assert not any(key.endswith(("_proj", "_proj_bias")) and ".experts." in key for key in keys), sorted(keys)
+    expected = {
+        "model.layers.0.mlp.experts.3.down_proj.weight", "model.layers.0.mlp.experts.3.gate_proj.weight",
+        "model.vision_tower.encoder.layers.0.mlp.experts.3.fc2.weight", "model.vision_tower.encoder.layers.0.mlp.experts.3.fc1.bias",
+        "model.multi_modal_projector.experts.3.linear_2.weight", "model.multi_modal_projector.experts.3.linear_1.bias",
+    }  # fmt: skip
+    assert expected <= keys
+    loaded = UniMoEForCausalLM.from_pretrained(tmp_path / "original").eval()
+    assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in model.state_dict().items())
+    assert torch.equal(cumo_logits(loaded), cumo_logits(model))
+
+
+def test_a_kernel_name_at_loading_reaches_the_cumo_experts(tmp_path):
+    """`experts_implementation` picks the kernel of CuMo's experts too (the CLIP config itself stays eager: CLIP
+    accepts no other), except the projector's, which maps CLIP's width to the LLM's (see `UniMoEMoeSpec`)."""
+    make_tiny_cumo_model().save_pretrained(tmp_path / "cumo")
+    loaded = UniMoEForCausalLM.from_pretrained(tmp_path / "cumo", experts_implementation="batched_mm")
+    assert loaded.get_experts_implementation()[""] == "batched_mm"
+    assert loaded.model.vision_tower.encoder.layers[0].mlp.experts.config._experts_implementation == "batched_mm"
+    assert loaded.model.multi_modal_projector.experts.config._experts_implementation == "eager"

@@ -175,6 +175,45 @@ def test_shared_experts_are_always_added():
     assert not torch.allclose(full, routed_only)
 
 
+
+@pytest.mark.parametrize(
+    "gated, bias, output_size", [(True, False, 6), (False, True, 6), (False, True, 9)],
+    ids=["swiglu", "mlp-with-biases", "mlp-with-a-wider-output"],
+)
+def test_the_eager_experts_kernel_against_a_per_row_loop_and_numerical_gradients(gated, bias, output_size):
+    """`UniMoEGroupedExpertsFunction` (the eager experts, with its hand-written backward) for every layout
+    `UniMoEExperts` holds: the language model's SwiGLU experts without biases, CuMo's CLIP MLPs (biases, no gate) and
+    CuMo's projector (biases, output wider than the input); expert 1 gets no row."""
+    from transformers.activations import ACT2FN
+
+    from modeling_unimoe.modeling_unimoe import UniMoEGroupedExpertsFunction
+
+    generator = torch.Generator().manual_seed(0)
+    hidden, intermediate, counts = 6, 5, [3, 0, 4]
+
+    def tensor(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+
+    up_rows = 2 * intermediate if gated else intermediate
+    inputs = (
+        tensor(sum(counts), hidden), tensor(sum(counts)), tensor(3, up_rows, hidden), tensor(3, up_rows) if bias else None,
+        tensor(3, output_size, intermediate), tensor(3, output_size) if bias else None,
+    )  # fmt: skip
+    act_fn = ACT2FN["gelu"]
+
+    def kernel(*tensors):
+        return UniMoEGroupedExpertsFunction.apply(*tensors, counts, act_fn, gated)
+
+    states, weights, up_proj, up_bias, down_proj, down_bias = inputs
+    experts = [0] * counts[0] + [2] * counts[2]
+    expected = []
+    for row, expert in enumerate(experts):
+        projected = up_proj[expert] @ states[row] + (up_bias[expert] if bias else 0)
+        activated = act_fn(projected[:intermediate]) * projected[intermediate:] if gated else act_fn(projected)
+        expected.append(weights[row] * (down_proj[expert] @ activated + (down_bias[expert] if bias else 0)))
+    torch.testing.assert_close(kernel(*inputs), torch.stack(expected))
+    assert torch.autograd.gradcheck(kernel, inputs)
+
 def test_loss_parts():
     model = make_tiny_model(router_aux_loss_coef=0.3, router_z_loss_coef=0.05)
     ids = random_ids(2, 6)

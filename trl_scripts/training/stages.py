@@ -35,6 +35,15 @@ LM_ATTENTION = r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
+def expert_lora_targets(model: UniMoEForCausalLM) -> list[str]:
+    """peft `target_parameters` for LoRA on the language model's fused experts: `EXPERT_PARAMETERS`, which peft
+    matches by suffix, or, in a model whose CuMo experts in CLIP end the same way (`mlp.experts.down_proj`), the
+    language model's by full name."""
+    names = [name for name, _ in model.named_parameters() if name.endswith(tuple(EXPERT_PARAMETERS))]
+    language_model = [name for name in names if name.startswith("model.language_model.")]
+    return EXPERT_PARAMETERS if language_model == names else language_model
+
+
 def parameter_counts(model) -> dict[str, tuple[int, int]]:
     """{component: (trainable, total)} over the model's top-level parts (towers, connectors, language model, head)."""
     counts = defaultdict(lambda: [0, 0])
@@ -145,7 +154,7 @@ def prepare_stage3(
         lora_alpha=lora_alpha,
         lora_dropout=0.0,  # peft requires 0 with target_parameters
         target_modules=LM_ATTENTION,
-        target_parameters=EXPERT_PARAMETERS,
+        target_parameters=expert_lora_targets(model),
         modules_to_save=[
             "mlp.gate",
             *[name for name in CONNECTORS if hasattr(model.model, name)],

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, UniMoETextConfig, UniMoETextForCausalLM
 
 from ..console import check_output_dir, command_line
+from ..conversion.checkpoint_files import read_state_dict
 
 
 logger = logging.getLogger(__name__)
@@ -268,8 +269,9 @@ def upcycle_multimodal_experts(
     config = UniMoEConfig.from_dict(config_dict)
     moe = UniMoEForCausalLM(config).to(model.dtype)
     dense_state = model.state_dict()
-    sparse_mlps = ["model.multi_modal_projector."] if projector_num_experts > 1 else []
-    sparse_mlps += [f"model.vision_tower.encoder.layers.{i}.mlp." for i in vision_moe_layers]
+    # each sparse MLP, by key prefix: the dense linears its fused experts' up and down projections start from
+    sparse_mlps = {"model.multi_modal_projector.": ("linear_1", "linear_2")} if projector_num_experts > 1 else {}
+    sparse_mlps |= {f"model.vision_tower.encoder.layers.{i}.mlp.": ("fc1", "fc2") for i in vision_moe_layers}
     state = {}
     for key, value in moe.state_dict().items():
         prefix = next((p for p in sparse_mlps if key.startswith(p)), None)
@@ -277,9 +279,10 @@ def upcycle_multimodal_experts(
             state[key] = dense_state[key]
         elif key.startswith(prefix + "gate."):
             state[key] = value  # router: fresh init
-        else:  # prefix + "experts.{e}." + dense name
-            dense_name = key[len(prefix) :].split(".", 2)[2]
-            state[key] = dense_state[prefix + dense_name]
+        else:  # prefix + "experts.{up,down}_proj[_bias]" [E, ...]: the dense linear's weight or bias in every expert
+            projection, _, bias = key.removeprefix(prefix + "experts.").partition("_proj")
+            linear = sparse_mlps[prefix][projection == "down"]
+            state[key] = dense_state[f"{prefix}{linear}.{'bias' if bias else 'weight'}"].expand_as(value)
     moe.load_state_dict(state, strict=True)
     moe.generation_config = copy.deepcopy(model.generation_config)
     logger.info(
@@ -306,14 +309,6 @@ class UpcycleArguments:
     )
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 @command_line
 def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser(UpcycleArguments).parse_args_into_dataclasses(args=argv)
@@ -325,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         num_experts_per_tok=args.num_experts_per_tok,
         moe_layers=moe_layers,
         router_type=args.router_type,
-        expert_ffn_state_dicts=[_read_state_dict(path) for path in args.expert_ffns] or None,
+        expert_ffn_state_dicts=[read_state_dict(path) for path in args.expert_ffns] or None,
     )
     model.save_pretrained(args.output_dir)
     try:
