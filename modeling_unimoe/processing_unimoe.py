@@ -6,8 +6,10 @@ orientation applied, video and audio with PyAV) and every failure names the file
 `<audio>` placeholder is expanded to exactly the number of soft tokens the model scatters in its place.
 
 From transformers: the placeholder expansion (`ProcessorMixin.get_text_with_replacements` with our `replace_*_token`
-hooks), the chat-template steps, the CLIP image processor and Whisper's features. The media loaders are our own:
-`load_image`, `load_video` and `load_audio` each say, in one line, what transformers' loader lacks.
+hooks), the chat-template steps, the CLIP image processor and Whisper's features. Our own, each docstring opening
+with what transformers' counterpart lacks: the loaders `load_image`, `load_video`, `load_audio`; and in the processor
+`__call__`, `_per_sample` (media matched to each sample's placeholders), `_prepare_image` (the bounded resize),
+`_check_lengths` (no truncation through a media block) and `model_input_names`.
 """
 
 import contextvars
@@ -24,7 +26,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.utils import is_torch_tensor, logging
 
-from .transformers_compat import ChatTemplateSteps, image_processor_rgb
+from .transformers_compat import UniMoEChatTemplateSteps, image_processor_rgb
 
 
 logger = logging.get_logger(__name__)
@@ -642,7 +644,7 @@ _IS_ITEM = {"image": _is_image, "video": _is_video, "audio": _is_audio}
 _EXACT_RESIZE_MAX_RATIO = 20
 
 
-class UniMoEProcessor(ChatTemplateSteps, ProcessorMixin):
+class UniMoEProcessor(UniMoEChatTemplateSteps, ProcessorMixin):
     r"""
     Tokenizer + CLIP image processor + [`UniMoEFeatureExtractor`] for Uni-MoE.
 
@@ -768,13 +770,16 @@ class UniMoEProcessor(ChatTemplateSteps, ProcessorMixin):
 
     @property
     def model_input_names(self):
+        """Not transformers' union of the sub-processors' names, which lacks `pixel_values_videos`: videos go through
+        the image processor, and no video processor names them."""
         return ["input_ids", "attention_mask", "pixel_values", "pixel_values_videos", *self.feature_extractor.model_input_names]
 
     def _per_sample(self, media, counts: list[int], modality: str) -> list[list]:
-        """Media given flat (in placeholder order across the batch) or nested per sample -> per-sample lists, with
-        the count of each sample checked against its placeholders. Nested: as many lists as samples, none of them an
-        item (`_is_sample_list`), so that a bad item inside is loaded, and named, as itself; chat messages give
-        their media marked as nested (images, videos) or flat (audio), never guessed."""
+        """Not in transformers: `ProcessorMixin` passes media on as given, while the model needs each sample's media
+        matched to its own placeholders. Media given flat (in placeholder order across the batch) or nested per sample
+        -> per-sample lists, with the count of each sample checked against its placeholders. Nested: as many lists as
+        samples, none of them an item (`_is_sample_list`), so that a bad item inside is loaded, and named, as itself;
+        chat messages give their media marked as nested (images, videos) or flat (audio), never guessed."""
         is_item = _IS_ITEM[modality]
         if isinstance(media, (_PerSample, _Flat)):
             pass
@@ -838,7 +843,10 @@ class UniMoEProcessor(ChatTemplateSteps, ProcessorMixin):
         return_tensors: str | None = "pt",
         **kwargs,
     ) -> BatchFeature:
-        """`truncation` only applies to audio past `max_audio_windows` (text and media blocks are never cut);
+        """Not `ProcessorMixin.__call__`: it neither matches each sample's media to its placeholders nor samples
+        frames or audio windows, and its tokenizer options may truncate through a media block; here unknown options
+        are refused and nothing but audio is cut.
+        `truncation` only applies to audio past `max_audio_windows` (text and media blocks are never cut);
         `num_frames` overrides the frames sampled per video for this call. Several samples returned as tensors are
         padded to the longest (on the tokenizer's `padding_side`) unless `padding` is given: unpadded, they could not
         be stacked; one sample, or lists (`return_tensors=None`), are never padded by default."""
@@ -937,10 +945,12 @@ class UniMoEProcessor(ChatTemplateSteps, ProcessorMixin):
             )
 
     def _prepare_image(self, image, label: str):
-        """Check an image or video frame (PIL or [H, W, 3] array) against `max_aspect_ratio` and, for a Pillow image
-        processor that resizes the shortest edge and center-crops (CLIP's), do its resize here on the PIL image,
-        where it costs no copies, bounding its size: an extreme aspect ratio (past 20:1, allowed only with a raised
-        `max_aspect_ratio`) resizes only the window that the center crop keeps."""
+        """Not the CLIP image processor's resize alone: it resizes the whole image, so a 20:1 image costs memory in
+        proportion to its long side (pinned by the peak-memory test). Check an image or video frame (PIL or [H, W, 3]
+        array) against `max_aspect_ratio` and, for a Pillow image processor that resizes the shortest edge and center-
+        crops (CLIP's), do its resize here on the PIL image, where it costs no copies, bounding its size: an extreme
+        aspect ratio (past 20:1, allowed only with a raised `max_aspect_ratio`) resizes only the window that the center
+        crop keeps."""
         width, height = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
         if width == 0 or height == 0:
             raise ValueError(f"{label} is empty ({width}x{height} pixels)")
@@ -1031,7 +1041,9 @@ class UniMoEProcessor(ChatTemplateSteps, ProcessorMixin):
         return expanded, offsets
 
     def _check_lengths(self, encoding, texts: list[str]):
-        """Each sample's own length (padding excluded: a short sample padded to a long one is not too long)."""
+        """Not the tokenizer's truncation, which would cut a media block's soft tokens: a sample past
+        `model_max_length` is refused by name. Each sample's own length (padding excluded: a short sample padded to a
+        long one is not too long)."""
         limit = self.tokenizer.model_max_length
         masks = encoding.get("attention_mask") or [None] * len(encoding["input_ids"])
         for sample, (ids, mask) in enumerate(zip(encoding["input_ids"], masks)):
@@ -1105,7 +1117,7 @@ class UniMoEProcessor(ChatTemplateSteps, ProcessorMixin):
                 str: "; a prompt? as a conversation: [{'role': 'user', 'content': text}]",
             }
             hint = hints.get(type(conversation), "")
-            raise ChatContentTypeError(
+            raise UniMoEChatContentTypeError(
                 f"the conversation is of type {type(conversation).__name__}: a conversation is a list of message dicts "
                 f"({{'role': ..., 'content': ...}}) and a batch a list of conversations{hint}"
             )
@@ -1183,7 +1195,7 @@ _BLOCK_HINTS = {
 }
 
 
-class ChatContentTypeError(TypeError, ValueError):
+class UniMoEChatContentTypeError(TypeError, ValueError):
     """A chat message, content block or text of the wrong type. A `ValueError` as well, like every other refused
     input, so that handlers of bad rows (`validate_dataset(skip_invalid=True)`, evaluation) catch it too."""
 
@@ -1201,13 +1213,13 @@ def check_chat_messages(messages, where: str = "", require_sources: bool = False
     index, after `where` (e.g. "sample 1" or "row 7")."""
     prefix = f"{where}, " if where else ""
     if not isinstance(messages, (list, tuple)):
-        raise ChatContentTypeError(f"{where or 'the conversation'}: a conversation is a list of messages, got {type(messages).__name__}")
+        raise UniMoEChatContentTypeError(f"{where or 'the conversation'}: a conversation is a list of messages, got {type(messages).__name__}")
     if not messages:
         raise ValueError(f"{where + ': ' if where else ''}the conversation is empty: it needs at least one message")
     for index, message in enumerate(messages):
         at = f"{prefix}message {index}"
         if not isinstance(message, dict):
-            raise ChatContentTypeError(f"{at} is of type {type(message).__name__}, expected a dict with 'role' and 'content'")
+            raise UniMoEChatContentTypeError(f"{at} is of type {type(message).__name__}, expected a dict with 'role' and 'content'")
         role = message.get("role")
         if role is None:
             raise ValueError(f"{at} has no role (expected 'system', 'user' or 'assistant')")
@@ -1230,13 +1242,13 @@ def check_chat_messages(messages, where: str = "", require_sources: bool = False
         if content is None or isinstance(content, str):
             continue
         if not isinstance(content, (list, tuple)):
-            raise ChatContentTypeError(
+            raise UniMoEChatContentTypeError(
                 f"{at}: content is of type {type(content).__name__}, expected a str or a list of content blocks"
             )
         for number, block in enumerate(content):
             at_block = f"{at}, content block {number}"
             if not isinstance(block, dict):
-                raise ChatContentTypeError(
+                raise UniMoEChatContentTypeError(
                     f"{at_block} is of type {type(block).__name__}, expected a dict with a 'type' ({', '.join(CHAT_BLOCK_TYPES)})"
                 )
             kind = block.get("type")
@@ -1251,7 +1263,7 @@ def check_chat_messages(messages, where: str = "", require_sources: bool = False
                 if "text" not in block:
                     raise ValueError(f"{at_block} is a text block without 'text'")
                 if not isinstance(block["text"], str):
-                    raise ChatContentTypeError(f"{at_block}: text must be a str, got {type(block['text']).__name__}")
+                    raise UniMoEChatContentTypeError(f"{at_block}: text must be a str, got {type(block['text']).__name__}")
                 typed = next((kind for kind in ("image", "video", "audio") if f"<{kind}>" in block["text"]), None)
                 if typed is not None:  # it would stand for no media item (the chat template refuses it too)
                     raise ValueError(

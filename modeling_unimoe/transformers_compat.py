@@ -15,7 +15,7 @@ this module instead of hard-coding one release's spelling.
 - transformers 5.23 split `ProcessorMixin.apply_chat_template` into steps a processor overrides:
   `_normalize_conversations` (which also started dropping the None-valued keys of messages) and
   `_multimodal_inputs_from_conversations` (the media a conversation gives `__call__`, plus extra `__call__` options),
-  and made `return_tensors` default to "auto" (an explicit None: lists). `ChatTemplateSteps`, a base of our processor,
+  and made `return_tensors` default to "auto" (an explicit None: lists). `UniMoEChatTemplateSteps`, a base of our processor,
   is empty on those releases and before them is 5.23's `apply_chat_template`, made of the same steps.
 - transformers 5.23 renamed `gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)`, `..._disable` and
   `is_gradient_checkpointing` to `activation_checkpointing_*` (the old names are deprecated until v6);
@@ -154,13 +154,13 @@ IS_ACTIVATION_CHECKPOINTING = f"is_{_ACTIVATION}_checkpointing"
 
 if hasattr(ProcessorMixin, "_multimodal_inputs_from_conversations"):
 
-    class ChatTemplateSteps:
+    class UniMoEChatTemplateSteps:
         """Nothing to add: this release's `ProcessorMixin.apply_chat_template` runs these steps itself."""
 
 else:  # transformers < 5.23
     from transformers.utils.chat_template_utils import _get_template_variables, render_jinja_template
 
-    class ChatTemplateSteps:
+    class UniMoEChatTemplateSteps:
         """transformers 5.23's `ProcessorMixin.apply_chat_template`, made of the steps a processor overrides, for a
         processor that overrides `_multimodal_inputs_from_conversations` (put this class before `ProcessorMixin` in
         its bases). As in 5.23, the processor's `__call__` loads the media."""

@@ -21,7 +21,8 @@ from PIL import Image
 from tests.utils import REPO_ROOT
 from tests.utils.models import make_tiny_model
 from trl_scripts import load_tiny_processor
-from trl_scripts.evaluation.evaluate import load_eval_samples, load_model_and_processor, main
+from trl_scripts.evaluation.evaluate import load_eval_samples, main
+from trl_scripts.loading import load_model_and_processor
 from trl_scripts.evaluation.metrics import load_metric
 from trl_scripts.quickstart.make_synthetic_data import make_synthetic_dataset
 from trl_scripts.training.data import to_messages
@@ -504,3 +505,26 @@ def test_a_text_only_checkpoint_loads_with_a_processor_built_from_its_tokenizer(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True
     )
     assert inputs["input_ids"].tolist() == expected["input_ids"].tolist()
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("list.json", '[{"id": "a",\n "conversations": }]'),
+        ("lines.jsonl", '{"id": "a"}\n{"id": \n'),
+        ("mixed.json", '[{"id": "a"}, 3]'),
+        ("empty.json", "[]"),
+        ("blank.jsonl", "\n  \n"),
+    ],
+)
+def test_a_bad_data_file_gets_the_training_readers_own_error(tmp_path, name, content):
+    """Evaluation reads data files with the training data's reader (`read_json_rows`): the same file, the same error."""
+    from trl_scripts.training.data import load_conversations
+
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError) as training:
+        load_conversations(str(path))
+    with pytest.raises(ValueError) as evaluation:
+        load_eval_samples(path, "vqa")
+    assert str(evaluation.value) == str(training.value)

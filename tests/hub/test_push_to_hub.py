@@ -23,7 +23,7 @@ from tests.utils.media import write_audio, write_image, write_video
 from tests.utils.models import make_tiny_model, random_ids
 from tests.utils.processes import run_fresh_python
 from trl_scripts import load_preset, load_tiny_processor
-from trl_scripts.evaluation.evaluate import load_processor
+from trl_scripts.loading import load_processor
 from trl_scripts.hub.model_card import build_model_card, load_eval_result
 from trl_scripts.hub.push_to_hub import check_model_folder, push_folder_to_hub
 from trl_scripts.hub.space import write_space

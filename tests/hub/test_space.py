@@ -1,4 +1,4 @@
-"""The Hugging Face Space folder of the chat app (`trl_scripts/space.py`): its files, requirements pinned as in the
+"""The Hugging Face Space folder of the chat app (`trl_scripts/hub/space.py`): its files, requirements pinned as in the
 lock, the Space card, and `app.py` importing the copied app in a fresh interpreter from the folder, without network
 and without this checkout's packages. (Publishing it: `--space` in test_push_to_hub.py.)"""
 

@@ -71,6 +71,7 @@ from .original_keys import (
     OriginalVariant,
     Slot,
     WeightPlan,
+    normalise_keys,
     target_shapes,
 )
 
@@ -87,22 +88,6 @@ SHARD_INDEX = "pytorch_model.bin.index.json"
 SINGLE_SHARD = "pytorch_model.bin"
 
 # ----------------------------------------------------------------------------------------------------------- reading
-
-
-def normalise_keys(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """The original loader's key clean-up for files saved from the PEFT-wrapped model: drop a leading `base_model.`,
-    then, if any key starts with `model.model.`, drop one leading `model.` everywhere. Two keys that become one would
-    lose a tensor: that is an error naming them."""
-    renamed = {key: key.removeprefix("base_model.") for key in state}
-    if any(key.startswith("model.model.") for key in renamed.values()):
-        renamed = {key: new.removeprefix("model.") for key, new in renamed.items()}
-    by_new_name = defaultdict(list)
-    for key, new in renamed.items():
-        by_new_name[new].append(key)
-    collisions = [keys for keys in by_new_name.values() if len(keys) > 1]
-    if collisions:
-        raise ValueError(f"{path}: these keys become the same weight after the original's prefix clean-up: {collisions[:5]}")
-    return {renamed[key]: value for key, value in state.items()}
 
 
 def base_shard_files(base_dir: Path) -> tuple[list[Path], dict[str, str] | None]:

@@ -7,6 +7,7 @@ converted model is set exactly once (`target_shapes`). No file reading and no co
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -48,6 +49,22 @@ DROP_BASE_EXPERTS_UNDER_8E = (
     "its routers from mlp_gates.bin), so the original ignored them"
 )
 DROP_ROTARY = "rotary inv_freq buffer: recomputed from rope_theta (checked equal)"
+
+
+def normalise_keys(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The original loader's key clean-up for files saved from the PEFT-wrapped model: drop a leading `base_model.`,
+    then, if any key starts with `model.model.`, drop one leading `model.` everywhere. Two keys that become one would
+    lose a tensor: that is an error naming them."""
+    renamed = {key: key.removeprefix("base_model.") for key in state}
+    if any(key.startswith("model.model.") for key in renamed.values()):
+        renamed = {key: new.removeprefix("model.") for key, new in renamed.items()}
+    by_new_name = defaultdict(list)
+    for key, new in renamed.items():
+        by_new_name[new].append(key)
+    collisions = [keys for keys in by_new_name.values() if len(keys) > 1]
+    if collisions:
+        raise ValueError(f"{path}: these keys become the same weight after the original's prefix clean-up: {collisions[:5]}")
+    return {renamed[key]: value for key, value in state.items()}
 
 
 @dataclass(frozen=True)

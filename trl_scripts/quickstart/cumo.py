@@ -29,12 +29,12 @@ from transformers import TrainingArguments
 from ..training.train import DataArguments, StageArguments, run as run_stage
 from ..training.trainer import VISION_MODALITIES, modality_expert_counts
 from .make_synthetic_data import TASKS, make_synthetic_dataset
+from ..training.plots import plot_routing
 from .run import (
     QuickstartArguments,
     Timings,
     answer_in_fresh_process,
     evaluate_held_out,
-    plot_routing,
     print_fresh_answers,
     print_timings,
 )

@@ -25,7 +25,7 @@ stays fixed, so `video_colour` is answerable from the pooled frames too. Nothing
 no markers).
 
 Speech: with `espeak-ng` on PATH every clip is synthesised, a speaker being a (voice, speed, pitch) triple. Without
-it (CI machines) the clips come from the committed recordings `trl_scripts/assets/speech/<word>_<variant>.wav`
+it (CI machines) the clips come from the committed recordings `trl_scripts/quickstart/assets/speech/<word>_<variant>.wav`
 (three espeak-ng voices, written by `write_speech_assets`), a speaker being a (recording, resampling factor) pair,
 where resampling changes speed and pitch together. Either way each voice's speakers are split between train and
 eval, so eval clips come from speaker variants never heard in training; gain, noise and timing are drawn per clip.
@@ -448,7 +448,7 @@ def make_synthetic_dataset(
         },
         "speech": {
             "use_espeak": use_espeak,
-            "source": "espeak-ng" if use_espeak else "committed clips in trl_scripts/assets/speech",
+            "source": "espeak-ng" if use_espeak else "committed clips in trl_scripts/quickstart/assets/speech",
             "train_speakers": speech.speakers["train"],
             "eval_speakers": speech.speakers["eval"],
         },

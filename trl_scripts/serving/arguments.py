@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from ..evaluation.evaluate import DTYPES, QUANTIZATIONS, quantization_kwargs
+from ..loading import DTYPES, QUANTIZATIONS, quantization_kwargs
 
 
 @dataclass

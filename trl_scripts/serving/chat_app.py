@@ -14,7 +14,7 @@ settings (max new tokens, temperature (0: greedy), top_p) are in an accordion un
 a heatmap shows which experts each sparse layer chose for that answer's tokens, per modality (the text, image, video
 and audio tokens of prompt and answer): one forward pass over prompt + answer with `output_router_logits=True`,
 counted like the trainer's expert load (`trl_scripts.training.trainer.modality_expert_counts`) and drawn with
-`trl_scripts.quickstart.run.plot_routing`.
+`trl_scripts.training.plots.plot_routing`.
 
 Needs the `chat` extra (`pip install 'unimoe[chat]'`: gradio). `unimoe-push-to-hub --space ORG/NAME` publishes the
 model with a Hugging Face Space running this app on it (`trl_scripts.hub.space`).
@@ -35,8 +35,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from transformers.utils import cached_file
 
 from ..console import command_line
-from ..evaluation.evaluate import load_model_and_processor, readable_modalities
-from ..quickstart.run import plot_routing
+from ..loading import load_model_and_processor, readable_modalities
+from ..training.plots import plot_routing
 from ..training.trainer import MODALITIES, modality_expert_counts
 from .arguments import ServingArguments, parse_serving_arguments
 

@@ -46,7 +46,7 @@ from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteri
 from transformers.generation.streamers import BaseStreamer
 
 from ..console import command_line
-from ..evaluation.evaluate import DTYPES, check_model_path, load_processor, quantization_kwargs, readable_modalities, resolve_device
+from ..loading import DTYPES, check_model_path, load_processor, quantization_kwargs, readable_modalities, resolve_device
 from ..training.data import pad_encodings
 from .arguments import ServingArguments, parse_serving_arguments
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import BatchFeature
 
 from modeling_unimoe.processing_unimoe import (
-    ChatContentTypeError,
+    UniMoEChatContentTypeError,
     check_chat_messages,
     is_frame_paths,
     load_audio,
@@ -109,7 +109,7 @@ def _block_source(block: dict, at: str) -> str | list[str]:
     if isinstance(source, str) or (kind == "video" and is_frame_paths(source)):
         return source if isinstance(source, str) else list(source)
     frames = ", or a list of frame image files" if kind == "video" else ""
-    raise ChatContentTypeError(f"{at}: {kind} {key!r} must be a file path (a str{frames}), got {type(source).__name__}")
+    raise UniMoEChatContentTypeError(f"{at}: {kind} {key!r} must be a file path (a str{frames}), got {type(source).__name__}")
 
 
 def media_key(item: str | list[str]) -> str | tuple[str, ...]:
@@ -154,7 +154,7 @@ def _chat_row_messages(row: dict, media_root: str | Path | None) -> list[dict]:
     row_id = row.get("id", "?")
     given = row["messages"]
     if not isinstance(given, (list, tuple)):
-        raise ChatContentTypeError(f"row {row_id}: 'messages' is of type {type(given).__name__}, expected a list")
+        raise UniMoEChatContentTypeError(f"row {row_id}: 'messages' is of type {type(given).__name__}, expected a list")
 
     def present(item):  # `datasets` gives every message and block each key of the file, None where it has none
         return {key: value for key, value in item.items() if value is not None} if isinstance(item, dict) else item
@@ -193,7 +193,7 @@ def conversation_turns(row: dict) -> list[tuple[str, str]]:
     if turns is None:
         raise ValueError(f"row {row_id}: no conversation (expected 'conversations' or 'messages')")
     if not isinstance(turns, (list, tuple)):
-        raise ChatContentTypeError(
+        raise UniMoEChatContentTypeError(
             f"row {row_id}: 'conversations' must be a list of turns ({{'from', 'value'}}), got {type(turns).__name__}"
         )
     if not turns:
@@ -202,7 +202,7 @@ def conversation_turns(row: dict) -> list[tuple[str, str]]:
     for index, turn in enumerate(turns):
         at = f"row {row_id}, turn {index}"
         if not isinstance(turn, dict):
-            raise ChatContentTypeError(f"{at} is of type {type(turn).__name__}, expected a dict with 'from' and 'value'")
+            raise UniMoEChatContentTypeError(f"{at} is of type {type(turn).__name__}, expected a dict with 'from' and 'value'")
         speaker = turn.get("from")
         if speaker is None:
             raise ValueError(f"{at} has no 'from' (expected one of {', '.join(ROLES)})")
@@ -215,7 +215,7 @@ def conversation_turns(row: dict) -> list[tuple[str, str]]:
         if "value" not in turn:
             raise ValueError(f"{at} has no 'value'")
         if not isinstance(turn["value"], str):
-            raise ChatContentTypeError(f"{at}: 'value' must be a str, got {type(turn['value']).__name__}")
+            raise UniMoEChatContentTypeError(f"{at}: 'value' must be a str, got {type(turn['value']).__name__}")
         checked.append((role, turn["value"]))
     return checked
 
@@ -332,29 +332,58 @@ def _load_file(path: str, split: str) -> datasets.Dataset:
     return dataset
 
 
-def _diagnose_json(path: str, error: Exception) -> str:
-    """Why `datasets` could not load the JSON / JSONL file `path`: the first JSON error with its line, an empty list
-    or file, rows that are not objects; else (valid JSON) the rows' types, with `datasets`' own reason."""
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
+def read_json_rows(path: str | Path) -> list[dict]:
+    """The rows of a JSON list or JSON-lines file as plain objects, each with its own keys (no table schema: what
+    evaluation reads). Errors name the file and the first problem (`_json_rows_problem`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}" + (" (a folder)" if path.is_dir() else ""))
+    problem, rows = _json_rows_problem(path.read_text(encoding="utf-8", errors="replace"), jsonl=path.suffix == ".jsonl")
+    if problem:
+        raise ValueError(f"data file {path}: {problem}")
+    return rows
+
+
+def _json_rows_problem(text: str, jsonl: bool) -> tuple[str | None, list[dict]]:
+    """(None, rows) for a JSON list of objects or JSON lines (`jsonl`: read line by line only); else (what is wrong,
+    []): an empty file or list, invalid JSON with its line and column, a JSON object instead of a list, a row that is
+    not an object."""
     if not text.strip():
-        return "the file is empty (only whitespace): expected a JSON list of rows or JSON lines, one row per line"
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as whole:
-        if text.lstrip().startswith("["):
-            return f"invalid JSON at line {whole.lineno}, column {whole.colno}: {whole.msg}"
+        return "the file is empty (only whitespace): expected a JSON list of rows or JSON lines, one row per line", []
+    rows = None
+    if not jsonl:
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as whole:
+            if text.lstrip().startswith("["):
+                return f"invalid JSON at line {whole.lineno}, column {whole.colno}: {whole.msg}", []
+        if isinstance(rows, dict):
+            return f"expected a JSON list of rows (or JSON lines), got an object with keys {sorted(rows)[:8]}", []
+    if rows is None:
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):  # JSON lines
+        for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as bad:
-                    return f"line {number} is not valid JSON (column {bad.colno}: {bad.msg}); each line must be one row"
-    if isinstance(rows, list) and not rows:
-        return "no rows (an empty JSON list)"
-    for index, row in enumerate(rows if isinstance(rows, list) else [rows]):
+                    return f"line {number} is not valid JSON (column {bad.colno}: {bad.msg}); each line must be one row", []
+    if not isinstance(rows, list):
+        return f"expected a JSON list of rows, got a JSON {type(rows).__name__}", []
+    if not rows:
+        return "no rows (an empty JSON list)", []
+    for index, row in enumerate(rows):
         if not isinstance(row, dict):
-            return f"row {index} is a {type(row).__name__}, expected an object"
+            return f"row {index} is a {type(row).__name__}, expected an object", []
+    return None, rows
+
+
+def _diagnose_json(path: str, error: Exception) -> str:
+    """Why `datasets` could not load the JSON / JSONL file `path`: what `_json_rows_problem` finds in it; else (valid
+    rows) `datasets`' own reason."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    problem, _ = _json_rows_problem(text, jsonl=False)  # a .jsonl file that is one JSON list loads in `datasets` too
+    if problem:
+        return problem
     reason = error.__cause__ or error.__context__ or error
     reason = str(reason).strip().splitlines()[-1] if str(reason).strip() else type(reason).__name__
     return f"valid JSON, but its rows do not load as one table ({reason}); give each key one type in every row"
@@ -482,7 +511,7 @@ def _check_row(row, row_id, media_root, processor, limit, limit_name, system_pro
         messages = to_messages(row, media_root)
         media = row_media(row, media_root)
     except (KeyError, TypeError, AttributeError) as error:  # a malformed row the checks above did not foresee
-        if isinstance(error, ValueError):  # ChatContentTypeError: already names the row
+        if isinstance(error, ValueError):  # UniMoEChatContentTypeError: already names the row
             raise
         raise ValueError(f"row {row_id}: malformed row ({type(error).__name__}: {error})") from error
     sampling_rate = processor.feature_extractor.sampling_rate if processor is not None else 16000

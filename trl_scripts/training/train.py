@@ -52,13 +52,14 @@ from pathlib import Path
 import torch
 import yaml
 from datasets import Dataset
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM
 from modeling_unimoe.configuration_unimoe import MOE_LAYER_PATTERNS, ROUTER_TYPES
 
 from ..console import command_line
+from ..conversion.checkpoint_files import read_state_dict
 from .data import UniMoEDataCollator, load_conversations, text_warmup_rows, validate_dataset
 from .presets import PRESETS_DIR, load_preset, load_tiny_processor
 from .stages import prepare_cumo_pft, prepare_cumo_sparse, prepare_stage0, prepare_stage1, prepare_stage2, prepare_stage3
@@ -498,7 +499,7 @@ def run_stage3(stage_args, data_args, training_args, dataset) -> UniMoETrainer:
     source = Path(stage_args.model_name_or_path)
     names = stage2_experts(source)
     moe_layers = stage_args.moe_layer_spec()
-    ffns = [load_file(source / "experts" / f"{name}.safetensors") for name in names]
+    ffns = [read_state_dict(source / "experts" / f"{name}.safetensors") for name in names]
     dense, processor = load_stage_model(str(source), 3)
     model = upcycle_unimoe(
         dense, ffns, num_experts=len(ffns), num_experts_per_tok=stage_args.num_experts_per_tok,
