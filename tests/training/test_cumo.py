@@ -10,7 +10,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from transformers import CLIPVisionModel, HfArgumentParser, TrainingArguments
+from transformers import CLIPVisionModel, TrainingArguments
 from transformers.activations import ACT2FN
 
 from modeling_unimoe import (
@@ -259,10 +259,15 @@ def test_unimoe_stage3_lora_stays_on_the_language_models_experts():
 
 
 def parse_yaml(path: Path, **overrides):
-    import yaml
+    """The YAML as `unimoe-train PATH --option value ...` parses it (`activation_checkpointing` under the running
+    release's name)."""
+    from trl_scripts.training.train import parse_arguments
 
-    data = yaml.safe_load(path.read_text()) | overrides
-    return HfArgumentParser((StageArguments, DataArguments, TrainingArguments)).parse_dict(data, allow_extra_keys=False)
+    options = []
+    for name, value in overrides.items():
+        values = value if isinstance(value, list) else [value]
+        options += [f"--{name}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return parse_arguments([str(path), *options])
 
 
 def test_cumo_yamls_parse_to_the_published_settings():
