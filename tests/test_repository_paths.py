@@ -48,6 +48,7 @@ def test_named_paths_exist():
 
 
 def test_the_path_pattern_reads_alternatives_and_placeholders():
-    assert named_paths("see `tests/{a,b}/x.py` and trl_scripts/quickstart/assets/speech/<word>.wav.") == {
-        "tests/a/x.py", "tests/b/x.py", "trl_scripts/quickstart/assets/speech",
+    # (this file is checked too: its examples are real paths)
+    assert named_paths("see `tests/{models,hub}/__init__.py` and trl_scripts/quickstart/assets/speech/<word>.wav.") == {
+        "tests/models/__init__.py", "tests/hub/__init__.py", "trl_scripts/quickstart/assets/speech",
     }
