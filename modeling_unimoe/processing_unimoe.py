@@ -169,7 +169,9 @@ def _open_image_file(path, name: str) -> Image.Image:
 
 
 def load_image(image, index: int, label: str | None = None) -> Image.Image:
-    """A PIL image from a PIL image, an array or tensor ([H, W], [H, W, C] or [C, H, W]), a file path or a binary
+    """Not transformers' `load_image`: its `convert("RGB")` clips 16-bit files, drops alpha; it takes no file objects.
+
+    A PIL image from a PIL image, an array or tensor ([H, W], [H, W, C] or [C, H, W]), a file path or a binary
     file object (read from its start); errors name `label` (default `image {index}`).
 
     Files are turned by their EXIF orientation, as transformers' `load_image` turns the files it opens. PIL images
@@ -179,10 +181,7 @@ def load_image(image, index: int, label: str | None = None) -> Image.Image:
     Values become 8 bits by one rule for arrays, tensors, PIL images and files: uint8 as is; 16-bit images (uint16
     arrays, PIL modes I;16, I;16B, I;16L) scaled by their full range (x 255/65535); other integer types (and PIL
     mode I) only when all values are in [0, 255]; floats (and PIL mode F) only in [0, 1] (x 255); bool as 0/255.
-    Anything else (values out of range, NaN or infinity, another dtype, an empty image) is refused, naming the item.
-
-    Not transformers' `load_image`: its `convert("RGB")` clips 16-bit files and drops alpha; it takes no file objects.
-    """
+    Anything else (values out of range, NaN or infinity, another dtype, an empty image) is refused, naming the item."""
     name = label or f"image {index}"
     if isinstance(image, (str, os.PathLike)) or _is_file(image):
         image = _open_image_file(image, name)
@@ -287,10 +286,10 @@ def _image_extensions() -> set[str]:
 
 
 def load_video(video, num_frames: int, index: int) -> list[np.ndarray]:
-    """`num_frames` RGB frames [H, W, 3] sampled uniformly from a video file (PyAV), from given frames, or from frame
-    image files (`is_frame_paths`; only the sampled files are read). Given frames follow `load_image`'s value rule.
+    """Not transformers' `load_video`: it needs a declared frame count (WebM, MKV: 0) of >= `num_frames`, and a path.
 
-    Not transformers' `load_video`: it needs a declared frame count (WebM, MKV: 0) of >= `num_frames`, and a path."""
+    `num_frames` RGB frames [H, W, 3] sampled uniformly from a video file (PyAV), from given frames, or from frame
+    image files (`is_frame_paths`; only the sampled files are read). Given frames follow `load_image`'s value rule."""
     num_frames = _check_num_frames(num_frames, f"video {index}: num_frames")
     if isinstance(video, (str, os.PathLike)) or _is_file(video):
         frames = _decode_video_frames(_file_source(video, f"video {index}"), num_frames, index)
@@ -527,16 +526,16 @@ def _load_audio_file(path, sampling_rate: int, index: int) -> np.ndarray:
 
 
 def load_audio(audio, sampling_rate: int, index: int, given_rate: int | None = None) -> np.ndarray:
-    """A mono float32 waveform at `sampling_rate` from a file path or binary file object (PyAV), a `(waveform, rate)`
+    """Not transformers' `load_audio`: it needs torchcodec, or soxr (5.24) / librosa (5.19), and a path.
+
+    A mono float32 waveform at `sampling_rate` from a file path or binary file object (PyAV), a `(waveform, rate)`
     pair, a `{"array", "sampling_rate"}` dict (the `datasets` Audio format) or an array at `given_rate` (default:
     already at `sampling_rate`); in a pair or dict the waveform may be a list of samples. Stereo is averaged to mono;
     other rates are resampled. Waveforms are float samples in [-1, 1] or int16/int32/uint8 PCM (scaled to [-1, 1)).
     Float peaks up to 2 (lossy decoders and resamplers overshoot full scale on loud recordings: MP3 up to ~1.5) are
     taken as they are; past 2, float waveforms and files (e.g. a float WAV holding PCM values) are refused, naming
     the peak: divide 16-bit PCM values by 32768. Empty, non-finite or otherwise typed waveforms and rates that are
-    not a whole number of Hz in [1 kHz, 1 MHz] are refused, naming the item.
-
-    Not transformers' `load_audio`: it needs torchcodec, or soxr (5.24) / librosa (5.19), and a path; PyAV decodes here."""
+    not a whole number of Hz in [1 kHz, 1 MHz] are refused, naming the item."""
     name = f"audio {index}"
     if isinstance(audio, (str, os.PathLike)) or _is_file(audio):
         return _load_audio_file(_file_source(audio, name), sampling_rate, index)

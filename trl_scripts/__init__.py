@@ -1,6 +1,7 @@
 """Everything that drives the model (imports `modeling_unimoe`, never the other way), one sub-package per task:
-`training/`, `conversion/`, `hub/`, `evaluation/`, `serving/`, `quickstart/`; `console` holds what the command lines
-share, and the thin entry modules here (`train`, `evaluate`, `serve`, ...) keep `python -m trl_scripts.<tool>` short.
+`training/`, `conversion/`, `hub/`, `evaluation/`, `serving/`, `quickstart/`. Shared by several rooms: `loading` (a
+checkpoint and its processor for a tool), `checkpoint_files` (one state-dict file), `console` (what the command lines
+share). The thin entry modules here (`train`, `evaluate`, `serve`, ...) keep `python -m trl_scripts.<tool>` short.
 
 The public names load their submodule on first use (module `__getattr__`): importing the package imports none of
 its submodules, so that `python -m trl_scripts.<tool>` runs a module that is not already imported (runpy would

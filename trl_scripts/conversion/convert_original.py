@@ -62,7 +62,7 @@ from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, UniMoEProcessor, lo
 from ..console import check_output_dir, command_line
 from ..training.presets import CHAT_TEMPLATE_PATH
 from .assemble import _with_placeholders, keep_tokenizer_options
-from .checkpoint_files import read_state_dict
+from ..checkpoint_files import read_state_dict
 from .original_keys import (
     VARIANTS,
     ConversionReport,

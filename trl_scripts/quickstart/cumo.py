@@ -26,10 +26,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
+from ..training.plots import plot_routing
 from ..training.train import DataArguments, StageArguments, run as run_stage
 from ..training.trainer import VISION_MODALITIES, modality_expert_counts
 from .make_synthetic_data import TASKS, make_synthetic_dataset
-from ..training.plots import plot_routing
 from .run import (
     QuickstartArguments,
     Timings,

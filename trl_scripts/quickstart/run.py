@@ -33,9 +33,9 @@ from ..console import command_line
 from ..evaluation.evaluate import EvalSample, generate_predictions, write_outputs
 from ..evaluation.metrics import load_metric
 from ..training.data import to_messages, with_system_prompt
+from ..training.plots import plot_losses, plot_routing
 from ..training.train import DataArguments, StageArguments, run as run_stage
 from ..training.trainer import modality_expert_counts
-from ..training.plots import plot_losses, plot_routing
 from .make_synthetic_data import MODALITIES, TASKS, make_synthetic_dataset
 
 

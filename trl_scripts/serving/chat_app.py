@@ -331,7 +331,7 @@ class ChatApp:
         cls, model_path: str, device: str | None = None, dtype: str = "auto", system_prompt: str | None = None,
         quantization: str = "none",
     ) -> "ChatApp":
-        """Load a checkpoint folder or Hub repo id (`trl_scripts.evaluation.evaluate.load_model_and_processor`)."""
+        """Load a checkpoint folder or Hub repo id (`trl_scripts.loading.load_model_and_processor`)."""
         model, processor = load_model_and_processor(model_path, device, dtype, quantization)
         return cls(model, processor, expert_names(model_path, model.config.get_text_config().num_experts), system_prompt)
 

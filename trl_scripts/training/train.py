@@ -59,7 +59,7 @@ from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM
 from modeling_unimoe.configuration_unimoe import MOE_LAYER_PATTERNS, ROUTER_TYPES
 
 from ..console import command_line
-from ..conversion.checkpoint_files import read_state_dict
+from ..checkpoint_files import read_state_dict
 from .data import UniMoEDataCollator, load_conversations, text_warmup_rows, validate_dataset
 from .presets import PRESETS_DIR, load_preset, load_tiny_processor
 from .stages import prepare_cumo_pft, prepare_cumo_sparse, prepare_stage0, prepare_stage1, prepare_stage2, prepare_stage3

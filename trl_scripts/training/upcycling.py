@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, UniMoETextConfig, UniMoETextForCausalLM
 
 from ..console import check_output_dir, command_line
-from ..conversion.checkpoint_files import read_state_dict
+from ..checkpoint_files import read_state_dict
 
 
 logger = logging.getLogger(__name__)

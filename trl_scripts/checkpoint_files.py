@@ -1,8 +1,8 @@
 """Reading one state-dict file (`.safetensors`, or a `.bin` written by `torch.save`), for the tools that take weight
-files as they are: `unimoe-convert-original` (the original release's pieces) and `unimoe-upcycle --expert_ffns`.
+files as they are: `unimoe-convert-original` (the original release's pieces), `unimoe-upcycle --expert_ffns` and
+`unimoe-train --stage 3` (stage 2's expert files).
 
-A small module of its own so that both import it without the other's imports; transformers' reader is imported when a
-file is read."""
+Shared by conversion/ and training/, so it sits beside them; transformers' reader is imported when a file is read."""
 
 from pathlib import Path
 
