@@ -9,10 +9,14 @@ The in-tree baseline is transformers' `MixtralForCausalLM` of the same shapes wi
 attention, softmax-then-top-k routing renormalised (our `topk_softmax`), SwiGLU experts in the same fused layout. Its
 logits are checked against ours before anything is timed.
 
-Configurations: ours with the dynamic cache (the default), with a static cache, with a static cache and the decoding
+Configurations: ours with the dynamic cache (the default), with the eager experts kernel (`set_experts_implementation(
+"eager")`, whose float32 CPU products run in oneDNN), with a static cache, with a static cache and the decoding
 step compiled (`torch.compile`, fullgraph), the int8 language model (`quantization_config={"quant_method":
 "unimoe_int8"}`; its step reads one byte per weight) with the dynamic cache and compiled, and Mixtral with the dynamic cache. Before the
-table: the resident weight memory of the float and the int8 model (parameters and buffers).
+table: the resident weight memory of the float and the int8 model (parameters and buffers). The first rows per batch size
+time the step's weight products alone (`product_seconds`), in torch's `F.linear` and in oneDNN's inner product as the
+eager experts call it (`_expert_linear`): the rate these kernels reach on the step's shapes, the ceiling of any step
+built from them.
 
     python benchmarks/bench_decode.py [--preset small] [--batch_sizes 1 4 16] [--dtypes float32 bfloat16]
 """
@@ -26,6 +30,7 @@ from transformers import MixtralConfig, MixtralForCausalLM, StoppingCriteria, St
 from transformers.generation.configuration_utils import CompileConfig
 
 from modeling_unimoe import UniMoEForCausalLM, quantize_language_model
+from modeling_unimoe.modeling_unimoe import _expert_linear
 from timing import best_seconds
 from trl_scripts import load_preset
 
@@ -62,6 +67,43 @@ def bytes_per_step(config, batch: int, context: int, element_size: int, kv_eleme
     )
     kv_cache = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * context * batch
     return int(weights * element_size + kv_cache * (kv_element_size or element_size))
+
+
+def step_products(config, batch: int) -> dict:
+    """The weight products of one decoding step: {(out, in): how many}, as `bytes_per_step` counts them (attention
+    projections of every layer, the expected distinct experts' two fused products per sparse layer, dense FFNs, the
+    LM head); routers and norms (a few KB) are left out."""
+    text = config.get_text_config()
+    hidden, head_dim = text.hidden_size, text.head_dim
+    sparse = len(text.sparse_layer_indices)
+    dense = text.num_hidden_layers - sparse
+    distinct = text.num_experts * (1 - (1 - text.num_experts_per_tok / text.num_experts) ** batch)
+    products = {}
+    for shape, count in [
+        ((text.num_attention_heads * head_dim, hidden), 1), ((text.num_key_value_heads * head_dim, hidden), 2),
+        ((hidden, text.num_attention_heads * head_dim), 1),
+    ]:  # fmt: skip
+        products[shape] = products.get(shape, 0) + count * text.num_hidden_layers
+    products[(2 * text.moe_intermediate_size, hidden)] = distinct * sparse
+    products[(hidden, text.moe_intermediate_size)] = distinct * sparse
+    if dense:
+        products[(2 * text.intermediate_size, hidden)] = dense
+        products[(hidden, text.intermediate_size)] = dense
+    products[(text.vocab_size, hidden)] = 1
+    return products
+
+
+def product_seconds(config, batch: int, dtype: torch.dtype, linear=torch.nn.functional.linear, repeats: int = 5) -> float:
+    """Seconds the step's weight products alone take in `linear` (torch's `F.linear` by default) on `batch` rows: each
+    shape timed over copies that overflow the caches (>= 256 MB), as a decoding step reads each weight once."""
+    total = 0.0
+    for (rows, columns), count in step_products(config, batch).items():
+        copies = max(1, int(256e6 // (rows * columns * torch.finfo(dtype).bits // 8)))
+        weights = [torch.randn(rows, columns).to(dtype) for _ in range(copies)]
+        inputs = torch.randn(batch, columns).to(dtype)
+        seconds = best_seconds(lambda: [linear(inputs, weight) for weight in weights], repeats)
+        total += count * seconds / copies
+    return total
 
 
 def mixtral_twin(model: UniMoEForCausalLM) -> MixtralForCausalLM:
@@ -146,8 +188,11 @@ def main():
         tolerance = 1e-4 if dtype == torch.float32 else 5e-2
         if not torch.allclose(ours, theirs, atol=tolerance, rtol=0):
             raise SystemExit(f"{dtype_name}: logits differ from Mixtral's by {(ours - theirs).abs().max():.3g}")
+        eager = copy.deepcopy(model)
+        eager.set_experts_implementation("eager")
         configurations = {
             "ours, dynamic cache (default)": (model, {}),
+            "ours, eager experts, dynamic cache": (eager, {}),
             "ours, static cache": (model, {"cache_implementation": "static"}),
             "ours, static cache + torch.compile": (model, compiled_kwargs()),
             "ours, int8 (unimoe_int8), dynamic cache": (int8, {}),
@@ -160,6 +205,16 @@ def main():
             seconds = {name: decode_seconds(m, ids, args.new_tokens, args.repeats, **kw) for name, (m, kw) in configurations.items()}
             context = args.prompt_length + args.new_tokens // 2
             element_size = torch.finfo(dtype).bits // 8
+            product_bytes = bytes_per_step(model.config, batch, 0, element_size)
+            for kernel, linear in (("F.linear", torch.nn.functional.linear), ("oneDNN, as the eager experts", _expert_linear)):
+                products = product_seconds(model.config, batch, dtype, linear)
+                print(
+                    f"| {dtype_name} | {batch} | the step's weight products alone ({kernel}; no cache, no other op) | "
+                    f"{batch / products:.1f} | {product_bytes / 1e6:.0f} | {product_bytes / products / 1e9:.1f} | "
+                    f"{product_bytes / products / 1e9 / bandwidth['read']:.2f} | "
+                    f"{products / seconds['Mixtral (transformers), dynamic cache']:.2f} | "
+                    f"{seconds['ours, dynamic cache (default)'] / products:.2f} |"
+                )
             for name, step in seconds.items():
                 weight_size = 1 if "int8" in name else element_size
                 step_bytes = bytes_per_step(model.config, batch, context, weight_size, element_size)

@@ -214,6 +214,90 @@ def test_the_eager_experts_kernel_against_a_per_row_loop_and_numerical_gradients
     torch.testing.assert_close(kernel(*inputs), torch.stack(expected))
     assert torch.autograd.gradcheck(kernel, inputs)
 
+@pytest.mark.parametrize(
+    "gated, bias, output_size, activation",
+    [(True, False, 6, "silu"), (False, True, 6, "gelu"), (False, True, 9, "gelu"), (False, False, 6, "linear")],
+    ids=["swiglu", "mlp-with-biases", "mlp-with-a-wider-output", "identity-activation"],
+)
+def test_the_float32_experts_kernel_matches_float64_in_value_and_gradients(gated, bias, output_size, activation, monkeypatch):
+    """In float32 on CPU the kernel's products run in oneDNN (`_expert_linear`, here for weights of any size):
+    outputs and every gradient equal a per-row float64 computation's to fp32 rounding. With an identity activation the
+    activated rows are the saved pre-activations themselves, so weighting them in place would corrupt the backward."""
+    from transformers.activations import ACT2FN
+
+    from modeling_unimoe import modeling_unimoe
+    from modeling_unimoe.modeling_unimoe import UniMoEGroupedExpertsFunction
+
+    monkeypatch.setattr(modeling_unimoe, "_ONEDNN_MIN_WEIGHT", 0)
+
+    generator = torch.Generator().manual_seed(1)
+    hidden, intermediate, counts = 16, 24, [5, 0, 1, 9]
+    up_rows = 2 * intermediate if gated else intermediate
+    shapes = [
+        (sum(counts), hidden), (sum(counts),), (4, up_rows, hidden), (4, up_rows) if bias else None,
+        (4, output_size, intermediate), (4, output_size) if bias else None,
+    ]  # fmt: skip
+    reference = [None if shape is None else torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    upstream = torch.randn(sum(counts), output_size, generator=generator, dtype=torch.float64)
+
+    act_fn = ACT2FN[activation]
+
+    def per_row(states, weights, up_proj, up_bias, down_proj, down_bias):  # plain autograd, one row at a time
+        experts = [expert for expert, count in enumerate(counts) for _ in range(count)]
+        rows = []
+        for row, expert in enumerate(experts):
+            projected = up_proj[expert] @ states[row] + (up_bias[expert] if bias else 0)
+            activated = act_fn(projected[:intermediate]) * projected[intermediate:] if gated else act_fn(projected)
+            rows.append(weights[row] * (down_proj[expert] @ activated + (down_bias[expert] if bias else 0)))
+        return torch.stack(rows)
+
+    def run(function, dtype):
+        tensors = [None if t is None else t.to(dtype).requires_grad_() for t in reference]
+        output = function(*tensors)
+        output.backward(upstream.to(dtype))
+        return output, [t.grad for t in tensors if t is not None]
+
+    kernel = lambda *tensors: UniMoEGroupedExpertsFunction.apply(*tensors, counts, act_fn, gated)  # noqa: E731
+    (output, grads), (expected, expected_grads) = run(kernel, torch.float32), run(per_row, torch.float64)
+    torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_float32_expert_products_run_in_onednn_on_cpu(monkeypatch):
+    """The eager experts' float32 CPU products go to oneDNN's inner product (forward and the input gradient), not
+    `aten::mm`, once the weights reach `_ONEDNN_MIN_WEIGHT` elements; float64 and smaller weights do not."""
+    from modeling_unimoe import modeling_unimoe
+    from modeling_unimoe.modeling_unimoe import UniMoEGroupedExpertsFunction
+
+    calls = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args[0].dtype)
+            return onednn(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", Spy())
+
+    def run(dtype):
+        states = torch.randn(3, 8, dtype=dtype, requires_grad=True)
+        up_proj, down_proj = torch.randn(2, 10, 8, dtype=dtype), torch.randn(2, 8, 5, dtype=dtype)
+        output = UniMoEGroupedExpertsFunction.apply(
+            states, torch.ones(3, dtype=dtype), up_proj, None, down_proj, None, [2, 1], torch.nn.functional.silu, True
+        )
+        output.sum().backward()
+
+    run(torch.float32)  # 80- and 40-element weights: below the threshold
+    assert calls == []
+    monkeypatch.setattr(modeling_unimoe, "_ONEDNN_MIN_WEIGHT", 40)
+    run(torch.float64)
+    assert calls == []
+    run(torch.float32)
+    assert calls == [torch.float32] * 8  # 2 experts x (up, down forward; down, up input gradient)
+
+
 def test_loss_parts():
     model = make_tiny_model(router_aux_loss_coef=0.3, router_z_loss_coef=0.05)
     ids = random_ids(2, 6)
