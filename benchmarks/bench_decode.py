@@ -9,14 +9,14 @@ The in-tree baseline is transformers' `MixtralForCausalLM` of the same shapes wi
 attention, softmax-then-top-k routing renormalised (our `topk_softmax`), SwiGLU experts in the same fused layout. Its
 logits are checked against ours before anything is timed.
 
-Configurations: ours with the dynamic cache (the default), with the eager experts kernel (`set_experts_implementation(
-"eager")`, whose float32 CPU products run in oneDNN), with a static cache, with a static cache and the decoding
-step compiled (`torch.compile`, fullgraph), the int8 language model (`quantization_config={"quant_method":
-"unimoe_int8"}`; its step reads one byte per weight) with the dynamic cache and compiled, and Mixtral with the dynamic cache. Before the
-table: the resident weight memory of the float and the int8 model (parameters and buffers). The first rows per batch size
-time the step's weight products alone (`product_seconds`), in torch's `F.linear` and in oneDNN's inner product as the
-eager experts call it (`_expert_linear`): the rate these kernels reach on the step's shapes, the ceiling of any step
-built from them.
+Configurations: ours with the dynamic cache (the default: transformers' grouped_mm experts), with the eager experts
+kernel (`set_experts_implementation("eager")`: float32 CPU products in oneDNN), with a static cache, with a static cache
+and the decoding step compiled (`torch.compile`, fullgraph; the eager experts then run as transformers' batched
+experts), the int8 language model (`quantization_config={"quant_method": "unimoe_int8"}`; its step reads one byte per
+weight) with the dynamic cache and compiled, and Mixtral with the dynamic cache. Before the table: the resident weight
+memory of the float and the int8 model (parameters and buffers). The first rows per batch size time the step's weight
+products alone (`product_seconds`), in torch's `F.linear` and, in float32, in the eager experts' `_expert_linear`
+(oneDNN): the rate these kernels reach on the step's shapes, the ceiling of any step built from them.
 
     python benchmarks/bench_decode.py [--preset small] [--batch_sizes 1 4 16] [--dtypes float32 bfloat16]
 """
@@ -195,6 +195,7 @@ def main():
             "ours, eager experts, dynamic cache": (eager, {}),
             "ours, static cache": (model, {"cache_implementation": "static"}),
             "ours, static cache + torch.compile": (model, compiled_kwargs()),
+            "ours, eager experts, static cache + torch.compile": (eager, compiled_kwargs()),
             "ours, int8 (unimoe_int8), dynamic cache": (int8, {}),
             "ours, int8, static cache + torch.compile": (int8, compiled_kwargs()),
             "Mixtral (transformers), dynamic cache": (twin, {}),
@@ -206,7 +207,8 @@ def main():
             context = args.prompt_length + args.new_tokens // 2
             element_size = torch.finfo(dtype).bits // 8
             product_bytes = bytes_per_step(model.config, batch, 0, element_size)
-            for kernel, linear in (("F.linear", torch.nn.functional.linear), ("oneDNN, as the eager experts", _expert_linear)):
+            kernels = (("F.linear", torch.nn.functional.linear), ("the eager experts' `_expert_linear`", _expert_linear))
+            for kernel, linear in kernels if dtype == torch.float32 else kernels[:1]:  # the same kernel in bf16
                 products = product_seconds(model.config, batch, dtype, linear)
                 print(
                     f"| {dtype_name} | {batch} | the step's weight products alone ({kernel}; no cache, no other op) | "

@@ -1,5 +1,6 @@
 """Loading a checkpoint the way every tool that runs one does (`unimoe-evaluate`, `unimoe-serve`, `unimoe-chat`): the
-`--model` path checked as a local folder or a Hub id, `--device`, `--dtype` and `--quantization` checked, the model and
+`--model` path checked as a local folder or a Hub id, `--device`, `--dtype`, `--quantization` and
+`--experts_implementation` checked, the model and
 its processor through the Auto classes (a text-only checkpoint's processor built from its tokenizer)."""
 
 from pathlib import Path
@@ -18,6 +19,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # class, not a dict: transformers refuses a dict for a checkpoint that is already quantised, and takes the saved
 # config when the class matches.
 QUANTIZATIONS = {"none": None, "int8": UniMoEInt8Config}
+# `--experts_implementation`: the experts kernel (`from_pretrained(experts_implementation=...)`); "default" leaves
+# transformers' choice (grouped_mm). eager is the fastest float32 kernel on CPU (docs/benchmarks.md).
+EXPERTS_IMPLEMENTATIONS = ("default", "eager", "grouped_mm", "batched_mm")
 
 
 def readable_modalities(config) -> set[str]:
@@ -57,6 +61,16 @@ def quantization_kwargs(quantization: str) -> dict:
         raise ValueError(f"--quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
     config_class = QUANTIZATIONS[quantization]
     return {} if config_class is None else {"quantization_config": config_class()}
+
+
+def experts_kwargs(experts_implementation: str) -> dict:
+    """The `from_pretrained` keyword arguments of `--experts_implementation` (empty for default); an unknown value is
+    an error naming the choices."""
+    if experts_implementation not in EXPERTS_IMPLEMENTATIONS:
+        raise ValueError(
+            f"--experts_implementation {experts_implementation!r}: expected one of {', '.join(EXPERTS_IMPLEMENTATIONS)}"
+        )
+    return {} if experts_implementation == "default" else {"experts_implementation": experts_implementation}
 
 
 def available_devices() -> list[str]:
@@ -122,17 +136,21 @@ def check_model_path(model_path: str) -> bool:
     return False
 
 
-def load_model_and_processor(model_path: str, device: str | None = None, dtype: str = "auto", quantization: str = "none"):
-    """The checkpoint's model (eval mode, on `device`, quantised as `quantization` says) and processor (left padding),
-    both through the Auto classes; a checkpoint that does not load is one error naming it."""
+def load_model_and_processor(
+    model_path: str, device: str | None = None, dtype: str = "auto", quantization: str = "none",
+    experts_implementation: str = "default",
+):  # fmt: skip
+    """The checkpoint's model (eval mode, on `device`, quantised as `quantization` says, its experts run by
+    `experts_implementation`) and processor (left padding), both through the Auto classes; a checkpoint that does not
+    load is one error naming it."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    quantization_config = quantization_kwargs(quantization)
+    load_kwargs = {**quantization_kwargs(quantization), **experts_kwargs(experts_implementation)}
     device = resolve_device(device)
     local = check_model_path(model_path)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype, **quantization_config)
+        model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype, **load_kwargs)
         processor = load_processor(model_path)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

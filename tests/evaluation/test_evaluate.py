@@ -148,6 +148,28 @@ def test_quantization_int8_evaluates_the_int8_language_model(checkpoint, synthet
         run_cli(checkpoint, data, "vqa", tmp_path / "bad", "--quantization", "int4")
 
 
+def test_experts_implementation_picks_the_experts_kernel(checkpoint, synthetic, tmp_path):
+    """`--experts_implementation eager`: the answers are those of the checkpoint loaded with that kernel; an unknown
+    kernel is refused naming the choices, before anything loads."""
+    model, processor = load_model_and_processor(str(checkpoint), device="cpu", experts_implementation="eager")
+    assert model.config.get_text_config()._experts_implementation == "eager"
+    default, _ = load_model_and_processor(str(checkpoint), device="cpu")
+    assert default.config.get_text_config()._experts_implementation != "eager"
+    rows = synthetic["rows"][::4]
+    expected = []
+    for row in rows:
+        messages = to_messages(row, synthetic["root"])[:-1]
+        inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
+        output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        expected.append(processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    data = write_json(synthetic["root"] / "eval_eager.json", rows)
+    lines, _ = run_cli(checkpoint, data, "vqa", tmp_path / "out", "--experts_implementation", "eager")
+    assert [line["prediction"] for line in lines] == expected
+    choices = "default, eager, grouped_mm, batched_mm"
+    with pytest.raises(ValueError, match=rf"^--experts_implementation 'fast': expected one of {choices}$"):
+        run_cli(checkpoint, data, "vqa", tmp_path / "bad", "--experts_implementation", "fast")
+
+
 def test_system_prompt_option_sets_the_system_message_of_rows_without_one(tmp_path):
     rows = [{"id": "q-1", "text": "Say red.", "gt": "red"},
             {"id": "q-2", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},

@@ -285,6 +285,10 @@ def test_parse_arguments():
     assert parse_arguments(["a", "--quantization", "int8"]).quantization == "int8"
     with pytest.raises(ValueError, match=r"^--quantization 'int4': expected one of none, int8$"):
         parse_arguments(["a", "--quantization", "int4"])
+    assert parse_arguments(["a", "--experts_implementation", "eager"]).experts_implementation == "eager"
+    assert parse_arguments(["a"]).experts_implementation == "default"
+    with pytest.raises(ValueError, match=r"^--experts_implementation 'fast': expected one of default, eager, grouped_mm"):
+        parse_arguments(["a", "--experts_implementation", "fast"])
 
 
 def test_command_line_names_a_missing_checkpoint(tmp_path):

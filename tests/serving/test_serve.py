@@ -412,6 +412,8 @@ def test_command_line_errors_are_one_line(tmp_path):
     assert parse_arguments(["--model", "org/name", "--port", "9001"]).model == "org/name"
     with pytest.raises(ValueError, match=r"^--quantization 'int4': expected one of none, int8$"):
         parse_arguments(["a", "--quantization", "int4"])
+    with pytest.raises(ValueError, match=r"^--experts_implementation 'fast': expected one of default, eager, grouped_mm"):
+        parse_arguments(["a", "--experts_implementation", "fast"])
     result = subprocess.run(
         [sys.executable, "-m", "trl_scripts.serve", str(tmp_path / "missing")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
@@ -530,6 +532,16 @@ def test_a_client_leaving_a_plain_request_ends_its_generation(server):
     started = time.monotonic()
     server.ask([QUESTION], max_tokens=2)
     assert time.monotonic() - started < 5, "the abandoned 1,500-token generation kept running"
+
+
+def test_the_served_model_runs_the_experts_kernel_asked_for(checkpoint):
+    """`unimoe-serve DIR --experts_implementation eager` loads the language model's experts with that kernel."""
+    from trl_scripts.serving.server import UniMoEModelManager
+
+    served, _ = UniMoEModelManager(str(checkpoint), device="cpu", experts_implementation="eager").served()
+    assert served.config.get_text_config()._experts_implementation == "eager"
+    served, _ = UniMoEModelManager(str(checkpoint), device="cpu").served()
+    assert served.config.get_text_config()._experts_implementation != "eager"
 
 
 def test_an_int8_server_answers_as_the_int8_model(checkpoint, media, tmp_path):

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from ..console import check_output_dir, command_line
-from ..loading import DTYPES, load_model_and_processor, quantization_kwargs, resolve_device
+from ..loading import DTYPES, EXPERTS_IMPLEMENTATIONS, experts_kwargs, load_model_and_processor, quantization_kwargs, resolve_device
 from ..training.data import (
     conversation_turns,
     media_path_candidates,
@@ -115,6 +115,11 @@ class EvaluationArguments:
         default="none",
         metadata={"help": "none, or int8: the language model's weights in int8 (quant_method unimoe_int8), quantised on "
                   "load; an int8 checkpoint loads as int8 either way."},
+    )
+    experts_implementation: str = field(
+        default="default",
+        metadata={"help": f"{', '.join(EXPERTS_IMPLEMENTATIONS)}: the experts kernel (default: transformers' choice, "
+                  "grouped_mm; eager is the fastest float32 kernel on CPU, docs/benchmarks.md)."},
     )
 
 
@@ -456,6 +461,7 @@ def check_arguments(args: EvaluationArguments) -> None:
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
     quantization_kwargs(args.quantization)
+    experts_kwargs(args.experts_implementation)
     resolve_device(args.device)
 
 
@@ -466,7 +472,9 @@ def evaluate_checkpoint(args: EvaluationArguments) -> dict:
     group_by = None if args.group_by in (None, "", "none") else args.group_by
     samples = load_eval_samples(args.data, args.task, args.media_root, group_by, args.max_samples, args.system_prompt)
     logger.info("Evaluating %d rows of %s (task %s)", len(samples), args.data, args.task)
-    model, processor = load_model_and_processor(args.model, args.device, args.dtype, args.quantization)
+    model, processor = load_model_and_processor(
+        args.model, args.device, args.dtype, args.quantization, args.experts_implementation
+    )
     predictions = generate_predictions(model, processor, samples, args.batch_size, args.max_new_tokens)
     metrics = compute_metrics(args.task, samples, predictions)
     name = args.dataset_name or Path(args.data).stem

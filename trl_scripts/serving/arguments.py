@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from ..loading import DTYPES, QUANTIZATIONS, quantization_kwargs
+from ..loading import DTYPES, EXPERTS_IMPLEMENTATIONS, QUANTIZATIONS, experts_kwargs, quantization_kwargs
 
 
 @dataclass
@@ -20,6 +20,11 @@ class ServingArguments:
     quantization: str = field(
         default="none",
         metadata={"help": f"{', '.join(QUANTIZATIONS)}: int8 runs the language model in int8 (quant_method unimoe_int8)."},
+    )
+    experts_implementation: str = field(
+        default="default",
+        metadata={"help": f"{', '.join(EXPERTS_IMPLEMENTATIONS)}: the experts kernel (default: transformers' choice, "
+                  "grouped_mm; eager is the fastest float32 kernel on CPU, docs/benchmarks.md)."},
     )
 
 
@@ -39,6 +44,7 @@ def parse_serving_arguments(arguments_class: type, argv: list[str] | None, comma
     if args.model is None:
         raise ValueError(f"give the checkpoint: {command} DIR (a folder written by save_pretrained or a Hub repo id)")
     quantization_kwargs(args.quantization)  # an unknown value: the error names the choices
+    experts_kwargs(args.experts_implementation)
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     return args

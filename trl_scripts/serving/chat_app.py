@@ -329,10 +329,10 @@ class ChatApp:
     @classmethod
     def from_pretrained(
         cls, model_path: str, device: str | None = None, dtype: str = "auto", system_prompt: str | None = None,
-        quantization: str = "none",
+        quantization: str = "none", experts_implementation: str = "default",
     ) -> "ChatApp":
         """Load a checkpoint folder or Hub repo id (`trl_scripts.loading.load_model_and_processor`)."""
-        model, processor = load_model_and_processor(model_path, device, dtype, quantization)
+        model, processor = load_model_and_processor(model_path, device, dtype, quantization, experts_implementation)
         return cls(model, processor, expert_names(model_path, model.config.get_text_config().num_experts), system_prompt)
 
     def inputs(self, messages: list[dict]):
@@ -446,7 +446,9 @@ def parse_arguments(argv: list[str] | None = None) -> ChatArguments:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_arguments(argv)
-    chat = ChatApp.from_pretrained(args.model, args.device, args.dtype, args.system_prompt, args.quantization)
+    chat = ChatApp.from_pretrained(
+        args.model, args.device, args.dtype, args.system_prompt, args.quantization, args.experts_implementation
+    )
     demo = build_demo(chat, title=f"Uni-MoE chat: {Path(args.model).name or args.model}")
     logger.info("Chatting with %s on http://%s:%d", args.model, args.host, args.port)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)

@@ -46,7 +46,15 @@ from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteri
 from transformers.generation.streamers import BaseStreamer
 
 from ..console import command_line
-from ..loading import DTYPES, check_model_path, load_processor, quantization_kwargs, readable_modalities, resolve_device
+from ..loading import (
+    DTYPES,
+    check_model_path,
+    experts_kwargs,
+    load_processor,
+    quantization_kwargs,
+    readable_modalities,
+    resolve_device,
+)
 from ..training.data import pad_encodings
 from .arguments import ServingArguments, parse_serving_arguments
 
@@ -521,10 +529,13 @@ class UniMoEModelManager(ModelManager):
     """transformers' `ModelManager` pinned to one Uni-MoE checkpoint (a folder or Hub repo id), loaded at start
     through the Auto classes with `trust_remote_code=True`, and served under the name it was given."""
 
-    def __init__(self, model: str, device: str | None = None, dtype: str = "auto", quantization: str = "none"):
+    def __init__(
+        self, model: str, device: str | None = None, dtype: str = "auto", quantization: str = "none",
+        experts_implementation: str = "default",
+    ):  # fmt: skip
         if dtype not in DTYPES:
             raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-        self.quantization_kwargs = quantization_kwargs(quantization)
+        self.load_kwargs = {**quantization_kwargs(quantization), **experts_kwargs(experts_implementation)}
         self.model_name = model
         self.target_device = resolve_device(device)
         super().__init__(device="cpu", dtype=dtype, trust_remote_code=True, model_timeout=-1, force_model=model)
@@ -546,7 +557,7 @@ class UniMoEModelManager(ModelManager):
     def _load_model(self, model_id_and_revision: str, tqdm_class=None, progress_callback=None, gguf_file=None):
         model_id, revision = self._split(model_id_and_revision)
         model = AutoModelForCausalLM.from_pretrained(
-            model_id, revision=revision, trust_remote_code=True, dtype=self.dtype, **self.quantization_kwargs
+            model_id, revision=revision, trust_remote_code=True, dtype=self.dtype, **self.load_kwargs
         )
         return model.to(self.target_device).eval()
 
@@ -820,6 +831,7 @@ def create_app(
     local_files: "bool | str | Path" = True,
     max_request_mb: float = 64,
     quantization: str = "none",
+    experts_implementation: str = "default",
 ):
     """Load `model` (a checkpoint folder or Hub repo id) and return the app serving it. `local_files`: which local
     media files requests may name (True: any, False: none, a folder: those inside it)."""
@@ -827,7 +839,9 @@ def create_app(
         raise NotADirectoryError(f"--media_dir {local_files}: no such folder")
     local = check_model_path(model)
     try:
-        model_manager = UniMoEModelManager(model, device=device, dtype=dtype, quantization=quantization)
+        model_manager = UniMoEModelManager(
+            model, device=device, dtype=dtype, quantization=quantization, experts_implementation=experts_implementation
+        )
     except (OSError, ValueError) as error:
         where = Path(model).resolve() if local else "the Hub"
         raise ValueError(f"{model!r}: cannot load the checkpoint from {where}: {str(error).splitlines()[0]}") from error
@@ -870,7 +884,7 @@ def main(argv: list[str] | None = None) -> None:
     local_files = args.media_dir if args.media_dir is not None else _is_loopback(args.host)
     app = create_app(
         args.model, args.device, args.dtype, args.max_batch_size, args.batch_wait_ms, local_files, args.max_request_mb,
-        args.quantization,
+        args.quantization, args.experts_implementation,
     )
     logger.info("serving %s on http://%s:%d/v1", args.model, args.host, args.port)
     # on Ctrl-C / SIGTERM, requests still generating get 10 s to finish (uvicorn's default waits for them all)
