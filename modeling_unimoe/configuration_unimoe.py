@@ -404,6 +404,21 @@ class UniMoEConfig(PreTrainedConfig):
         self.text_config.max_position_embeddings = value
 
     @property
+    def _experts_implementation(self) -> str | None:
+        return self._experts_implementation_internal
+
+    @_experts_implementation.setter
+    def _experts_implementation(self, value: str | dict | None):
+        """transformers' setter, except that one kernel name (`from_pretrained(experts_implementation="grouped_mm")`,
+        directly or through the Auto classes, which set it on the config) goes to the experts alone: the language
+        model's (`text_config`) and CuMo's (this config: see `UniMoEMoeSpec`). transformers would also hand it to CLIP
+        and Whisper, which have no experts and refuse every kernel but eager. A dict is transformers' per-sub-config
+        form and passes as given."""
+        if isinstance(value, str):
+            value = {"": value, "text_config": value}
+        PreTrainedConfig._experts_implementation.fset(self, value)
+
+    @property
     def vision_feature_depth(self) -> int | None:
         """How many CLIP layers compute the `vision_feature_layer` hidden state (the first ones; `hidden_states[j]` is
         the output of layer j - 1): the only layers the model runs, and the only ones that can hold CuMo MoE MLPs.

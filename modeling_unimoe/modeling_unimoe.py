@@ -275,12 +275,12 @@ def _expert_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
     On CPU in float32, for weights of at least `_ONEDNN_MIN_WEIGHT` elements, the product runs in oneDNN's inner
     product (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor's frozen CPU graphs call) instead of
-    `aten::mm`'s MKL GEMM: measured on 2 cores, 1.1-1.3x the GEMM's rate at the experts' shapes for 1-4,096 rows, up
-    to 1.8x for one row, where MKL's matrix-vector product runs on one thread (`benchmarks/bench_moe_layer.py`,
+    `aten::mm`'s MKL GEMM: measured on 2 cores, 1.1-1.3x the GEMM's rate at the experts' shapes for 16-4,096 rows, and
+    1.2-2x for one row, where MKL's matrix-vector product runs on one thread (`benchmarks/bench_moe_layer.py`,
     `bench_decode.py`). Smaller weights stay on `F.linear`: oneDNN's call costs ~13 us more, which a 64 x 128 product
     never earns back (the `tiny` preset trained 1.65x slower). The results agree to fp32 rounding (another summation
     order). Other dtypes and devices (bf16 `aten::mm` already runs oneDNN), tensor subclasses (DTensor, quantised
-    weights) and builds without oneDNN take `F.linear`.
+    weights), builds without oneDNN, `torch.backends.mkldnn.enabled = False` and code being compiled take `F.linear`.
     """
     if (
         _ONEDNN_LINEAR
@@ -290,8 +290,11 @@ def _expert_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         and type(inputs) is torch.Tensor
         and type(weight) is torch.Tensor
         and (bias is None or type(bias) is torch.Tensor)
+        and torch.backends.mkldnn.enabled
+        and not torch.compiler.is_compiling()  # inductor lowers this op only in frozen graphs
     ):
-        return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, "none", [], "")
+        # the op reads the bias as contiguous whatever its strides
+        return torch.ops.mkldnn._linear_pointwise(inputs, weight, None if bias is None else bias.contiguous(), "none", [], "")
     return F.linear(inputs, weight, bias)
 
 
@@ -846,15 +849,13 @@ class UniMoEPreTrainedModel(PreTrainedModel):
 
         transformers only warns about them and initialises missing weights at random; a Uni-MoE checkpoint with a
         missing expert or router would then silently produce garbage. A string `experts_implementation` applies to the
-        language model's experts (`text_config`) and to CuMo's (the composite config: see `UniMoEMoeSpec`), not to the
-        towers' own configs.
+        language model's experts (`text_config`) and to CuMo's, not to the towers' own configs
+        (`UniMoEConfig._experts_implementation`).
         """
         return_info = kwargs.pop("output_loading_info", False)
         implementation = kwargs.get("experts_implementation")
         if isinstance(implementation, str) and cls.config_class is UniMoEConfig:
-            # transformers would also hand the choice to CLIP / Whisper, which have no experts of their own and refuse
-            # any kernel but eager (CuMo's experts inside CLIP read the composite config's).
-            kwargs["experts_implementation"] = {"": implementation, "text_config": implementation}
+            kwargs["experts_implementation"] = {"": implementation, "text_config": implementation}  # as the config does
         if not return_info:  # mis-shaped weights are listed in the error below, with their shapes (transformers'
             kwargs.setdefault("ignore_mismatched_sizes", True)  # own error only points at a log report)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)

@@ -63,14 +63,23 @@ def quantization_kwargs(quantization: str) -> dict:
     return {} if config_class is None else {"quantization_config": config_class()}
 
 
-def experts_kwargs(experts_implementation: str) -> dict:
-    """The `from_pretrained` keyword arguments of `--experts_implementation` (empty for default); an unknown value is
-    an error naming the choices."""
+def model_kwargs(quantization: str = "none", experts_implementation: str = "default") -> dict:
+    """The `from_pretrained` keyword arguments of `--quantization` and `--experts_implementation`. Errors name the
+    choices for an unknown value, and refuse a kernel with int8: its experts run their own int8 product, which no
+    `experts_implementation` reaches."""
+    kwargs = quantization_kwargs(quantization)
     if experts_implementation not in EXPERTS_IMPLEMENTATIONS:
         raise ValueError(
             f"--experts_implementation {experts_implementation!r}: expected one of {', '.join(EXPERTS_IMPLEMENTATIONS)}"
         )
-    return {} if experts_implementation == "default" else {"experts_implementation": experts_implementation}
+    if experts_implementation != "default":
+        if kwargs:
+            raise ValueError(
+                f"--experts_implementation {experts_implementation} does not apply with --quantization {quantization}: "
+                "the int8 experts run their own kernel (leave --experts_implementation at default)"
+            )
+        kwargs["experts_implementation"] = experts_implementation
+    return kwargs
 
 
 def available_devices() -> list[str]:
@@ -145,7 +154,7 @@ def load_model_and_processor(
     load is one error naming it."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    load_kwargs = {**quantization_kwargs(quantization), **experts_kwargs(experts_implementation)}
+    load_kwargs = model_kwargs(quantization, experts_implementation)
     device = resolve_device(device)
     local = check_model_path(model_path)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)

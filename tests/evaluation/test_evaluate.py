@@ -168,6 +168,8 @@ def test_experts_implementation_picks_the_experts_kernel(checkpoint, synthetic, 
     choices = "default, eager, grouped_mm, batched_mm"
     with pytest.raises(ValueError, match=rf"^--experts_implementation 'fast': expected one of {choices}$"):
         run_cli(checkpoint, data, "vqa", tmp_path / "bad", "--experts_implementation", "fast")
+    with pytest.raises(ValueError, match=r"^--experts_implementation eager does not apply with --quantization int8"):
+        run_cli(checkpoint, data, "vqa", tmp_path / "bad", "--experts_implementation", "eager", "--quantization", "int8")
 
 
 def test_system_prompt_option_sets_the_system_message_of_rows_without_one(tmp_path):

@@ -2,12 +2,13 @@
 into the fused layout through the conversion mapping."""
 
 import re
+from functools import partial
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modeling_unimoe import UniMoEForCausalLM, UniMoETextConfig
+from modeling_unimoe import UniMoEConfig, UniMoEForCausalLM, UniMoETextConfig
 from tests.utils.models import image_and_video_batch, make_tiny_cumo_model, make_tiny_model, random_ids
 
 
@@ -119,12 +120,20 @@ def test_a_config_of_another_architecture_is_refused(tmp_path):
 
 
 def test_a_kernel_name_applies_to_the_experts_and_leaves_the_towers_alone(tmp_path):
+    """Through the class and through the Auto classes with remote code (which set the name on the config first: before,
+    CLIP refused grouped_mm there), and on a config directly."""
+    from transformers import AutoModelForCausalLM
+
     make_tiny_model(text_only=False).save_pretrained(tmp_path / "multimodal")
     for implementation in ("grouped_mm", "batched_mm", "eager"):
-        loaded = UniMoEForCausalLM.from_pretrained(tmp_path / "multimodal", experts_implementation=implementation)
-        chosen = loaded.get_experts_implementation()
-        assert chosen[""] == chosen["text_config"] == implementation
-        assert chosen["vision_config"] == "eager"
+        for load in (UniMoEForCausalLM.from_pretrained, partial(AutoModelForCausalLM.from_pretrained, trust_remote_code=True)):
+            loaded = load(tmp_path / "multimodal", experts_implementation=implementation)
+            chosen = loaded.get_experts_implementation()
+            assert chosen[""] == chosen["text_config"] == implementation
+            assert chosen["vision_config"] == "eager"
+    config = UniMoEConfig.from_pretrained(tmp_path / "multimodal", experts_implementation="grouped_mm")
+    assert config.text_config._experts_implementation == "grouped_mm"
+    assert config.vision_config._experts_implementation != "grouped_mm"
 
 
 # ---- CuMo's experts, saved per expert before they were fused --------------------------------------------------------

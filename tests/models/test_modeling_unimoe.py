@@ -293,9 +293,29 @@ def test_float32_expert_products_run_in_onednn_on_cpu(monkeypatch):
     assert calls == []
     monkeypatch.setattr(modeling_unimoe, "_ONEDNN_MIN_WEIGHT", 40)
     run(torch.float64)
+    with torch.backends.mkldnn.flags(enabled=False):
+        run(torch.float32)
     assert calls == []
     run(torch.float32)
     assert calls == [torch.float32] * 8  # 2 experts x (up, down forward; down, up input gradient)
+
+
+def test_the_onednn_product_takes_any_bias_layout_and_compiles(monkeypatch):
+    """`_expert_linear` equals `F.linear` for a bias that is a strided view (oneDNN reads biases as contiguous), and
+    under `torch.compile` (inductor lowers oneDNN's op only in frozen graphs: it takes `F.linear` there), as CuMo's
+    projector experts, which run this kernel whatever `experts_implementation` says, do when a model is compiled."""
+    from modeling_unimoe import modeling_unimoe
+    from modeling_unimoe.modeling_unimoe import _expert_linear
+
+    monkeypatch.setattr(modeling_unimoe, "_ONEDNN_MIN_WEIGHT", 0)
+    generator = torch.Generator().manual_seed(0)
+    inputs, weight = torch.randn(5, 8, generator=generator), torch.randn(6, 8, generator=generator)
+    strided_bias = torch.randn(6, 2, generator=generator)[:, 0]  # stride 2
+    expected = torch.nn.functional.linear(inputs, weight, strided_bias)
+    torch.testing.assert_close(_expert_linear(inputs, weight, strided_bias), expected)
+    torch._dynamo.reset()
+    compiled = torch.compile(_expert_linear, fullgraph=True)
+    torch.testing.assert_close(compiled(inputs, weight, strided_bias), expected)
 
 
 def test_loss_parts():

@@ -289,6 +289,8 @@ def test_parse_arguments():
     assert parse_arguments(["a"]).experts_implementation == "default"
     with pytest.raises(ValueError, match=r"^--experts_implementation 'fast': expected one of default, eager, grouped_mm"):
         parse_arguments(["a", "--experts_implementation", "fast"])
+    with pytest.raises(ValueError, match=r"^--experts_implementation eager does not apply with --quantization int8: the int8"):
+        parse_arguments(["a", "--experts_implementation", "eager", "--quantization", "int8"])
 
 
 def test_command_line_names_a_missing_checkpoint(tmp_path):

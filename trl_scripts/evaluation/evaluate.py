@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from ..console import check_output_dir, command_line
-from ..loading import DTYPES, EXPERTS_IMPLEMENTATIONS, experts_kwargs, load_model_and_processor, quantization_kwargs, resolve_device
+from ..loading import DTYPES, EXPERTS_IMPLEMENTATIONS, load_model_and_processor, model_kwargs, resolve_device
 from ..training.data import (
     conversation_turns,
     media_path_candidates,
@@ -460,8 +460,7 @@ def check_arguments(args: EvaluationArguments) -> None:
         raise ValueError(f"--max_samples must be at least 1 (the number of rows to evaluate), got {args.max_samples}")
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
-    quantization_kwargs(args.quantization)
-    experts_kwargs(args.experts_implementation)
+    model_kwargs(args.quantization, args.experts_implementation)
     resolve_device(args.device)
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from ..loading import DTYPES, EXPERTS_IMPLEMENTATIONS, QUANTIZATIONS, experts_kwargs, quantization_kwargs
+from ..loading import DTYPES, EXPERTS_IMPLEMENTATIONS, QUANTIZATIONS, model_kwargs
 
 
 @dataclass
@@ -43,8 +43,7 @@ def parse_serving_arguments(arguments_class: type, argv: list[str] | None, comma
         args.model = positional[0]
     if args.model is None:
         raise ValueError(f"give the checkpoint: {command} DIR (a folder written by save_pretrained or a Hub repo id)")
-    quantization_kwargs(args.quantization)  # an unknown value: the error names the choices
-    experts_kwargs(args.experts_implementation)
+    model_kwargs(args.quantization, args.experts_implementation)  # an unknown value: the error names the choices
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     return args

@@ -49,9 +49,8 @@ from ..console import command_line
 from ..loading import (
     DTYPES,
     check_model_path,
-    experts_kwargs,
     load_processor,
-    quantization_kwargs,
+    model_kwargs,
     readable_modalities,
     resolve_device,
 )
@@ -535,7 +534,7 @@ class UniMoEModelManager(ModelManager):
     ):  # fmt: skip
         if dtype not in DTYPES:
             raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-        self.load_kwargs = {**quantization_kwargs(quantization), **experts_kwargs(experts_implementation)}
+        self.load_kwargs = model_kwargs(quantization, experts_implementation)
         self.model_name = model
         self.target_device = resolve_device(device)
         super().__init__(device="cpu", dtype=dtype, trust_remote_code=True, model_timeout=-1, force_model=model)
