@@ -48,17 +48,22 @@ def synthetic(tmp_path_factory):
     return {"root": paths["eval"].parent, "rows": json.loads(paths["eval"].read_text())}
 
 
-@pytest.fixture(scope="module")
-def single_answers(checkpoint, synthetic):
-    """The greedy answer to each held-out prompt, generated alone."""
-    model, processor = load_model_and_processor(str(checkpoint), device="cpu")
+def greedy_answers(model, processor, rows: list[dict], root) -> list[str]:
+    """Each row's answer from `model.generate` (greedy), one row at a time: what the CLI's predictions must equal."""
     answers = []
-    for row in synthetic["rows"]:
-        messages = to_messages(row, synthetic["root"])[:-1]
+    for row in rows:
+        messages = to_messages(row, root)[:-1]
         inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
         output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
         answers.append(processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     return answers
+
+
+@pytest.fixture(scope="module")
+def single_answers(checkpoint, synthetic):
+    """The greedy answer to each held-out prompt, generated alone."""
+    model, processor = load_model_and_processor(str(checkpoint), device="cpu")
+    return greedy_answers(model, processor, synthetic["rows"], synthetic["root"])
 
 
 def with_answer(row: dict, answer: str) -> dict:
@@ -128,12 +133,7 @@ def test_quantization_int8_evaluates_the_int8_language_model(checkpoint, synthet
     model, processor = load_model_and_processor(str(checkpoint), device="cpu", quantization="int8")
     assert type(model.lm_head).__name__ == "UniMoEInt8Linear"
     rows = synthetic["rows"][::4]
-    expected = []
-    for row in rows:
-        messages = to_messages(row, synthetic["root"])[:-1]
-        inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
-        output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        expected.append(processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    expected = greedy_answers(model, processor, rows, synthetic["root"])
     data = write_json(synthetic["root"] / "eval_int8.json", rows)
     lines, _ = run_cli(checkpoint, data, "vqa", tmp_path / "out", "--quantization", "int8")
     assert [line["prediction"] for line in lines] == expected
@@ -156,12 +156,7 @@ def test_experts_implementation_picks_the_experts_kernel(checkpoint, synthetic, 
     default, _ = load_model_and_processor(str(checkpoint), device="cpu")
     assert default.config.get_text_config()._experts_implementation != "eager"
     rows = synthetic["rows"][::4]
-    expected = []
-    for row in rows:
-        messages = to_messages(row, synthetic["root"])[:-1]
-        inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
-        output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        expected.append(processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    expected = greedy_answers(model, processor, rows, synthetic["root"])
     data = write_json(synthetic["root"] / "eval_eager.json", rows)
     lines, _ = run_cli(checkpoint, data, "vqa", tmp_path / "out", "--experts_implementation", "eager")
     assert [line["prediction"] for line in lines] == expected
