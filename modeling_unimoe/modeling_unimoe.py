@@ -853,9 +853,6 @@ class UniMoEPreTrainedModel(PreTrainedModel):
         (`UniMoEConfig._experts_implementation`).
         """
         return_info = kwargs.pop("output_loading_info", False)
-        implementation = kwargs.get("experts_implementation")
-        if isinstance(implementation, str) and cls.config_class is UniMoEConfig:
-            kwargs["experts_implementation"] = {"": implementation, "text_config": implementation}  # as the config does
         if not return_info:  # mis-shaped weights are listed in the error below, with their shapes (transformers'
             kwargs.setdefault("ignore_mismatched_sizes", True)  # own error only points at a log report)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
