@@ -52,19 +52,9 @@ def bytes_per_step(config, batch: int, context: int, element_size: int, kv_eleme
     bytes each, the cache `kv_element_size` (default: the same; an int8 model's per-row scales are left out, < 1 %)."""
     text = config.get_text_config()
     hidden, head_dim = text.hidden_size, text.head_dim
-    attention = hidden * head_dim * (2 * text.num_attention_heads + 2 * text.num_key_value_heads)
-    expert = 3 * hidden * text.moe_intermediate_size
-    distinct = text.num_experts * (1 - (1 - text.num_experts_per_tok / text.num_experts) ** batch)
-    sparse = len(text.sparse_layer_indices)
-    dense = text.num_hidden_layers - sparse
-    weights = (
-        text.num_hidden_layers * (attention + 2 * hidden)
-        + sparse * (distinct * expert + text.num_experts * hidden)
-        + dense * 3 * hidden * text.intermediate_size
-        + hidden
-        + text.vocab_size * hidden
-        + batch * hidden
-    )
+    products = sum(rows * columns * count for (rows, columns), count in step_products(config, batch).items())
+    norms_and_routers = text.num_hidden_layers * 2 * hidden + len(text.sparse_layer_indices) * text.num_experts * hidden + hidden
+    weights = products + norms_and_routers + batch * hidden  # + the batch's embedding rows
     kv_cache = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * context * batch
     return int(weights * element_size + kv_cache * (kv_element_size or element_size))
 
